@@ -1,0 +1,1 @@
+"""The serving engine: scheduling, KV cache, draft trees, verification, sampling."""

@@ -1,0 +1,382 @@
+"""The engine: a worker thread runs schedule -> propose -> verify -> commit -> publish.
+
+Callers on any thread or event loop submit requests; outputs stream back through
+callbacks (`generate` adapts them to an async iterator, `generate_batch` waits).
+The engine knows nothing about HTTP; the flywheel attaches through step hooks.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from dataclasses import replace
+
+import torch
+
+from aurora.config import EngineConfig
+from aurora.drafts import ProposeContext, build_proposer
+from aurora.engine.policy import SpeculationPolicy
+from aurora.engine.sampling import make_generator, processed_probs
+from aurora.engine.scheduler import Scheduler
+from aurora.engine.sequence import Sequence, Status
+from aurora.engine.stats import EngineStats
+from aurora.engine.step import build_step
+from aurora.engine.tree import DraftTree
+from aurora.engine.verify import verify_greedy, verify_sampling
+from aurora.models.loader import load_model, resolve_device, resolve_dtype
+from aurora.models.runner import TargetRunner
+from aurora.types import RequestOutput, SamplingParams
+
+log = logging.getLogger("aurora.engine")
+FEATURE_WINDOW = 64
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        config = replace(config or EngineConfig(), **overrides)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        model, self.tokenizer = load_model(config.model, self.dtype, self.device)
+        self.runner = TargetRunner(model, config.num_blocks, config.block_size)
+        self.max_model_len = config.max_model_len or self.runner.max_model_len
+        self.scheduler = Scheduler(self.runner.cache, config.max_batch)
+        self.proposer = build_proposer(config.draft, self.runner, config)
+        self.policy = SpeculationPolicy(config.spec)
+        self.step_hooks: list = []          # fn(StepView) after every target forward
+        self.before_step: list = []         # fn() at each step boundary (weight swaps)
+        self.stats_extra: dict = {}         # name -> fn() merged into stats()
+        self._stats = EngineStats()
+        self._ids = itertools.count()
+        self._inbox: list = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self.flywheel = None
+        if config.online and self.proposer.learnable:
+            from aurora.flywheel import Flywheel
+            self.flywheel = Flywheel(self, config.trainer)
+        self._thread = threading.Thread(target=self._run, name="aurora-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- public API
+    def encode_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.runner.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        limit = min(self.max_model_len - 1, self.runner.cache.allocator.num_blocks * self.config.block_size
+                    - self.policy.budget - self.config.block_size)
+        if len(ids) > limit:
+            raise ValueError(f"prompt has {len(ids)} tokens; this engine accepts at most {limit}")
+        return ids
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of chat messages through the model's chat template."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError("each message needs string 'role' and 'content'")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return self.encode_prompt(list(ids))
+
+    def add_request(self, prompt, params: SamplingParams | None = None, callback=None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; `callback(RequestOutput)` runs on the engine thread. Thread-safe."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        ids = self.encode_prompt(prompt)
+        rid = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(rid, ids, params, make_generator(params.seed), callback)
+        with self._lock:
+            self._inbox.append(("add", seq))
+        self._wake.set()
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None):
+        """Stream `RequestOutput`s (cumulative `text`, plus `delta_text`); the last has finished=True.
+        Cancelling the iterator aborts the request and frees its KV."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = self.add_request(prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+                               request_id)
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def generate_batch(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+                       timeout: float | None = None) -> list[RequestOutput]:
+        """Run many prompts to completion, batched; returns final outputs in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        results: dict[int, RequestOutput] = {}
+        done = threading.Event()
+        encoded = [(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        lock = threading.Lock()
+
+        def make_cb(i):
+            def cb(out):
+                if out.finished:
+                    with lock:
+                        results[i] = out
+                        if len(results) == len(prompts):
+                            done.set()
+            return cb
+        for i, p, sp in encoded:
+            self.add_request(p, sp, make_cb(i))
+        if prompts and not done.wait(timeout):
+            raise TimeoutError("generate_batch timed out")
+        return [results[i] for i in range(len(prompts))]
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        return self.generate_batch([self.chat_prompt(messages)], params)[0]
+
+    def stats(self) -> dict:
+        s = self._stats.snapshot()
+        s["draft"] = self.config.draft
+        s["draft_version"] = self.proposer.version
+        s["running"] = len(self.scheduler.running)
+        s["waiting"] = len(self.scheduler.waiting)
+        alloc = self.runner.cache.allocator
+        s["kv_blocks_free"] = alloc.num_free
+        s["kv_blocks_total"] = alloc.num_blocks
+        for name, fn in self.stats_extra.items():
+            s[name] = fn()
+        return s
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        if self.flywheel is not None:
+            self.flywheel.close()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, "abort")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---------------------------------------------------------------- worker loop
+    def _run(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        while not self._closed:
+            self._drain_inbox()
+            if not self.scheduler.has_work:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as exc:                         # keep serving everyone else
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, "error", f"internal error: {exc}")
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            items, self._inbox = self._inbox, []
+        for kind, item in items:
+            if kind == "add":
+                self._stats.num_requests += 1
+                self._stats.num_prompt_tokens += len(item.prompt_ids)
+                self.scheduler.add(item)
+            else:
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    if seq.request_id == item:
+                        self._finish(seq, "abort")
+
+    # ---------------------------------------------------------------- one step
+    def step(self) -> None:
+        """schedule -> propose -> verify -> commit -> publish."""
+        for fn in self.before_step:
+            fn()
+        t0 = time.perf_counter()
+        seqs = self.scheduler.schedule(self.policy.budget)
+        if not seqs:
+            self._drop_unschedulable()
+            return
+        trees = self._propose(seqs)
+        t1 = time.perf_counter()
+        batch, rows = build_step(seqs, trees, self.config.block_size, self.device)
+        result = self.runner.forward(batch)
+        outcomes = self._verify(seqs, trees, result, rows)
+        t2 = time.perf_counter()
+        view = StepView(seqs, trees, batch, result, rows, outcomes, self.proposer.version)
+        self.proposer.on_step(seqs, batch, result, rows)
+        for fn in self.step_hooks:
+            fn(view)
+        self._commit(seqs, trees, result, rows, outcomes)
+        st = self._stats
+        st.num_steps += 1
+        st.draft_s += t1 - t0
+        st.verify_s += t2 - t1
+        st.busy_s += time.perf_counter() - t0
+
+    def _propose(self, seqs: list[Sequence]) -> list[DraftTree | None]:
+        spec = self.policy.choose(seqs)
+        decode = [s for s in seqs if s.num_uncached == 1]
+        trees: list[DraftTree | None] = [None] * len(seqs)
+        if spec is None or not decode:
+            return trees
+        proposed = self.proposer.propose(decode, ProposeContext(spec, self.runner.vocab_size))
+        by_id = {id(s): t for s, t in zip(decode, proposed)}
+        return [by_id.get(id(s)) for s in seqs]
+
+    def _verify(self, seqs, trees, result, rows) -> list[tuple[list[int], int]]:
+        logits = result.logits                                   # [R, V]
+        greedy_rows = [i for i, s in enumerate(seqs) if s.params.greedy]
+        argmax = logits.argmax(-1).tolist() if greedy_rows else None   # one transfer per step
+        outcomes = []
+        for seq, tree, r in zip(seqs, trees, rows):
+            tree = tree or DraftTree()
+            sl = slice(r.logit_start, r.logit_start + 1 + r.num_nodes)
+            if seq.params.greedy:
+                outcomes.append(verify_greedy(tree, argmax[sl]))
+            else:
+                probs = processed_probs(logits[sl], seq.params).cpu()
+                outcomes.append(verify_sampling(tree, probs, seq.generator))
+        return outcomes
+
+    def _commit(self, seqs, trees, result, rows, outcomes) -> None:
+        cache = self.runner.cache
+        version = self.proposer.version
+        for seq, tree, r, (path, bonus) in zip(seqs, trees, rows, outcomes):
+            if seq.finished:
+                continue
+            decode = r.num_uncached == 1 and seq.num_cached > 0 or tree is not None
+            base = seq.num_cached + r.num_uncached                # first slot after the root
+            if path:
+                src = cache.slots(seq.block_ids, base + path[0] - path[0], base) if False else None
+                bs = cache.block_size
+                src = [seq.block_ids[(base + n) // bs] * bs + (base + n) % bs for n in path]
+                dst = cache.slots(seq.block_ids, base, base + len(path))
+                if src != dst:
+                    cache.move(src, dst)
+            feats = [result.features[r.start:r.start + r.num_uncached]]
+            if path:
+                idx = torch.tensor([r.start + r.num_uncached + n for n in path], device=result.features.device)
+                feats.append(result.features[idx])
+            old = seq.features if seq.features is not None else feats[0][:0]
+            seq.features = torch.cat([old, *feats])[-FEATURE_WINDOW:]
+            seq.num_cached = base + len(path)
+            new_tokens = [tree.token_ids[n] for n in path] + [bonus] if path else [bonus]
+            seq.draft_version = version
+            if decode:
+                seq.num_steps += 1
+                seq.num_decode_tokens += len(new_tokens)
+                self._stats.record_tree(tree.max_depth() if tree else 0, len(path), len(new_tokens))
+            if seq.first_token_time is None:
+                seq.first_token_time = time.perf_counter()
+            self._append(seq, new_tokens)
+            if not seq.finished:
+                self.scheduler.trim(seq)
+
+    def _append(self, seq: Sequence, new_tokens: list[int]) -> None:
+        p = seq.params
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        reason = None
+        added = 0
+        for tok in new_tokens:
+            seq.token_ids.append(tok)
+            added += 1
+            if (not p.ignore_eos and tok == eos) or tok in p.stop_token_ids:
+                reason = "stop"
+            elif len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+                reason = "length"
+            if reason:
+                break
+        self._stats.num_tokens += added
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        if p.stop:
+            scan_from = max(0, len(seq.emitted_text) - max(len(s) for s in p.stop))
+            hits = [i for i in (text.find(s, scan_from) for s in p.stop) if i >= 0]
+            if hits:
+                text, reason = text[:min(hits)], "stop"
+        if reason:
+            self._finish(seq, reason, text=text)
+        else:
+            self._emit(seq, text, finished=False)
+
+    def _emit(self, seq: Sequence, text: str, finished: bool) -> None:
+        if not finished and text.endswith("\ufffd"):
+            return                                             # wait for the rest of a UTF-8 char
+        ids = seq.output_ids
+        out = RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=list(ids), text=text,
+            delta_token_ids=list(ids[seq.num_emitted:]), delta_text=text[len(seq.emitted_text):],
+            finished=finished, finish_reason=seq.finish_reason, error=seq.error,
+            stats=seq.stats() if finished else {})
+        seq.emitted_text, seq.num_emitted = text, len(ids)
+        if seq.callback is not None:
+            try:
+                seq.callback(out)
+            except Exception:
+                log.exception("request callback failed; aborting %s", seq.request_id)
+                if not finished:
+                    self._finish(seq, "abort")
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None, text: str | None = None) -> None:
+        if seq.finished:
+            return
+        self.scheduler.finish(seq)
+        self.proposer.release(seq)
+        seq.finish_reason, seq.error = reason, error
+        self._stats.num_finished += 1
+        self._stats.num_errors += reason == "error"
+        self._stats.num_preemptions += seq.num_preemptions
+        if text is None:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        self._emit(seq, text, finished=True)
+
+    def _drop_unschedulable(self) -> None:
+        """A lone waiting request that cannot fit even in an empty cache ends with 'length'."""
+        if self.scheduler.waiting and not self.scheduler.running:
+            seq = self.scheduler.waiting[0]
+            self._finish(seq, "length" if seq.output_ids else "error",
+                         None if seq.output_ids else "request does not fit in the KV cache")
+
+
+class StepView:
+    """What one target forward produced, handed to step hooks (the flywheel's traces)."""
+    __slots__ = ("seqs", "trees", "batch", "result", "rows", "outcomes", "draft_version")
+
+    def __init__(self, seqs, trees, batch, result, rows, outcomes, draft_version):
+        self.seqs, self.trees, self.batch, self.result = seqs, trees, batch, result
+        self.rows, self.outcomes, self.draft_version = rows, outcomes, draft_version

@@ -1,0 +1,88 @@
+"""Continuous batching: admit waiting requests by free KV blocks, preempt when short.
+
+Each step every running sequence needs blocks for its uncached tokens plus a draft
+tree budget. When blocks run out, the most recently admitted sequence is preempted:
+its KV is freed and it is recomputed later (its tokens are kept), so nothing fails.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from aurora.engine.kv_cache import KVCache, blocks_needed
+from aurora.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, cache: KVCache, max_batch: int):
+        self.cache = cache
+        self.max_batch = max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _need(self, seq: Sequence, tree_budget: int) -> int:
+        extra = tree_budget if seq.num_uncached == 1 else 0
+        return blocks_needed(len(seq.token_ids) + extra, self.cache.block_size) - len(seq.block_ids)
+
+    def _grow(self, seq: Sequence, tree_budget: int) -> bool:
+        need = self._need(seq, tree_budget)
+        if need <= 0:
+            return True
+        if need > self.cache.allocator.num_free:
+            return False
+        seq.block_ids += self.cache.allocator.allocate(need)
+        return True
+
+    def schedule(self, tree_budget: int) -> list[Sequence]:
+        """Return the sequences to run this step, with enough blocks for tokens + tree."""
+        for seq in list(self.running):             # keep running ones first, preempting the newest
+            if seq not in self.running:
+                continue
+            while not self._grow(seq, tree_budget):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            if not self._grow(seq, tree_budget):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        return list(self.running)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.release(seq)
+        seq.num_cached = 0
+        seq.features = None
+        seq.num_preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def release(self, seq: Sequence) -> None:
+        if seq.block_ids:
+            self.cache.allocator.free(seq.block_ids)
+            seq.block_ids = []
+
+    def trim(self, seq: Sequence) -> None:
+        """Free blocks beyond what the cached tokens use (dropped draft nodes)."""
+        keep = blocks_needed(seq.num_cached, self.cache.block_size)
+        if len(seq.block_ids) > keep:
+            self.cache.allocator.free(seq.block_ids[keep:])
+            seq.block_ids = seq.block_ids[:keep]
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.release(seq)
+        seq.status = Status.FINISHED

@@ -1,0 +1,93 @@
+"""Draft trees: a flat list of nodes (token, parent, depth, draft logprob).
+
+Node parents precede children (topological order). Parent -1 means the root: the
+sequence's pending last token, whose target logits score the depth-1 nodes.
+`q_rows[i]` indexes the processed draft distribution node i was drawn from
+(`q_probs`), or is -1 when the proposal was deterministic (a point mass on the token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DraftTree:
+    token_ids: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    q_rows: list[int] = field(default_factory=list)
+    q_probs: torch.Tensor | None = None          # [num_dists, vocab] float32 (CPU)
+    draft_version: int = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def add(self, token_id: int, parent: int, logprob: float = 0.0, q_row: int = -1) -> int:
+        depth = 1 if parent < 0 else self.depths[parent] + 1
+        self.token_ids.append(int(token_id))
+        self.parents.append(int(parent))
+        self.depths.append(depth)
+        self.logprobs.append(float(logprob))
+        self.q_rows.append(int(q_row))
+        return len(self.token_ids) - 1
+
+    def children(self, node: int) -> list[int]:
+        return [i for i, p in enumerate(self.parents) if p == node]
+
+    def path_to(self, node: int) -> list[int]:
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def find_child(self, parent: int, token_id: int) -> int:
+        for i, p in enumerate(self.parents):
+            if p == parent and self.token_ids[i] == token_id:
+                return i
+        return -1
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[N, N] bool: node i sees node j iff j is i or an ancestor of i."""
+        n = len(self)
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        for i, p in enumerate(self.parents):
+            mask[i, i] = True
+            if p >= 0:
+                mask[i] |= mask[p]
+        return mask
+
+    def max_depth(self) -> int:
+        return max(self.depths, default=0)
+
+    @staticmethod
+    def chain(token_ids: list[int]) -> "DraftTree":
+        tree = DraftTree()
+        parent = -1
+        for t in token_ids:
+            parent = tree.add(t, parent)
+        return tree
+
+    def merge(self, other: "DraftTree", dedupe: bool, max_nodes: int) -> None:
+        """Graft `other`'s nodes into this tree (shared prefixes merged when `dedupe`)."""
+        remap: dict[int, int] = {}
+        q_offset = 0
+        if other.q_probs is not None:
+            if self.q_probs is None:
+                self.q_probs = other.q_probs
+            else:
+                q_offset = self.q_probs.shape[0]
+                self.q_probs = torch.cat([self.q_probs, other.q_probs])
+        for i, tok in enumerate(other.token_ids):
+            parent = remap.get(other.parents[i], -1) if other.parents[i] >= 0 else -1
+            if other.parents[i] >= 0 and other.parents[i] not in remap:
+                continue                                  # its parent was dropped
+            existing = self.find_child(parent, tok) if dedupe else -1
+            if existing >= 0:
+                remap[i] = existing
+            elif len(self) < max_nodes:
+                q_row = other.q_rows[i] + q_offset if other.q_rows[i] >= 0 else -1
+                remap[i] = self.add(tok, parent, other.logprobs[i], q_row)

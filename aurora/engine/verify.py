@@ -1,0 +1,59 @@
+"""Tree verification: which drafted nodes the target accepts, and the bonus token.
+
+Vocabulary: *proposed* nodes come from the draft; *accepted* nodes form one root-to-node
+path; the *bonus* token is drawn from the target after the last accepted node (on a
+rejection it is the *recovered* token, drawn from the residual distribution).
+Greedy: follow children equal to the target argmax. Sampling: recursive rejection
+sampling over siblings (SpecInfer): child j drawn from q_j is accepted with prob
+min(1, r(x)/q_j(x)); on rejection the residual r <- norm(max(r - q_j, 0)). Lossless.
+"""
+from __future__ import annotations
+
+import torch
+
+from aurora.engine.tree import DraftTree
+
+
+def verify_greedy(tree: DraftTree, argmax: list[int]) -> tuple[list[int], int]:
+    """argmax[0] is the target's choice after the root, argmax[1 + i] after node i."""
+    path, node = [], -1
+    while True:
+        want = argmax[node + 1]
+        child = tree.find_child(node, want)
+        if child < 0:
+            return path, want
+        path.append(child)
+        node = child
+
+
+def verify_sampling(tree: DraftTree,
+                    target_probs: torch.Tensor,     # [1 + N, V] processed p at root and each node
+                    generator: torch.Generator) -> tuple[list[int], int]:
+    path, node = [], -1
+    while True:
+        residual = target_probs[node + 1].clone()  # r: target distribution at this node
+        accepted = -1
+        for child in tree.children(node):
+            x = tree.token_ids[child]
+            row = tree.q_rows[child]
+            if row >= 0:
+                q = tree.q_probs[row]               # q_j: the processed draft distribution it came from
+            else:
+                q = torch.zeros_like(residual)
+                q[x] = 1.0                         # deterministic proposal: point mass
+            qx = float(q[x])
+            rx = float(residual[x])
+            u = float(torch.rand((), generator=generator))
+            if qx > 0 and u * qx < rx:             # accept w.p. min(1, r(x) / q(x))
+                accepted = child
+                break
+            residual = torch.clamp(residual - q, min=0.0)
+            total = float(residual.sum())
+            if total <= 0:                         # r == q exactly; cannot happen after a rejection
+                residual = target_probs[node + 1].clone()
+            else:
+                residual = residual / total
+        if accepted < 0:
+            return path, int(torch.multinomial(residual, 1, generator=generator))
+        path.append(accepted)
+        node = accepted

@@ -1,0 +1,1 @@
+"""Models: loading real checkpoints offline, tiny random presets, the target runner, drafts."""

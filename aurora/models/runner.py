@@ -1,0 +1,117 @@
+"""Target runner: transformers' own modeling code, attention routed to our paged backend.
+
+We register an attention function with transformers' `AttentionInterface`; each layer
+hands it only the new tokens' q/k/v (RoPE applied from our position ids). It writes
+K/V into the paged pool and attends over cached prefix + the new tokens under the
+step's tree mask. Any decoder family transformers supports runs unchanged.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from aurora.engine.kv_cache import KVCache
+from aurora.kernels import paged_tree_attention
+
+ATTN_NAME = "aurora_paged"
+_local = threading.local()
+
+
+@dataclass
+class StepBatch:
+    """Flattened inputs of one target forward over many sequences' new tokens."""
+    input_ids: torch.Tensor      # [T] int64
+    positions: torch.Tensor      # [T] int64
+    slot_mapping: torch.Tensor   # [T] int64, flat KV slot each new token writes
+    block_tables: torch.Tensor   # [B, max_blocks] int32
+    seq_lens: torch.Tensor       # [B] int32, cached + new tokens
+    query_start: torch.Tensor    # [B + 1] int32
+    tree_mask: torch.Tensor      # [T, max_new] bool
+    logits_rows: torch.Tensor    # [R] int64, rows of T that need logits
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor         # [R, vocab] float32, processed by final softcap if any
+    hidden: torch.Tensor         # [T, hidden] final (normed) hidden state of every new token
+    features: torch.Tensor       # [T, 3 * hidden] low/mid/high layer outputs (draft input)
+
+
+def _aurora_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      sliding_window=None, softcap=None, **kwargs):
+    # query: [1, H, T, D]; key/value: [1, Hkv, T, D]
+    ctx = _local.ctx
+    batch: StepBatch = ctx["batch"]
+    k_pool, v_pool = ctx["cache"].layer(module.layer_idx)
+    k_new = key[0].transpose(0, 1)                                 # [T, Hkv, D]
+    v_new = value[0].transpose(0, 1)
+    k_pool[batch.slot_mapping] = k_new.to(k_pool.dtype)
+    v_pool[batch.slot_mapping] = v_new.to(v_pool.dtype)
+    out = paged_tree_attention(
+        query[0].transpose(0, 1), k_pool, v_pool, batch.block_tables, batch.seq_lens,
+        batch.query_start, batch.tree_mask, batch.positions, ctx["cache"].block_size,
+        scaling if scaling is not None else query.shape[-1] ** -0.5, sliding_window, softcap)
+    return out.unsqueeze(0), None                                  # [1, T, H, D]
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(ATTN_NAME, _aurora_attention)
+
+
+class TargetRunner:
+    """Owns the target model and its KV pool; `forward(batch)` runs one step."""
+
+    def __init__(self, model, num_blocks: int, block_size: int):
+        _register()
+        self.model = model
+        cfg = model.config
+        self.config = cfg
+        cfg._attn_implementation = ATTN_NAME
+        for sub in model.modules():   # some families copy the config per submodule
+            if hasattr(sub, "config") and sub.config is not cfg and hasattr(sub.config, "_attn_implementation"):
+                sub.config._attn_implementation = ATTN_NAME
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.num_layers = cfg.num_hidden_layers
+        self.hidden_size = cfg.hidden_size
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.cache = KVCache(self.num_layers, num_blocks, block_size, cfg.num_key_value_heads,
+                             head_dim, self.dtype, self.device)
+        n = self.num_layers
+        # EAGLE-3 feature layers: low, middle, high (outputs of these decoder layers).
+        self.feature_layers = (min(2, n - 1), n // 2, max(n - 3, 0))
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.max_model_len = getattr(cfg, "max_position_embeddings", 2048)
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def embed_tokens(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] final hidden -> [N, vocab] float32 logits (the target's p before sampling)."""
+        logits = self.lm_head(hidden).float()
+        if self.final_softcap:
+            logits = self.final_softcap * torch.tanh(logits / self.final_softcap)
+        return logits
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> StepResult:
+        _local.ctx = {"batch": batch, "cache": self.cache}
+        try:
+            out = self.model.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
+                                   use_cache=False, output_hidden_states=True)
+        finally:
+            _local.ctx = None
+        hidden = out.last_hidden_state[0]                                     # [T, hidden]
+        states = out.hidden_states                                            # embeddings + every layer
+        features = torch.cat([states[i + 1][0] for i in self.feature_layers], dim=-1)
+        logits = self.logits_from_hidden(hidden[batch.logits_rows])
+        return StepResult(logits=logits, hidden=hidden, features=features)

@@ -1,0 +1,68 @@
+"""Attention kernels, installed as `aurora.kernels`: one dispatch entry point per op.
+
+`paged_tree_attention` serves the target (prefill, decode, tree verification);
+`tree_attention` serves the trainer's packed trees. The pure-torch references in
+`reference.py` are the specification. Triton runs on CUDA; the reference runs on
+CPU. `AURORA_ATTENTION=reference|triton` forces either (tests use it; forced Triton on
+CPU tensors needs TRITON_INTERPRET=1). `AURORA_TRAIN_ATTENTION=sdpa|flex` picks the
+trainer's attention (default sdpa until `examples/bench_kernels.py` says otherwise).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import paged_tree_attention_ref, tree_attention_dense_ref
+
+
+def backend(device: torch.device) -> str:
+    forced = os.environ.get("AURORA_ATTENTION", "").strip().lower()
+    if forced in ("reference", "triton"):
+        return forced
+    if forced:
+        raise ValueError(f"AURORA_ATTENTION must be 'reference' or 'triton', got {forced!r}")
+    return "triton" if device.type == "cuda" and _triton_available() else "reference"
+
+
+def _triton_available() -> bool:
+    try:
+        from . import tree_attention  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def _load_triton():
+    try:
+        from .tree_attention import paged_tree_attention_triton
+    except ImportError as e:
+        raise RuntimeError(f"AURORA_ATTENTION=triton but the Triton kernel cannot be imported: {e}; "
+                           "install triton or use AURORA_ATTENTION=reference") from e
+    return paged_tree_attention_triton
+
+
+def train_backend(device: torch.device) -> str:
+    forced = os.environ.get("AURORA_TRAIN_ATTENTION", "").strip().lower()
+    if forced and forced not in ("sdpa", "flex"):
+        raise ValueError(f"AURORA_TRAIN_ATTENTION must be 'sdpa' or 'flex', got {forced!r}")
+    return forced or "sdpa"
+
+
+def paged_tree_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, tree_mask,
+                         positions, block_size, scale, sliding_window=None, softcap=None):
+    """See `reference.paged_tree_attention_ref` for shapes and semantics."""
+    if backend(q.device) == "triton":
+        paged_tree_attention_triton = _load_triton()
+        return paged_tree_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start,
+                                           tree_mask, positions, block_size, scale, sliding_window, softcap)
+    return paged_tree_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, tree_mask,
+                                    positions, block_size, scale, sliding_window, softcap)
+
+
+def tree_attention(q, k, v, mask, scale):
+    """Masked attention over packed tree sequences for training; see `tree_attention_dense_ref`."""
+    if train_backend(q.device) == "flex":
+        from .train_attention import tree_attention_flex
+        return tree_attention_flex(q, k, v, mask, scale)
+    return tree_attention_dense_ref(q, k, v, mask, scale)

@@ -1,0 +1,93 @@
+"""Pure-torch tree attention over a paged KV cache: the specification of the kernels.
+
+Every query is a new token of some sequence (a prompt chunk, a decode token, or a
+draft-tree node). It sees all of its sequence's cached keys (subject to the sliding
+window) and, among the sequence's new keys, exactly those `tree_mask` allows.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def paged_tree_attention_ref(
+    q: torch.Tensor,             # [num_tokens, num_heads, head_dim] new tokens, packed by sequence
+    k_cache: torch.Tensor,       # [num_slots, num_kv_heads, head_dim] (flat pool, new K already written)
+    v_cache: torch.Tensor,       # [num_slots, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int, block ids of each sequence
+    seq_lens: torch.Tensor,      # [num_seqs] int, cached + new keys of each sequence
+    query_start: torch.Tensor,   # [num_seqs + 1] int, offsets of each sequence's queries in q
+    tree_mask: torch.Tensor,     # [num_tokens, max_new] bool, query i may see new key j of its sequence
+    positions: torch.Tensor,     # [num_tokens] int, position ids of the new tokens
+    block_size: int,
+    scale: float,
+    sliding_window: int | None = None,  # key visible iff q_pos - k_pos < window
+    softcap: float | None = None,       # scores = softcap * tanh(scores / softcap)
+) -> torch.Tensor:               # [num_tokens, num_heads, head_dim]
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    num_seqs = seq_lens.shape[0]
+    device = q.device
+    n_new = query_start[1:] - query_start[:-1]                       # [B]
+    max_new = int(n_new.max())
+    max_len = int(seq_lens.max())
+    num_blk = (max_len + block_size - 1) // block_size
+
+    # Gather every sequence's keys through its block table: [B, max_len, Hkv, D].
+    offs = torch.arange(block_size, device=device)
+    slots = (block_tables[:, :num_blk, None].long() * block_size + offs).reshape(num_seqs, -1)[:, :max_len]
+    k = k_cache[slots]
+    v = v_cache[slots]
+
+    # Pad queries per sequence: [B, max_new].
+    rows = torch.arange(max_new, device=device)
+    q_valid = rows[None, :] < n_new[:, None]
+    q_idx = (query_start[:-1, None] + rows[None, :]).clamp(max=num_tokens - 1)
+    qp = q[q_idx]                                                     # [B, max_new, H, D]
+
+    # Visibility: cached keys always (causal: they precede every new token), new keys per tree_mask.
+    key_slot = torch.arange(max_len, device=device)
+    num_cached = (seq_lens - n_new)[:, None]                          # [B, 1]
+    is_cached = key_slot[None, :] < num_cached                        # [B, max_len]
+    new_idx = key_slot[None, :] - num_cached                          # [B, max_len]
+    is_new = (new_idx >= 0) & (new_idx < n_new[:, None]) & (key_slot[None, :] < seq_lens[:, None])
+    tm = tree_mask[q_idx]                                             # [B, max_new, max_new]
+    gather_idx = new_idx.clamp(0, max(max_new - 1, 0))[:, None, :].expand(-1, max_new, -1)
+    sees_new = torch.gather(tm, 2, gather_idx) & is_new[:, None, :]
+    mask = is_cached[:, None, :] | sees_new                           # [B, max_new, max_len]
+    if sliding_window is not None and sliding_window > 0:
+        new_pos = positions[(query_start[:-1, None] + new_idx.clamp(min=0)).clamp(max=num_tokens - 1)]
+        k_pos = torch.where(is_cached, key_slot[None, :], new_pos)    # [B, max_len]
+        q_pos = positions[q_idx]                                      # [B, max_new]
+        mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
+    mask &= q_valid[:, :, None]
+    mask[:, :, 0] |= ~q_valid                                         # padded rows: avoid all -inf
+
+    group = num_heads // num_kv_heads
+    qh = qp.permute(0, 2, 1, 3)                                       # [B, H, max_new, D]
+    kh = k.permute(0, 2, 1, 3).repeat_interleave(group, dim=1)        # [B, H, max_len, D]
+    vh = v.permute(0, 2, 1, 3).repeat_interleave(group, dim=1)
+    if softcap is None or softcap <= 0:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask[:, None], scale=scale)
+    else:
+        scores = (qh.float() @ kh.float().transpose(-1, -2)) * scale
+        scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        out = (scores.softmax(-1) @ vh.float()).to(q.dtype)
+    out = out.permute(0, 2, 1, 3)                                     # [B, max_new, H, D]
+    return out[q_valid]                                               # [num_tokens, H, D]
+
+
+def tree_attention_dense_ref(
+    q: torch.Tensor,      # [B, H, T, D]
+    k: torch.Tensor,      # [B, Hkv, S, D]
+    v: torch.Tensor,      # [B, Hkv, S, D]
+    mask: torch.Tensor,   # [B, T, S] bool (True = visible); every row has a visible key
+    scale: float,
+) -> torch.Tensor:        # [B, H, T, D]
+    """Dense masked attention for training over packed tree sequences (differentiable)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
