@@ -1,0 +1,142 @@
+"""The learned draft: EAGLE-3-style head proposing trees, behind double-buffered slots.
+
+Two preallocated heads (slots) hold the serving weights. The trainer writes the
+inactive slot and calls `stage(version)`; the engine calls `flip()` between steps, so
+a swap is a pointer flip, never a load, and no step sees half-written weights.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+
+import torch
+
+from aurora.drafts.base import Proposer
+from aurora.engine.sampling import processed_probs
+from aurora.engine.tree import DraftTree
+from aurora.models.eagle import EagleHead, build_head
+
+SERVE_WINDOW = 48        # context rows the head re-reads each step
+
+
+class EagleProposer(Proposer):
+    name = "eagle"
+    learnable = True
+
+    def __init__(self, runner, head: EagleHead, version: int = 0):
+        self.runner = runner
+        head = head.to(device=runner.device, dtype=runner.dtype).eval().requires_grad_(False)
+        self.slots = [head, copy.deepcopy(head)]
+        self.active = 0
+        self.version = version
+        self._staged: tuple[int, int] | None = None      # (slot, version) ready to flip
+        self._lock = threading.Lock()
+        self.ready_event = None                          # CUDA event marking the staged slot written
+
+    @classmethod
+    def create(cls, runner, config, checkpoint: str | None = None) -> "EagleProposer":
+        if checkpoint:
+            from aurora.flywheel.checkpoint import load_head
+            head, meta = load_head(checkpoint, runner)
+            return cls(runner, head, version=int(meta.get("version", 0)))
+        return cls(runner, build_head(runner, config.trainer.draft_vocab, config.seed))
+
+    # ------------------------------------------------------------ double buffer
+    @property
+    def head(self) -> EagleHead:
+        return self.slots[self.active]
+
+    def inactive(self) -> EagleHead:
+        return self.slots[1 - self.active]
+
+    def stage(self, version: int, event=None) -> None:
+        """The inactive slot now holds weights of `version`; flip at the next step boundary."""
+        with self._lock:
+            self._staged = (1 - self.active, version)
+            self.ready_event = event
+
+    def flip(self) -> bool:
+        with self._lock:
+            if self._staged is None:
+                return False
+            if self.ready_event is not None and not self.ready_event.query():
+                return False                             # trainer stream still copying
+            self.active, self.version = self._staged
+            self._staged = None
+            return True
+
+    # ------------------------------------------------------------ proposing
+    @torch.inference_mode()
+    def propose(self, seqs, ctx):
+        head = self.head
+        return [self._propose_one(head, seq, ctx.spec, ctx.vocab_size) for seq in seqs]
+
+    def _propose_one(self, head: EagleHead, seq, spec, vocab_size: int) -> DraftTree:
+        tree = DraftTree(draft_version=self.version)
+        feats = seq.features
+        P = seq.num_cached
+        if feats is None or len(feats) == 0 or len(seq.token_ids) != P + 1:
+            return tree
+        feats = feats[-SERVE_WINDOW:]
+        w = len(feats)
+        dev = feats.device
+        tokens = torch.tensor(seq.token_ids[P - w + 1:P + 1], device=dev)
+        embed = self.runner.embed_tokens
+        pos = torch.arange(P - w, P, device=dev)
+        mask = torch.ones(w, w, dtype=torch.bool, device=dev).tril_()
+        h, K, V = head.rows_step(embed(tokens), head.fc(feats.to(head.fc.weight.dtype)), pos, None, None, mask)
+        greedy = seq.params.greedy
+        width = 1 if spec.shape == "chain" else spec.width
+        budget = spec.depth if spec.shape == "chain" else spec.max_nodes
+        frontier = [(-1, h[-1], 0.0)]                    # (node, hidden, cumulative logprob)
+        rows_of: dict[int, int] = {}                     # node -> row in K/V
+        q_list = []
+        for depth in range(1, spec.depth + 1):
+            logits = head.logits(torch.stack([f[1] for f in frontier]))   # [F, Vd]
+            cands = []                                   # (score, parent, target_id, logprob, q_row)
+            if greedy:
+                lp = torch.log_softmax(logits, -1)
+                top = lp.topk(min(width, lp.shape[-1]), -1)
+                for fi, (node, _, cum) in enumerate(frontier):
+                    for v, i in zip(top.values[fi].tolist(), top.indices[fi].tolist()):
+                        cands.append((cum + v, node, int(head.d2t[i]), v, -1))
+            else:
+                full = torch.full((len(frontier), vocab_size), float("-inf"), device=logits.device)
+                full[:, head.d2t] = logits
+                probs = processed_probs(full, seq.params).cpu()            # exactly what we sample from
+                for fi, (node, _, cum) in enumerate(frontier):
+                    q_list.append(probs[fi])
+                    draws = torch.multinomial(probs[fi], width, replacement=True, generator=seq.generator)
+                    for t in draws.tolist():
+                        lpv = float(torch.log(probs[fi, t]))
+                        cands.append((cum + lpv, node, t, lpv, len(q_list) - 1))
+            if spec.shape == "dynamic":
+                cands.sort(key=lambda c: -c[0])
+                cands = cands[:width]
+            room = budget - len(tree)
+            cands = cands[:max(room, 0)]
+            if not cands:
+                break
+            new_nodes = [tree.add(t, parent, lpv, qr) for _, parent, t, lpv, qr in cands]
+            hid = {f[0]: f[1] for f in frontier}
+            g = torch.stack([hid[c[1]] for c in cands])
+            toks = torch.tensor([c[2] for c in cands], device=dev)
+            npos = torch.full((len(cands),), P + depth - 1, device=dev)
+            S = K.shape[0]
+            m = torch.zeros(len(cands), S + len(cands), dtype=torch.bool, device=dev)
+            m[:, :w] = True                              # all context rows
+            for j, node in enumerate(new_nodes):
+                m[j, S + j] = True
+                anc = tree.parents[node]
+                while anc >= 0:
+                    m[j, rows_of[anc]] = True
+                    anc = tree.parents[anc]
+            hn, K, V = head.rows_step(embed(toks), g, npos, K, V, m)
+            for j, node in enumerate(new_nodes):
+                rows_of[node] = S + j
+            frontier = [(node, hn[j], cands[j][0]) for j, node in enumerate(new_nodes)]
+            if len(tree) >= budget:
+                break
+        if q_list:
+            tree.q_probs = torch.stack(q_list)
+        return tree
