@@ -49,6 +49,13 @@ class EagleProposer(Proposer):
     def inactive(self) -> EagleHead:
         return self.slots[1 - self.active]
 
+    def begin_write(self) -> EagleHead:
+        """Unstage any pending slot (so the engine cannot flip to it mid-write); return it."""
+        with self._lock:
+            self._staged = None
+            self.ready_event = None
+            return self.slots[1 - self.active]
+
     def stage(self, version: int, event=None) -> None:
         """The inactive slot now holds weights of `version`; flip at the next step boundary."""
         with self._lock:

@@ -49,6 +49,7 @@ class Engine:
         self.policy = SpeculationPolicy(config.spec)
         self.step_hooks: list = []          # fn(StepView) after every target forward
         self.before_step: list = []         # fn() at each step boundary (weight swaps)
+        self.finish_hooks: list = []        # fn(Sequence) when a request ends
         self.stats_extra: dict = {}         # name -> fn() merged into stats()
         self._stats = EngineStats()
         self._ids = itertools.count()
@@ -283,7 +284,6 @@ class Engine:
             decode = r.num_uncached == 1 and seq.num_cached > 0 or tree is not None
             base = seq.num_cached + r.num_uncached                # first slot after the root
             if path:
-                src = cache.slots(seq.block_ids, base + path[0] - path[0], base) if False else None
                 bs = cache.block_size
                 src = [seq.block_ids[(base + n) // bs] * bs + (base + n) % bs for n in path]
                 dst = cache.slots(seq.block_ids, base, base + len(path))
@@ -357,6 +357,11 @@ class Engine:
             return
         self.scheduler.finish(seq)
         self.proposer.release(seq)
+        for fn in self.finish_hooks:
+            try:
+                fn(seq)
+            except Exception:
+                log.exception("finish hook failed")
         seq.finish_reason, seq.error = reason, error
         self._stats.num_finished += 1
         self._stats.num_errors += reason == "error"

@@ -1,0 +1,116 @@
+"""The `aurora` command: `serve` (HTTP server), `bench` and `demo` (forwarded).
+
+`bench` and `demo` hand their arguments to `aurora.bench.cli:main` and
+`aurora.bench.demo:main`, imported only when used, so a missing or broken module
+breaks only its own subcommand. Heavy imports (torch, the engine) happen in `serve`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+
+FORWARDED = {"bench": ("aurora.bench.cli", "run benchmarks"),
+             "demo": ("aurora.bench.demo", "run the live demo")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aurora", description="Online speculative-decoding LLM engine.")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,bench,demo}")
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
+                           description="Serve an OpenAI-compatible API (completions, chat, metrics) from one "
+                                       "process with the engine embedded. Unset engine flags fall back to "
+                                       "AURORA_<FIELD> environment variables, then EngineConfig defaults.")
+    e = serve.add_argument_group("engine")
+    e.add_argument("--model", help="model preset or local checkpoint (default: smollm2-135m)")
+    e.add_argument("--draft", help="draft: none | ngram | eagle[:ckpt] | model:<path>, joined by '+'")
+    e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    e.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--online", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the draft online from served traffic (the flywheel)")
+    s = serve.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $AURORA_API_KEY; prefer the env var, "
+                        "command lines are visible to other users)")
+    s.add_argument("--max-concurrent", type=int, default=64,
+                   help="generation requests served at once; more get HTTP 429 (default: 64)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    s.add_argument("--save-dir", default=None,
+                   help="directory where POST /v1/speculator {'action': 'save'} and shutdown save the draft")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default: 10)")
+    s.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    for name, (module, help_text) in FORWARDED.items():
+        sub.add_parser(name, help=f"{help_text} (see 'aurora {name} --help')", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        return _forward(argv[0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    parser.print_help()
+    return 2
+
+
+def _forward(command: str, argv: list[str]) -> int:
+    module_name = FORWARDED[command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        print(f"aurora {command}: unavailable, {module_name} could not be imported ({exc})", file=sys.stderr)
+        return 2
+    entry = getattr(module, "main", None)
+    if not callable(entry):
+        print(f"aurora {command}: {module_name} has no main(argv)", file=sys.stderr)
+        return 2
+    result = entry(argv)
+    return result if isinstance(result, int) else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from aurora.config import EngineConfig, ServerConfig
+
+    overrides = {k: v for k, v in (("model", args.model), ("draft", args.draft), ("dtype", args.dtype),
+                                   ("device", args.device), ("online", args.online)) if v is not None}
+    save_dir = os.path.abspath(args.save_dir) if args.save_dir else None
+    try:
+        engine_config = EngineConfig.from_env(**overrides)
+        server_config = ServerConfig(host=args.host, port=args.port,
+                                     api_key=args.api_key or os.environ.get("AURORA_API_KEY") or None,
+                                     max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes,
+                                     save_dir=save_dir)
+        if args.max_body_bytes < 1 or args.shutdown_timeout < 0:
+            raise ValueError("--max-body-bytes must be >= 1 and --shutdown-timeout >= 0")
+        if save_dir:
+            os.makedirs(save_dir, exist_ok=True)
+    except (ValueError, OSError) as exc:
+        print(f"aurora serve: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"loading model {engine_config.model} (draft {engine_config.draft}, "
+          f"online {'on' if engine_config.online else 'off'}) ...", flush=True)
+    start = time.perf_counter()
+    try:
+        from aurora.engine.engine import Engine
+        engine = Engine(engine_config)
+    except Exception as exc:
+        logging.getLogger("aurora").debug("engine creation failed", exc_info=True)
+        print(f"aurora serve: error: could not load the engine: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    trainer = "on" if engine.flywheel is not None else "off"
+    print(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} (trainer {trainer})", flush=True)
+    if server_config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without an API key", file=sys.stderr, flush=True)
+    from aurora.server.serve import serve
+    return serve(engine, server_config, shutdown_timeout=args.shutdown_timeout, access_log=args.access_log)

@@ -1,0 +1,78 @@
+"""Speculator admin: `GET /v1/speculator` (draft and trainer status) and `POST` actions.
+
+POST {"action": "pause" | "resume" | "save"}. `save` writes only into the directory
+the operator gave at startup (`--save-dir`); a client never chooses a path. The
+flywheel is optional and its API may be partial, so every call goes through getattr.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from aurora.server.errors import APIError, bad_request
+from aurora.server.openai_api import parse_body
+from aurora.server.state import CONFIG, ENGINE
+
+ACTIONS = ("pause", "resume", "save")
+STATUS_KEYS = ("draft", "draft_version", "accepted_length", "accepted_length_recent", "acceptance_by_depth",
+               "trainer", "buffer")
+
+
+def speculator_status(engine, can_save: bool) -> dict:
+    stats = engine.stats()
+    status = {k: stats[k] for k in STATUS_KEYS if k in stats}
+    flywheel = getattr(engine, "flywheel", None)
+    status["online"] = flywheel is not None
+    status["can_save"] = can_save and flywheel is not None
+    stats_fn = getattr(flywheel, "stats", None)
+    if callable(stats_fn):
+        status["flywheel"] = stats_fn()
+    return status
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=_plain))
+
+
+def _plain(value):
+    """Make tensors, numpy scalars and paths JSON-safe."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+async def get_speculator(request: web.Request) -> web.Response:
+    return _json(speculator_status(request.app[ENGINE], request.app[CONFIG].save_dir is not None))
+
+
+async def post_speculator(request: web.Request) -> web.Response:
+    body = parse_body(await request.read())
+    action = body.get("action")
+    if action not in ACTIONS:
+        raise bad_request(f"'action' must be one of {', '.join(ACTIONS)}", "action")
+    if action == "save" and set(body) - {"action"}:
+        raise bad_request("'save' takes no arguments: drafts are saved into the server's --save-dir", "action")
+    engine, save_dir = request.app[ENGINE], request.app[CONFIG].save_dir
+    flywheel = getattr(engine, "flywheel", None)
+    if flywheel is None:
+        raise APIError(409, "online training is off on this server (no flywheel); start it with --online "
+                            "and a learnable draft", "action", "no_flywheel")
+    if action == "save" and save_dir is None:
+        raise APIError(409, "saving is disabled: the server was started without --save-dir", "action",
+                       "no_save_dir")
+    fn = getattr(flywheel, action, None)
+    if not callable(fn):
+        raise APIError(501, f"this flywheel does not support '{action}'", "action", "unsupported")
+    args = (save_dir,) if action == "save" else ()
+    result = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    reply = {"action": action, "ok": True, "status": speculator_status(engine, save_dir is not None)}
+    if result is not None:
+        reply["result"] = result
+    return _json(reply)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/speculator", get_speculator)
+    app.router.add_post("/v1/speculator", post_speculator)
