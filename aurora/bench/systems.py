@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -277,13 +277,3 @@ def build_system(name: str, opts: BuildOptions) -> System:
     except ImportError as exc:                     # flywheel module not there yet
         raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
 
-
-@dataclass
-class Series:
-    """What one system produced over the measured requests."""
-    name: str
-    label: str
-    outputs: list[Output] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
-    wall_s: float = 0.0
-    load_s: float = 0.0

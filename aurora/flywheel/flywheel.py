@@ -110,14 +110,15 @@ class Flywheel:
         t = self.trainer
         if t.steps - self._vocab_built_at >= VOCAB_REBUILD_EVERY or (self._vocab_built_at < 0 and len(t.replay) >= 4):
             self._rebuild_vocab()
-        if not t.train_step():
-            return bool(records)
+        stepped = t.train_step()
         if not t.weights_finite():
             self.nonfinite_restores += 1
             log.warning("flywheel: non-finite trainer weights; restoring last published draft")
             t.head.load_state_dict(self.published.state_dict())
             t.opt = t._make_opt()
             return True
+        if not stepped:
+            return bool(records)
         due = (t.steps - self._steps_at_publish >= self.config.publish_every_steps
                or time.monotonic() - self._last_publish >= self.config.publish_every_s)
         if due:

@@ -27,8 +27,8 @@ def speculator_status(engine, can_save: bool) -> dict:
     status["online"] = flywheel is not None
     status["can_save"] = can_save and flywheel is not None
     stats_fn = getattr(flywheel, "stats", None)
-    if callable(stats_fn):
-        status["flywheel"] = stats_fn()
+    if "trainer" not in status and callable(stats_fn):      # the flywheel usually reports through stats()
+        status["trainer"] = stats_fn()
     return status
 
 

@@ -67,7 +67,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     body = oa.parse_body(await request.read())
     req = oa.parse_request(body, engine, chat=chat, model_ids=state.model_ids,
                            max_prompt_chars=config.max_prompt_chars)
-    with state.admit():
+    with state.admit(req.request_id):
         progress = _Progress(req, state.metrics)
         async with contextlib.aclosing(engine.generate(req.prompt_ids, req.params, req.request_id)) as outputs:
             try:

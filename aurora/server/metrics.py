@@ -39,6 +39,7 @@ TRAINER_SCALARS = (
     ("trainer", "steps", "aurora_trainer_steps", "Optimizer steps of the online trainer", True),
     ("trainer", "swaps", "aurora_draft_swaps", "Draft weight swaps published to serving", True),
     ("trainer", "rollbacks", "aurora_draft_rollbacks", "Draft swaps rolled back by the guard", True),
+    ("trainer", "paused", "aurora_trainer_paused", "1 while online training is paused", False),
     ("buffer", "fill", "aurora_buffer_fill", "Fill of the trace buffer (fraction)", False),
     ("buffer", "dropped", "aurora_buffer_dropped", "Traces dropped by the buffer", True),
 )

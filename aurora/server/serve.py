@@ -1,8 +1,8 @@
 """Run the app: `serve` (the `aurora serve` process) and `ServerThread` (tests, notebooks, benches).
 
 Shutdown is graceful and bounded: stop listening, let in-flight requests finish for up
-to `shutdown_timeout` seconds, cancel the rest (which aborts them in the engine), then
-optionally save the draft and close the engine (which stops the trainer).
+to `shutdown_timeout` seconds, abort the rest in the engine, then optionally save the
+draft and close the engine (which stops the trainer).
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from aiohttp import web
 
 from aurora.config import ServerConfig
 from aurora.server.app import create_app
-from aurora.server.state import STATE
+from aurora.server.state import ENGINE, STATE
 
 log = logging.getLogger("aurora.server")
+CANCEL_WAIT_S = 2.0                                  # for aborted requests to wind down
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -31,11 +32,10 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def start(app: web.Application, host: str, port: int, shutdown_timeout: float = 10.0,
-                access_log: bool = False) -> tuple[web.AppRunner, str]:
+async def start(app: web.Application, host: str, port: int, access_log: bool = False) -> tuple[web.AppRunner, str]:
     """Listen on host:port (0 = ephemeral); returns the runner and the base URL."""
     kwargs = {} if access_log else {"access_log": None}
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, **kwargs)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=CANCEL_WAIT_S, **kwargs)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -47,10 +47,25 @@ async def start(app: web.Application, host: str, port: int, shutdown_timeout: fl
     return runner, f"http://{bound_host}:{bound_port}"
 
 
-async def stop(runner: web.AppRunner) -> None:
-    """Refuse new generations, wait for in-flight ones (bounded), cancel the rest."""
-    runner.app[STATE].draining = True
-    await runner.cleanup()
+async def stop(runner: web.AppRunner, timeout: float) -> None:
+    """Stop listening; give in-flight generations `timeout` seconds, then abort the rest
+    in the engine (streams end with finish_reason "abort", others get 503); close connections."""
+    state, engine = runner.app[STATE], runner.app[ENGINE]
+    state.draining = True
+    for site in list(runner.sites):
+        await site.stop()
+    await _wait_idle(state, timeout)
+    for request_id in list(state.active):
+        engine.abort(request_id)
+    await _wait_idle(state, CANCEL_WAIT_S)
+    await runner.cleanup()                           # closes keep-alives, cancels any straggler
+
+
+async def _wait_idle(state, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while state.active and loop.time() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def save_draft(engine, save_dir: str | None) -> None:
@@ -95,7 +110,7 @@ async def _serve(engine, config: ServerConfig, shutdown_timeout: float, access_l
             pass
     app = create_app(engine, config)
     try:
-        runner, url = await start(app, config.host, config.port, shutdown_timeout, access_log)
+        runner, url = await start(app, config.host, config.port, access_log)
     except OSError as exc:
         print(f"error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr, flush=True)
         await loop.run_in_executor(None, engine.close)
@@ -105,7 +120,7 @@ async def _serve(engine, config: ServerConfig, shutdown_timeout: float, access_l
     in_flight = app[STATE].in_flight
     if in_flight:
         print(f"waiting up to {shutdown_timeout:g}s for {in_flight} in-flight request(s)", flush=True)
-    await stop(runner)
+    await stop(runner, shutdown_timeout)
     await loop.run_in_executor(None, save_draft, engine, config.save_dir)
     await loop.run_in_executor(None, engine.close)
     print("stopped", flush=True)
@@ -140,21 +155,22 @@ class ServerThread:
             raise self._error
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self) -> None:
+        """Graceful shutdown (see `stop`); returns once the thread has exited."""
         if self._loop is None or not self._thread.is_alive():
             return
+        limit = self.shutdown_timeout + 3 * CANCEL_WAIT_S + 5
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(stop(self._runner), self._loop).result(timeout)
+            asyncio.run_coroutine_threadsafe(stop(self._runner, self.shutdown_timeout), self._loop).result(limit)
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
+        self._thread.join(limit)
 
     def _run(self) -> None:
         loop = self._loop = new_event_loop()
         asyncio.set_event_loop(loop)
         try:
             self.app = create_app(self.engine, self.config)
-            self._runner, self.url = loop.run_until_complete(
-                start(self.app, self.config.host, self.config.port, self.shutdown_timeout))
+            self._runner, self.url = loop.run_until_complete(start(self.app, self.config.host, self.config.port))
         except BaseException as exc:
             self._error = exc
             self._ready.set()

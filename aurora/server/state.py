@@ -2,7 +2,8 @@
 
 Admission: at most `max_concurrent` generation requests are served at once; the next
 one gets 429 with Retry-After (no hidden HTTP-level queue; the engine itself already
-queues what it admitted). While draining for shutdown, new generations get 503.
+queues what it admitted). While draining for shutdown, new generations get 503, and
+`active` names the in-flight request ids so shutdown can abort them.
 """
 from __future__ import annotations
 
@@ -23,23 +24,27 @@ class ServerState:
     metrics: ServerMetrics
     max_concurrent: int
     created: int = field(default_factory=lambda: int(time.time()))
-    in_flight: int = 0
+    active: set = field(default_factory=set)     # request ids being generated
     draining: bool = False
 
+    @property
+    def in_flight(self) -> int:
+        return len(self.active)
+
     @contextlib.contextmanager
-    def admit(self):
+    def admit(self, request_id: str):
         """Hold one generation slot, or refuse the request."""
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.in_flight >= self.max_concurrent:
             raise APIError(429, f"too many concurrent requests (limit {self.max_concurrent}); retry shortly",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        self.in_flight += 1
+        self.active.add(request_id)
         self.metrics.in_flight.inc()
         try:
             yield
         finally:
-            self.in_flight -= 1
+            self.active.discard(request_id)
             self.metrics.in_flight.dec()
 
 

@@ -1,0 +1,88 @@
+"""`aurora bench`: transformers and Aurora systems side by side on the same weights and
+prompts, in one process; writes results.json, results.md and tau.png.
+
+    aurora bench --quick
+    aurora bench --systems hf,none,online --domains code,chat --per-domain 10
+    python -m aurora.bench.cli --model tiny-llama --requests 6 --max-tokens 16
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from aurora.bench.systems import SYSTEMS
+
+QUICK = {"per_domain": 4, "max_tokens": 48, "systems": "hf,hf-lookup,none,ngram,online,eagle,online-ckpt"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aurora bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmark Aurora against transformers on one machine, in one process.",
+        epilog="systems:\n" + "\n".join(f"  {k:<12} {v.label}" for k, v in SYSTEMS.items())
+        + "\n\nSystems needing --checkpoint are skipped (with a note) without one.")
+    p.add_argument("--model", default="smollm2-135m", help="model name, tiny preset or HF dir (default: smollm2-135m)")
+    p.add_argument("--systems", default=None,
+                   help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all; --quick: "
+                        f"{QUICK['systems']})")
+    p.add_argument("--domains", default="code,finance,chat", help="domain order of the shifting workload")
+    p.add_argument("--per-domain", type=int, default=None, help="requests per domain (default: 20; --quick: 4)")
+    p.add_argument("--requests", type=int, default=None, help="total requests (overrides --per-domain)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default: 64; --quick: 48)")
+    p.add_argument("--warmup", type=int, default=1, help="uncounted warm-up requests per system (default: 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), checks exactness")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto = float32 on CPU (exact), bfloat16 on CUDA")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint", default=None, help="saved draft dir for `eagle` and `online-ckpt`")
+    p.add_argument("--save-draft", default=None, help="save the `online` system's draft here at the end")
+    p.add_argument("--lookup-tokens", type=int, default=10, help="transformers prompt_lookup_num_tokens")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt text (default: 2000; tiny presets: 300)")
+    p.add_argument("--interleave", action="store_true",
+                   help="serve request i on every system before request i+1 (fairer on a noisy "
+                        "machine; trainers pause while other systems run)")
+    p.add_argument("--quick", action="store_true", help="12 requests x 48 tokens, a few minutes on CPU")
+    p.add_argument("--out", default="bench_out", help="output directory (default: bench_out/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args):
+    from aurora.bench.run import DEFAULT_SYSTEMS, BenchConfig
+    systems = args.systems or (QUICK["systems"] if args.quick else ",".join(DEFAULT_SYSTEMS))
+    per_domain = args.per_domain or (QUICK["per_domain"] if args.quick else 20)
+    max_tokens = args.max_tokens or (QUICK["max_tokens"] if args.quick else 64)
+    return BenchConfig(
+        model=args.model, systems=tuple(s.strip() for s in systems.split(",") if s.strip()),
+        domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()), per_domain=per_domain,
+        requests=args.requests, max_tokens=max_tokens, warmup=args.warmup, temperature=args.temperature,
+        seed=args.seed, dtype=args.dtype, device=args.device, checkpoint=args.checkpoint,
+        lookup_tokens=args.lookup_tokens, max_prompt_chars=args.max_prompt_chars,
+        interleave=args.interleave, save_draft=args.save_draft)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from aurora.bench.run import run_bench, write_outputs
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"aurora bench: error: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    print(f"aurora bench: {cfg.model}, systems {','.join(cfg.systems)}, domains {','.join(cfg.domains)}, "
+          f"max {cfg.max_tokens} tokens", flush=True)
+    results = run_bench(cfg, progress=not args.no_progress)
+    paths = write_outputs(results, args.out)
+    from aurora.bench.report import markdown_report
+    print()
+    print(markdown_report(results))
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`aurora demo`: the flywheel live. An eagle+ngram engine starts from an untrained
+draft, serves a domain-shifting workload (code -> finance -> chat) one request at a
+time and learns from it; one console line per request, a per-phase summary (tau early
+vs late), a short plain-decoding baseline for the speedup, and the tau plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_REQUESTS = 60
+DEFAULT_MAX_TOKENS = 64
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aurora demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--requests", type=int, default=None,
+                   help=f"requests in total (default: $DEMO_REQUESTS or {DEFAULT_REQUESTS})")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--domains", default="code,finance,chat", help="phases in order")
+    p.add_argument("--baseline", type=int, default=6,
+                   help="requests re-served without a draft for the speedup (0 = skip; default 6)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-draft", default=None, help="save the learned draft here at the end")
+    p.add_argument("--out", default="demo_out", help="where demo.json and demo_tau.png go (default: demo_out/)")
+    return p
+
+
+def _requests(args) -> int:
+    if args.requests is not None:
+        return args.requests
+    env = os.environ.get("DEMO_REQUESTS", "").strip()
+    return int(env) if env else DEFAULT_REQUESTS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        n = _requests(args)
+        if n < 1 or args.max_tokens < 1 or args.baseline < 0:
+            raise ValueError("--requests and --max-tokens must be >= 1, --baseline >= 0")
+    except ValueError as exc:
+        print(f"aurora demo: error: {exc}", file=sys.stderr)
+        return 2
+    from aurora.bench import report
+    from aurora.bench.run import _quiet_transformers, default_max_chars, encode, stop_ids, warmup_prompts
+    from aurora.bench.systems import BuildOptions, Unavailable, build_system, load_tokenizer
+    from aurora.types import SamplingParams
+    from aurora.workloads import domain_shift, segments, switch_indices
+
+    t_start = time.perf_counter()
+    _quiet_transformers()
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    prompts = domain_shift(domains, math.ceil(n / len(domains)), seed=args.seed,
+                           max_chars=default_max_chars(args.model))[:n]
+    tokenizer = load_tokenizer(args.model)
+    prompt_ids = [encode(tokenizer, p) for p in prompts]
+    warm_ids = [encode(tokenizer, p) for p in warmup_prompts(1, args.seed)]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0,
+                            stop_token_ids=stop_ids(tokenizer, args.model))
+    opts = BuildOptions(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+
+    print(f"aurora demo: {args.model}, draft eagle+ngram learning online from scratch; {n} requests "
+          f"({' -> '.join(domains)}), {args.max_tokens} tokens each, greedy, batch 1", flush=True)
+    try:
+        online = build_system("online", opts)
+    except Unavailable as exc:
+        print(f"aurora demo: the online draft is unavailable here: {exc}", file=sys.stderr)
+        return 1
+    for ids in warm_ids:
+        online.generate(ids, params)
+    online.mark()
+    print(f"engine ready in {time.perf_counter() - t_start:.1f} s; serving\n", flush=True)
+
+    rows = []
+    for i, ids in enumerate(prompt_ids):
+        out = online.generate(ids, params)
+        tps = len(out.token_ids) / out.seconds
+        loss = online.trainer_loss()
+        rows.append({"index": i, "domain": prompts[i].domain, "tau": out.tau, "tokens": len(out.token_ids),
+                     "seconds": out.seconds, "tokens_per_s": tps, "draft_version": out.draft_version,
+                     "loss": loss})
+        print(f"#{i:<3d} {prompts[i].domain:<8} τ {report.fmt(out.tau)}  {tps:5.1f} tok/s  "
+              f"draft v{out.draft_version}  loss {report.fmt(loss)}", flush=True)
+    extra = online.extra()
+    if args.save_draft:
+        extra["saved_draft"] = online.save_draft(args.save_draft)
+    online.close()
+    del online
+
+    base = baseline(build_system, opts, prompt_ids, warm_ids, params, args.baseline) if args.baseline else {}
+    phases = segments(prompts)
+    summary = phase_summary(rows, phases)
+    print()
+    print(report.format_table(("phase", "requests", "τ early", "τ late", "tok/s early", "tok/s late", "draft"),
+                              summary))
+    ratios = [rows[i]["tokens_per_s"] / tps for i, tps in base.items()]
+    speedup = report.median(ratios)
+    trainer = extra.get("trainer") or {}
+    print(f"\nτ overall {report.fmt(report.mean([r['tau'] for r in rows]))}; acceptance by depth "
+          f"{report.fmt_depths(extra.get('acceptance_by_depth'))}; trainer: {trainer.get('steps', 0)} steps, "
+          f"{trainer.get('swaps', 0)} swaps, {trainer.get('rollbacks', 0)} rollbacks, "
+          f"loss {report.fmt(trainer.get('loss'))}")
+    if base:
+        print(f"speedup over plain decoding (no draft, same engine, same {len(base)} prompts, trainer's CPU "
+              f"cost included): {report.fmt(speedup)}× median (requests {sorted(base)})")
+    if extra.get("saved_draft"):
+        print(f"draft saved to {extra['saved_draft']}")
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series = {"online": {"label": "eagle+ngram online", "index": [r["index"] for r in rows],
+                         "tau": [r["tau"] for r in rows], "tokens_per_s": [r["tokens_per_s"] for r in rows]}}
+    if base:
+        series["none"] = {"label": "no draft (baseline sample)", "index": sorted(base), "tau": [],
+                          "tokens_per_s": [base[i] for i in sorted(base)]}
+    png = report.plot_tau(series, switch_indices(prompts), out_dir / "demo_tau.png",
+                          title=f"Aurora flywheel on {args.model}: τ per request", window=5, phases=phases)
+    wall = time.perf_counter() - t_start
+    (out_dir / "demo.json").write_text(json.dumps(
+        {"model": args.model, "hardware": report.hardware_line(), "max_tokens": args.max_tokens,
+         "requests": rows, "phases": [list(p) for p in phases], "baseline_tokens_per_s": base,
+         "speedup": speedup, "stats": extra, "wall_s": wall}, indent=2, default=str) + "\n")
+    print(f"plot: {png.resolve()}\ndone in {wall:.0f} s")
+    return 0
+
+
+def baseline(build_system, opts, prompt_ids, warm_ids, params, k: int) -> dict[int, float]:
+    """tokens/s of `k` evenly spaced requests re-served by the same engine with no draft."""
+    n = len(prompt_ids)
+    idx = sorted({round(j * (n - 1) / max(1, k - 1)) for j in range(min(k, n))})
+    print(f"\nbaseline: re-serving requests {idx} without a draft ...", flush=True)
+    plain = build_system("none", opts)
+    try:
+        for ids in warm_ids:
+            plain.generate(ids, params)
+        out = {}
+        for i in idx:
+            o = plain.generate(prompt_ids[i], params)
+            out[i] = len(o.token_ids) / o.seconds
+        return out
+    finally:
+        plain.close()
+
+
+def phase_summary(rows: list[dict], phases) -> list[list]:
+    """Per domain phase: mean tau and median tokens/s over its first and second half."""
+    from aurora.bench.report import mean, median
+    table = []
+    for start, stop, label in phases:
+        part = rows[start:stop]
+        half = max(1, len(part) // 2)
+        early, late = part[:half], part[half:] or part[-1:]
+        versions = [r["draft_version"] for r in part if r["draft_version"] is not None]
+        table.append([f"{label} #{start}-{stop - 1}", len(part),
+                      mean([r["tau"] for r in early]), mean([r["tau"] for r in late]),
+                      median([r["tokens_per_s"] for r in early]), median([r["tokens_per_s"] for r in late]),
+                      f"v{min(versions)}→v{max(versions)}" if versions else None])
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The benchmark loop: same prompts, same weights, every system in one process.
+
+Prompts are tokenized once and every system gets the same ids. Each system serves
+them one at a time (batch 1) after warm-up requests that are not counted; systems run
+one after another, or request by request with `interleave` (background trainers are
+paused while another system is measured). Greedy outputs are checked against
+transformers target-only greedy.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+from aurora.bench import report
+from aurora.bench.systems import SYSTEMS, BuildOptions, Output, System, Unavailable, build_system, load_tokenizer
+from aurora.types import SamplingParams
+
+log = logging.getLogger("aurora.bench")
+
+REFERENCE = "hf"
+DEFAULT_SYSTEMS = ("hf", "hf-lookup", "none", "ngram", "eagle", "online", "online-ckpt")
+QUICK_SYSTEMS = ("hf", "hf-lookup", "none", "ngram", "eagle", "online", "online-ckpt")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "smollm2-135m"
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS
+    domains: tuple[str, ...] = ("code", "finance", "chat")
+    per_domain: int = 20
+    requests: int | None = None         # cap on the total (default: per_domain * len(domains))
+    max_tokens: int = 64
+    warmup: int = 1
+    temperature: float = 0.0
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    checkpoint: str | None = None
+    lookup_tokens: int = 10
+    max_prompt_chars: int | None = None  # default: 2000 real models, 300 tiny presets
+    kv_tokens: int = 8192
+    interleave: bool = False
+    save_draft: str | None = None        # save the `online` system's draft here at the end
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        unknown = [s for s in self.systems if s not in SYSTEMS]
+        if unknown:
+            raise ValueError(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+        if not self.systems:
+            raise ValueError("no systems selected")
+        if self.per_domain < 1 or self.max_tokens < 1 or self.warmup < 0:
+            raise ValueError("per_domain and max_tokens must be >= 1, warmup >= 0")
+        if self.requests is not None and self.requests < 1:
+            raise ValueError("requests must be >= 1")
+
+
+# ---------------------------------------------------------------- prompts
+
+def is_preset(model: str) -> bool:
+    from aurora.models.presets import PRESETS
+    return model in PRESETS
+
+
+def default_max_chars(model: str) -> int:
+    """Prompt length cap: tiny presets tokenize bytes and have short contexts."""
+    return 300 if is_preset(model) else 2000
+
+
+def load_prompts(cfg: BenchConfig):
+    """Domain-shifting workload: per_domain of each domain in turn, capped at `requests`."""
+    from aurora.workloads import domain_shift
+    per = cfg.per_domain
+    if cfg.requests is not None:
+        per = math.ceil(cfg.requests / len(cfg.domains))
+    max_chars = cfg.max_prompt_chars or default_max_chars(cfg.model)
+    prompts = domain_shift(list(cfg.domains), per, seed=cfg.seed, max_chars=max_chars)
+    return prompts[:cfg.requests] if cfg.requests is not None else prompts
+
+
+def warmup_prompts(n: int, seed: int = 0):
+    from aurora.workloads import tiny_prompts
+    return tiny_prompts(n, seed=seed + 1000) if n else []
+
+
+def encode(tokenizer, prompt) -> list[int]:
+    """Chat prompts through the chat template (as a chat user sends them), others as text."""
+    if prompt.messages and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer.encode(prompt.text, add_special_tokens=False))
+
+
+def stop_ids(tokenizer, model: str) -> tuple[int, ...]:
+    """EOS ids both sides stop at: the tokenizer's and the model config's."""
+    ids = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
+    if not is_preset(model):
+        from transformers import AutoConfig
+
+        from aurora.models.loader import _GGUF_MODELS, _cached_gguf
+        path = _cached_gguf(model) if model in _GGUF_MODELS else model
+        eos = AutoConfig.from_pretrained(path, local_files_only=True).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return tuple(sorted(ids))
+
+
+# ---------------------------------------------------------------- exactness
+
+def compare(ref: list[int], out: list[int]) -> tuple[bool, int | None, bool]:
+    """(match on the common prefix, first differing position, lengths differ)."""
+    n = min(len(ref), len(out))
+    first = next((i for i in range(n) if ref[i] != out[i]), None)
+    return first is None, first, len(ref) != len(out)
+
+
+def exactness(ref: list[Output], outs: list[Output]) -> dict:
+    matches = [compare(r.token_ids, o.token_ids) for r, o in zip(ref, outs)]
+    mismatched = [(i, m[1]) for i, m in enumerate(matches) if not m[0]]
+    return {"exact": not mismatched, "num_compared": len(matches), "num_exact": len(matches) - len(mismatched),
+            "num_length_differs": sum(m[2] for m in matches),
+            "mismatches": [{"request": i, "first_diff_token": p} for i, p in mismatched[:20]]}
+
+
+# ---------------------------------------------------------------- the run
+
+def run_bench(cfg: BenchConfig, progress: bool = True, on_system=None) -> dict:
+    """Run every selected system over the same prompts; return the results dict."""
+    from tqdm import tqdm
+    t_start = time.perf_counter()
+    _quiet_transformers()
+    opts = BuildOptions(model=cfg.model, dtype=cfg.dtype, device=cfg.device, checkpoint=cfg.checkpoint,
+                        lookup_tokens=cfg.lookup_tokens, kv_tokens=cfg.kv_tokens, seed=cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    prompts = load_prompts(cfg)
+    prompt_ids = [encode(tokenizer, p) for p in prompts]
+    warm_ids = [encode(tokenizer, p) for p in warmup_prompts(cfg.warmup, cfg.seed)]
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                            seed=cfg.seed if cfg.temperature > 0 else None,
+                            stop_token_ids=stop_ids(tokenizer, cfg.model))
+    order = list(cfg.systems)
+    if REFERENCE in order:                        # the reference runs first (memory: it stays loaded)
+        order.remove(REFERENCE)
+        order.insert(0, REFERENCE)
+    skipped: dict[str, str] = {}
+    runs: dict[str, dict] = {}
+    bar = tqdm(total=len(order) * len(prompts), disable=not progress, unit="req", dynamic_ncols=True)
+
+    def start(name) -> System | None:
+        bar.set_description(f"{name}: loading")
+        t0 = time.perf_counter()
+        try:
+            system = build_system(name, opts)
+        except Unavailable as exc:
+            skipped[name] = str(exc)
+            bar.total -= len(prompts)
+            bar.refresh()
+            return None
+        runs[name] = {"system": system, "outputs": [], "wall_s": 0.0}
+        bar.set_description(f"{name}: warm-up")
+        for ids in warm_ids:
+            system.generate(ids, params)
+        system.mark()
+        runs[name]["wall_s"] += time.perf_counter() - t0
+        return system
+
+    def serve(name, i):
+        run = runs[name]
+        out = run["system"].generate(prompt_ids[i], params)
+        run["outputs"].append(out)
+        run["wall_s"] += out.seconds
+        bar.set_description(name)
+        bar.set_postfix_str(f"τ {report.fmt(out.tau)} {len(out.token_ids) / out.seconds:.1f} tok/s")
+        bar.update(1)
+
+    def finish(name):
+        run = runs[name]
+        system = run["system"]
+        run["extra"] = system.extra()
+        if name == "online" and cfg.save_draft and hasattr(system, "save_draft"):
+            run["extra"]["saved_draft"] = system.save_draft(cfg.save_draft)
+        if name != REFERENCE:
+            system.close()
+            run["system"] = None
+            gc.collect()
+        if on_system is not None:
+            on_system(name, run)
+
+    if cfg.interleave:
+        live = [n for n in order if start(n) is not None]
+        for s in live:
+            runs[s]["system"].pause()
+        for i in range(len(prompts)):
+            for n in live:
+                runs[n]["system"].resume()
+                serve(n, i)
+                runs[n]["system"].pause()
+        for n in live:
+            runs[n]["system"].resume()
+            finish(n)
+    else:
+        for n in order:
+            if start(n) is None:
+                continue
+            for i in range(len(prompts)):
+                serve(n, i)
+            finish(n)
+    bar.close()
+    if REFERENCE in runs and runs[REFERENCE]["system"] is not None:
+        runs[REFERENCE]["system"].close()
+    results = assemble(cfg, prompts, prompt_ids, runs, skipped, params)
+    results["meta"]["wall_s"] = time.perf_counter() - t_start
+    return results
+
+
+def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
+    from aurora.workloads import switch_indices
+    ref_name = REFERENCE if REFERENCE in runs else ("none" if "none" in runs else None)
+    ref_tps = None
+    systems = {}
+    for name, run in runs.items():
+        outs: list[Output] = run["outputs"]
+        tps = [len(o.token_ids) / o.seconds if o.seconds > 0 else None for o in outs]
+        steps = sum(o.num_forwards or 0 for o in outs)
+        decode_tokens = sum(max(0, len(o.token_ids) - 1) for o in outs)
+        entry = {
+            "label": SYSTEMS[name].label,
+            "tokens_per_s": report.median(tps),
+            "tokens_per_s_total": sum(len(o.token_ids) for o in outs) / max(1e-9, sum(o.seconds for o in outs)),
+            "tau": decode_tokens / steps if steps else None,
+            "acceptance_by_depth": run.get("extra", {}).get("acceptance_by_depth") or None,
+            "wall_s": run["wall_s"],
+            "num_tokens": sum(len(o.token_ids) for o in outs),
+            **{k: v for k, v in run.get("extra", {}).items() if k not in ("acceptance_by_depth",)},
+            "requests": [{"index": i, "domain": prompts[i].domain, "source": prompts[i].source,
+                          "prompt_tokens": len(prompt_ids[i]), "tau": o.tau, "tokens": len(o.token_ids),
+                          "seconds": o.seconds, "tokens_per_s": tps[i], "draft_version": o.draft_version,
+                          "finish_reason": o.finish_reason}
+                         for i, o in enumerate(outs)],
+        }
+        if name == ref_name:
+            ref_tps = entry["tokens_per_s"]
+        systems[name] = entry
+    for name, entry in systems.items():
+        entry["speedup"] = entry["tokens_per_s"] / ref_tps if ref_tps and entry["tokens_per_s"] else None
+        if params.greedy and REFERENCE in runs and name != REFERENCE:
+            entry.update(exactness(runs[REFERENCE]["outputs"], runs[name]["outputs"]))
+        else:
+            entry["exact"] = None
+    notes = list(cfg.notes)
+    if params.greedy and REFERENCE not in runs:
+        notes.append("exactness not checked: the transformers target-only system (`hf`) was not run")
+    return {
+        "meta": {"model": cfg.model, "dtype": cfg.dtype, "device": cfg.device, "hardware": report.hardware_line(),
+                 "num_requests": len(prompts), "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
+                 "warmup": cfg.warmup, "domains": list(cfg.domains), "switches": switch_indices(prompts),
+                 "interleave": cfg.interleave, "stop_token_ids": list(params.stop_token_ids),
+                 "config": asdict(cfg), "notes": notes},
+        "reference": ref_name,
+        "systems": systems,
+        "skipped": skipped,
+    }
+
+
+def write_outputs(results: dict, out_dir) -> dict[str, str]:
+    """results.json, results.md and tau.png under `out_dir`; returns their paths."""
+    from pathlib import Path
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": report.write_json(results, out / "results.json")}
+    md = out / "results.md"
+    md.write_text(report.markdown_report(results))
+    paths["md"] = md
+    meta = results["meta"]
+    window = max(1, min(5, meta["num_requests"] // 4 or 1))
+    paths["png"] = report.plot_tau(report.plot_series(results), meta["switches"], out / "tau.png",
+                                   title=f"{meta['model']}: τ and tokens/s per request", window=window,
+                                   phases=_phases(results))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _phases(results) -> list[tuple[int, int, str]]:
+    reqs = next((s["requests"] for s in results["systems"].values() if s.get("requests")), [])
+    out, start = [], 0
+    for i in range(1, len(reqs) + 1):
+        if i == len(reqs) or reqs[i]["domain"] != reqs[start]["domain"]:
+            out.append((start, i, reqs[start]["domain"]))
+            start = i
+    return out
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:                                  # cosmetic only
+        pass
