@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_TOKENS_LIMIT = 1 << 20
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2 ** 63) <= self.seed < 2 ** 63):
+            raise ValueError(f"seed must be a 64-bit int or None, got {self.seed!r}")
         stop = self.stop
         if stop is None:
             stop = ()
@@ -48,7 +50,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # temperatures this small overflow logits / T; they mean argmax anyway
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

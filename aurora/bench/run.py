@@ -190,25 +190,46 @@ def run_bench(cfg: BenchConfig, progress: bool = True, on_system=None) -> dict:
         if on_system is not None:
             on_system(name, run)
 
+    def fail(name, exc):
+        log.exception("bench: system %s failed", name)
+        skipped[name] = f"failed: {type(exc).__name__}: {exc}"
+        run = runs.pop(name, None) or {"outputs": [], "system": None}
+        bar.total -= len(prompts) - len(run["outputs"])
+        if run["system"] is not None:
+            run["system"].close()
+        bar.refresh()
+
     if cfg.interleave:
-        live = [n for n in order if start(n) is not None]
-        for s in live:
-            runs[s]["system"].pause()
+        live = []
+        for n in order:
+            try:
+                if start(n) is not None:
+                    runs[n]["system"].pause()
+                    live.append(n)
+            except Exception as exc:
+                fail(n, exc)
         for i in range(len(prompts)):
-            for n in live:
-                runs[n]["system"].resume()
-                serve(n, i)
-                runs[n]["system"].pause()
+            for n in list(live):
+                try:
+                    runs[n]["system"].resume()
+                    serve(n, i)
+                    runs[n]["system"].pause()
+                except Exception as exc:
+                    fail(n, exc)
+                    live.remove(n)
         for n in live:
             runs[n]["system"].resume()
             finish(n)
     else:
         for n in order:
-            if start(n) is None:
-                continue
-            for i in range(len(prompts)):
-                serve(n, i)
-            finish(n)
+            try:
+                if start(n) is None:
+                    continue
+                for i in range(len(prompts)):
+                    serve(n, i)
+                finish(n)
+            except Exception as exc:
+                fail(n, exc)
     bar.close()
     if REFERENCE in runs and runs[REFERENCE]["system"] is not None:
         runs[REFERENCE]["system"].close()

@@ -176,6 +176,10 @@ class Engine:
             s[name] = fn()
         return s
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         if self._closed:
             return
@@ -268,11 +272,16 @@ class Engine:
         for seq, tree, r in zip(seqs, trees, rows):
             tree = tree or DraftTree()
             sl = slice(r.logit_start, r.logit_start + 1 + r.num_nodes)
-            if seq.params.greedy:
-                outcomes.append(verify_greedy(tree, argmax[sl]))
-            else:
-                probs = processed_probs(logits[sl], seq.params).cpu()
-                outcomes.append(verify_sampling(tree, probs, seq.generator))
+            try:
+                if seq.params.greedy:
+                    outcomes.append(verify_greedy(tree, argmax[sl]))
+                else:
+                    probs = processed_probs(logits[sl], seq.params).cpu()
+                    outcomes.append(verify_sampling(tree, probs, seq.generator))
+            except Exception as exc:                      # fail this request only
+                log.exception("verification failed for %s", seq.request_id)
+                self._finish(seq, "error", f"sampling failed: {exc}")
+                outcomes.append(([], 0))
         return outcomes
 
     def _commit(self, seqs, trees, result, rows, outcomes) -> None:
@@ -335,8 +344,14 @@ class Engine:
             self._emit(seq, text, finished=False)
 
     def _emit(self, seq: Sequence, text: str, finished: bool) -> None:
-        if not finished and text.endswith("\ufffd"):
-            return                                             # wait for the rest of a UTF-8 char
+        if not finished:
+            if text.endswith("\ufffd"):
+                return                                         # wait for the rest of a UTF-8 char
+            if seq.params.stop:                                # hold back a possible stop-string prefix
+                hold = max(len(s) for s in seq.params.stop) - 1
+                text = text[:max(len(seq.emitted_text), len(text) - hold)]
+                if len(text) == len(seq.emitted_text):
+                    return
         ids = seq.output_ids
         out = RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=list(ids), text=text,

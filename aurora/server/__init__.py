@@ -7,4 +7,4 @@ route; state.py holds admission control; serve.py runs it (CLI process or a thre
 from aurora.server.app import create_app
 from aurora.server.serve import ServerThread, serve
 
-__all__ = ["create_app", "serve", "ServerThread"]
+__all__ = ["ServerThread", "create_app", "serve"]

@@ -93,7 +93,7 @@ async def auth_middleware(request: web.Request, handler):
         if scheme.lower() != "bearer" or not given:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode(), key.encode()):
+        if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), key.encode()):
             raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
 

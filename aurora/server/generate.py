@@ -75,7 +75,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
                 if req.stream:
                     return await _stream(request, req, outputs, first, progress)
                 return await _complete(req, outputs, first, progress)
-            except (asyncio.CancelledError, ConnectionResetError):
+            except asyncio.CancelledError:           # client disconnect or shutdown
                 state.metrics.cancelled.inc()
                 raise
 
@@ -109,10 +109,13 @@ async def _stream(request: web.Request, req: oa.GenerationRequest, outputs, out:
                   progress: _Progress) -> web.StreamResponse:
     created = oa.now()
     resp = web.StreamResponse(headers=SSE_HEADERS)
-    await resp.prepare(request)
     try:
+        await resp.prepare(request)
         await _write_chunks(resp, req, outputs, out, progress, created)
-    except (asyncio.CancelledError, ConnectionResetError):
+    except ConnectionResetError:                    # the client left; closing `outputs` aborts the request
+        progress.metrics.cancelled.inc()
+        return resp
+    except asyncio.CancelledError:
         raise
     except Exception as exc:                        # headers are sent: report in-band, keep the server up
         log.exception("stream %s failed", req.request_id)

@@ -147,7 +147,7 @@ class ServerThread:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="aurora-server", daemon=True)
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         self._thread.start()
         if not self._ready.wait(timeout):
             raise TimeoutError("server did not start")
@@ -171,7 +171,7 @@ class ServerThread:
         try:
             self.app = create_app(self.engine, self.config)
             self._runner, self.url = loop.run_until_complete(start(self.app, self.config.host, self.config.port))
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 -- re-raised by start() in the caller's thread
             self._error = exc
             self._ready.set()
             loop.close()
@@ -183,7 +183,7 @@ class ServerThread:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
