@@ -27,7 +27,7 @@ def backend(device: torch.device) -> str:
 
 def _triton_available() -> bool:
     try:
-        from . import tree_attention  # noqa: F401
+        from . import tree_attention_triton  # noqa: F401
         return True
     except Exception:
         return False
@@ -35,7 +35,7 @@ def _triton_available() -> bool:
 
 def _load_triton():
     try:
-        from .tree_attention import paged_tree_attention_triton
+        from .tree_attention_triton import paged_tree_attention_triton
     except ImportError as e:
         raise RuntimeError(f"AURORA_ATTENTION=triton but the Triton kernel cannot be imported: {e}; "
                            "install triton or use AURORA_ATTENTION=reference") from e

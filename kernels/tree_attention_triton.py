@@ -5,11 +5,9 @@ program owns BLOCK_Q query tokens of one sequence times the GROUP query heads th
 one KV head (GQA), walks that sequence's block table in tiles of BLOCK_N keys and keeps a
 flash-attention online softmax in fp32. Cached keys are visible subject to the sliding
 window; the sequence's new keys (its last `n_new`) additionally pass through `tree_mask`.
-Runs on CUDA; on CPU tensors it runs under the Triton interpreter (TRITON_INTERPRET=1).
+Runs on CUDA, and on CPU under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -58,12 +56,12 @@ def _paged_tree_attn_kernel(
         else:
             hi = mid
     seq = lo - 1
-    q_lo = tl.load(QueryStart + seq)
-    q_hi = tl.load(QueryStart + seq + 1)
+    q_lo = tl.load(QueryStart + seq).to(tl.int32)
+    q_hi = tl.load(QueryStart + seq + 1).to(tl.int32)
     q0 = q_lo + (pid - (q_lo // BLOCK_Q + seq)) * BLOCK_Q
     if q0 >= q_hi:  # spare program
         return
-    seq_len = tl.load(SeqLens + seq)
+    seq_len = tl.load(SeqLens + seq).to(tl.int32)
     num_cached = seq_len - (q_hi - q_lo)
 
     # Rows are (query token, head within the KV group) pairs.
@@ -82,7 +80,7 @@ def _paged_tree_attn_kernel(
     if USE_WINDOW:
         min_pos = tl.min(tl.where(row_ok, q_pos, 2147483647), axis=0)
         kv_start = tl.maximum(min_pos - window + 1, 0)
-        kv_start = tl.minimum(kv_start, num_cached) // BLOCK_N * BLOCK_N
+        kv_start = (tl.minimum(kv_start, num_cached) // BLOCK_N * BLOCK_N).to(tl.int32)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles give p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -135,33 +133,22 @@ def _paged_tree_attn_kernel(
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+def _interpreted(fn) -> bool:
+    return not isinstance(fn, triton.runtime.JITFunction)
 
 
-_variants: dict = {}
-
-
-def _kernel_for(device: torch.device):
-    """The compiled kernel on CUDA; the interpreted one on CPU or whenever TRITON_INTERPRET=1.
-
-    Triton 3.x picks compiled vs interpreted when `@triton.jit` runs (at import); building the
-    other variant here makes the choice per call, independent of import order.
-    """
-    interpret = _interpret_requested()
-    if device.type != "cuda" and not interpret:
-        raise RuntimeError(f"paged_tree_attention_triton needs CUDA tensors (got {device.type}); "
-                           "set TRITON_INTERPRET=1 to run the Triton kernel on CPU")
-    kernel = _paged_tree_attn_kernel
-    if isinstance(kernel, triton.runtime.JITFunction) != interpret:
-        return kernel
-    if interpret not in _variants:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-            _variants[interpret] = InterpretedFunction(kernel.fn)
-        else:
-            _variants[interpret] = triton.runtime.JITFunction(kernel.fn)
-    return _variants[interpret]
+def _check_mode(device: torch.device) -> bool:
+    """True when running under the Triton interpreter. Triton fixes the mode when it is first
+    imported (its own `tl.zeros`, `tl.max`, ... are jitted then), so TRITON_INTERPRET=1 must be
+    set before the first `import triton` in the process; it cannot be switched per call."""
+    interpreted = _interpreted(tl.zeros)
+    if interpreted != _interpreted(_paged_tree_attn_kernel):
+        raise RuntimeError("TRITON_INTERPRET changed between importing triton and importing "
+                           "aurora.kernels.tree_attention_triton; set it before the first `import triton`")
+    if device.type != "cuda" and not interpreted:
+        raise RuntimeError(f"paged_tree_attention_triton needs CUDA tensors (got {device.type}); to run "
+                           "it on CPU set TRITON_INTERPRET=1 before triton is first imported")
+    return interpreted
 
 
 def paged_tree_attention_triton(
@@ -184,12 +171,12 @@ def paged_tree_attention_triton(
     num_seqs = seq_lens.shape[0]
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
     assert k_cache.shape[2] == head_dim and v_cache.shape == k_cache.shape
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV pool must share a dtype"
     assert k_cache.stride(2) == 1 and v_cache.stride(2) == 1
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    kernel = _kernel_for(q.device)
-    interpreted = not isinstance(kernel, triton.runtime.JITFunction)
+    interpreted = _check_mode(q.device)
     if q.stride(2) != 1:
         q = q.contiguous()
     if tree_mask.dtype == torch.bool:
@@ -206,7 +193,7 @@ def paged_tree_attention_triton(
     use_window = sliding_window is not None and sliding_window > 0
     use_softcap = softcap is not None and softcap > 0
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
-    kernel[grid](
+    _paged_tree_attn_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start, tree_mask, positions,
         num_seqs, float(scale), float(softcap) if use_softcap else 1.0,
         int(sliding_window) if use_window else 0,
