@@ -143,7 +143,12 @@ class Engine:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         results: dict[int, RequestOutput] = {}
         done = threading.Event()
-        encoded = [(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        if len(params_list) != len(prompts):
+            raise ValueError("params list must match prompts")
+        encoded = [(i, self.encode_prompt(p), sp) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        for _, _, sp in encoded:                      # validate everything before queueing anything
+            if sp is not None and not isinstance(sp, SamplingParams):
+                raise ValueError("params must be SamplingParams")
         lock = threading.Lock()
 
         def make_cb(i):
@@ -290,7 +295,7 @@ class Engine:
         for seq, tree, r, (path, bonus) in zip(seqs, trees, rows, outcomes):
             if seq.finished:
                 continue
-            decode = r.num_uncached == 1 and seq.num_cached > 0 or tree is not None
+            decode = seq.num_cached > 0                      # prefill/recompute steps are not decode steps
             base = seq.num_cached + r.num_uncached                # first slot after the root
             if path:
                 bs = cache.block_size

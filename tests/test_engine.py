@@ -1,0 +1,359 @@
+"""Engine behaviour on tiny random presets: determinism, limits, stop handling, streaming,
+cancellation, input validation, batch invariance, preemption under a tiny KV pool,
+requests joining mid-flight, and the stats surface."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from aurora import EngineConfig, SamplingParams, SpecConfig
+from aurora.models.loader import ModelNotFound
+
+PROMPTS = [
+    "hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "x",
+    "Once upon a time there was a tiny random language model",
+    "1, 2, 3, 4, 5, 6, 7,",
+    "¿Qué tal? Ça va — très bien!",
+    "aaaaaaaaaaaaaaaaaaaaaaaa",
+]
+
+
+def greedy(max_tokens: int = 32, **kw) -> SamplingParams:
+    """Greedy params that run to max_tokens (random tiny models may emit EOS anywhere)."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def wait_idle(engine, timeout: float = 10.0) -> dict:
+    """Poll until the engine has no work and every KV block is free; return stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = engine.stats()
+        if s["running"] == 0 and s["waiting"] == 0 and s["kv_blocks_free"] == s["kv_blocks_total"]:
+            return s
+        if time.monotonic() > deadline:
+            raise AssertionError(f"engine did not become idle: {s}")
+        time.sleep(0.01)
+
+
+def collect(agen_factory):
+    async def run():
+        return [out async for out in agen_factory()]
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def llama(engines):
+    return engines.get("tiny-llama")
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def test_greedy_is_deterministic(llama):
+    a = llama.generate_batch(PROMPTS[:3], greedy(24))
+    b = llama.generate_batch(PROMPTS[:3], greedy(24))
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.text for o in a] == [o.text for o in b]
+
+
+def test_same_seed_same_sample_and_seeds_matter(llama):
+    def run(seed):
+        return llama.generate_batch([PROMPTS[1]], SamplingParams(max_tokens=24, temperature=1.5, seed=seed,
+                                                                  ignore_eos=True))[0].token_ids
+    assert run(7) == run(7)
+    outs = {tuple(run(s)) for s in range(4)}
+    assert len(outs) > 1, "different seeds gave identical samples at temperature 1.5"
+
+
+def test_seeded_sample_does_not_depend_on_batch(llama):
+    sp = SamplingParams(max_tokens=20, temperature=1.2, top_p=0.95, seed=11, ignore_eos=True)
+    alone = llama.generate_batch([PROMPTS[4]], sp)[0].token_ids
+    others = [SamplingParams(max_tokens=20, temperature=1.2, seed=100 + i, ignore_eos=True) for i in range(5)]
+    batch = llama.generate_batch(PROMPTS[:5], others[:4] + [sp])
+    assert batch[4].token_ids == alone
+
+
+# ----------------------------------------------------------------------------- limits and stops
+
+@pytest.mark.parametrize("model,draft", [("tiny-llama", "none"), ("tiny-gemma2", "ngram")])
+@pytest.mark.parametrize("max_tokens", [1, 2, 7, 33])
+def test_max_tokens_respected(engines, model, draft, max_tokens):
+    eng = engines.get(model, draft)
+    outs = eng.generate_batch(PROMPTS[:3], greedy(max_tokens))
+    for o in outs:
+        assert len(o.token_ids) == max_tokens and o.finish_reason == "length" and o.finished
+        assert o.stats["num_tokens"] == max_tokens
+
+
+def test_max_model_len_caps_generation(fresh_engine):
+    eng = fresh_engine("tiny-gemma2", "ngram", max_model_len=40)
+    prompt = list(range(10, 40))                              # 30 tokens
+    out = eng.generate_batch([prompt], greedy(100))[0]
+    assert len(prompt) + len(out.token_ids) == 40 and out.finish_reason == "length"
+    with pytest.raises(ValueError):
+        eng.add_request(list(range(10, 50)), greedy(4))       # prompt alone reaches the limit
+
+
+def _stop_string(text: str) -> tuple[str, int]:
+    """A 2-character stop string first occurring at index >= 3 (avoiding replacement chars)."""
+    for i in range(3, len(text) - 1):
+        s = text[i:i + 2]
+        if "\ufffd" not in s and text.find(s) == i:
+            return s, i
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("model,draft", [("tiny-llama", "none"), ("tiny-qwen3", "ngram")])
+def test_stop_string_truncates_text(engines, model, draft):
+    eng = engines.get(model, draft)
+    full = eng.generate_batch([PROMPTS[1]], greedy(48))[0]
+    stop, i = _stop_string(full.text)
+    out = eng.generate_batch([PROMPTS[1]], greedy(48, stop=["\x00never\x00", stop]))[0]
+    assert out.text == full.text[:i]
+    assert out.finish_reason == "stop" and out.finished
+    assert full.token_ids[:len(out.token_ids)] == out.token_ids
+    assert len(out.token_ids) < len(full.token_ids)
+
+
+def test_stop_token_ids(llama):
+    full = llama.generate_batch([PROMPTS[0]], greedy(32))[0].token_ids
+    tok = full[5]
+    first = full.index(tok)
+    out = llama.generate_batch([PROMPTS[0]], greedy(32, stop_token_ids=(tok,)))[0]
+    assert out.token_ids == full[:first + 1] and out.finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(fresh_engine):
+    eng = fresh_engine("tiny-llama")
+    full = eng.generate_batch([PROMPTS[2]], greedy(30))[0].token_ids
+    fake_eos = full[6]                                   # make a token the model emits act as EOS
+    eng.tokenizer.eos_token_id = fake_eos
+    stop_at = full.index(fake_eos)
+    out = eng.generate_batch([PROMPTS[2]], SamplingParams(max_tokens=30, temperature=0))[0]
+    assert out.token_ids == full[:stop_at + 1] and out.finish_reason == "stop"
+    out = eng.generate_batch([PROMPTS[2]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == full and out.finish_reason == "length"
+
+
+# ----------------------------------------------------------------------------- streaming
+
+@pytest.mark.parametrize("model,draft", [("tiny-llama", "none"), ("tiny-gemma2", "ngram")])
+def test_streaming_matches_batch(engines, model, draft):
+    eng = engines.get(model, draft)
+    sp = greedy(40)
+    final = eng.generate_batch([PROMPTS[6]], sp)[0]
+    outs = collect(lambda: eng.generate(PROMPTS[6], sp))
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert outs[-1].text == final.text and outs[-1].token_ids == final.token_ids
+    assert "".join(o.delta_text for o in outs) == final.text
+    assert [t for o in outs for t in o.delta_token_ids] == final.token_ids
+    for a, b in zip(outs, outs[1:]):                     # cumulative and growing
+        assert b.text.startswith(a.text) and b.token_ids[:len(a.token_ids)] == a.token_ids
+    assert len(outs) >= 2
+
+
+@pytest.mark.parametrize("model,draft", [("tiny-llama", "none"), ("tiny-qwen3", "ngram")])
+@pytest.mark.parametrize("prompt", [PROMPTS[1], PROMPTS[4]])
+def test_streaming_with_stop_string_never_streams_the_stop(engines, model, draft, prompt):
+    """Text a stop string later truncates must not have been streamed: deltas add up."""
+    eng = engines.get(model, draft)
+    full = eng.generate_batch([prompt], greedy(48))[0]
+    stop, i = _stop_string(full.text)
+    outs = collect(lambda: eng.generate(prompt, greedy(48, stop=stop)))
+    assert outs[-1].text == full.text[:i]
+    for o in outs:
+        assert stop not in o.text and full.text[:i].startswith(o.text)
+    assert "".join(o.delta_text for o in outs) == outs[-1].text
+    assert outs[-1].finish_reason == "stop"
+
+
+def test_closing_the_stream_aborts_and_frees_kv(fresh_engine):
+    eng = fresh_engine("tiny-llama")
+
+    async def run():
+        agen = eng.generate(PROMPTS[0], greedy(1500))
+        got = [await agen.__anext__() for _ in range(3)]
+        await agen.aclose()
+        return got
+    got = asyncio.run(run())
+    assert not got[-1].finished
+    s = wait_idle(eng)
+    assert s["num_tokens"] < 1500 and s["num_finished"] == 1
+    assert eng.generate_batch([PROMPTS[3]], greedy(5))[0].finish_reason == "length"
+
+
+def test_cancelling_the_consumer_task_aborts_and_frees_kv(fresh_engine):
+    eng = fresh_engine("tiny-llama")
+    seen = []
+
+    async def consume():
+        async for out in eng.generate(PROMPTS[1], greedy(1500)):
+            seen.append(out)
+
+    async def run():
+        task = asyncio.create_task(consume())
+        while len(seen) < 3:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(run())
+    s = wait_idle(eng)
+    assert s["num_tokens"] < 1500
+
+
+def test_abort_by_request_id(fresh_engine):
+    eng = fresh_engine("tiny-llama")
+    finals = []
+    rid = eng.add_request(PROMPTS[0], greedy(1500), lambda o: o.finished and finals.append(o))
+    time.sleep(0.05)
+    eng.abort(rid)
+    wait_idle(eng)
+    assert len(finals) == 1 and finals[0].finish_reason == "abort" and len(finals[0].token_ids) < 1500
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD_PROMPTS = ["", [], [300], [-1], [1, 2, 10 ** 9], None, 12, [1.5, 2.0], [True, False], {"a": 1}]
+
+
+@pytest.mark.parametrize("prompt", BAD_PROMPTS, ids=repr)
+def test_bad_prompt_raises_and_engine_keeps_serving(llama, prompt):
+    with pytest.raises(ValueError):
+        llama.add_request(prompt, greedy(4))
+    with pytest.raises(ValueError):
+        collect(lambda: llama.generate(prompt, greedy(4)))
+    assert llama.generate_batch([PROMPTS[0]], greedy(4))[0].finish_reason == "length"
+
+
+def test_bad_params_raise_and_engine_keeps_serving(llama):
+    for kw in (dict(max_tokens=-1), dict(max_tokens=10 ** 9), dict(max_tokens=1.5), dict(temperature=-1),
+               dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)):
+        with pytest.raises(ValueError):
+            llama.add_request(PROMPTS[0], SamplingParams(**kw))
+    with pytest.raises(ValueError):
+        llama.add_request(PROMPTS[0], {"max_tokens": 4})
+    assert llama.generate_batch([PROMPTS[0]], greedy(3))[0].finish_reason == "length"
+
+
+def test_prompt_longer_than_context_raises(llama, fresh_engine):
+    with pytest.raises(ValueError):
+        llama.add_request([5] * 2048, greedy(4))              # tiny presets: 2048 positions
+    small = fresh_engine("tiny-llama", kv_tokens=256, block_size=16)
+    with pytest.raises(ValueError):
+        small.add_request([5] * 250, greedy(4))               # larger than the KV pool allows
+    assert small.generate_batch([[5] * 100], greedy(4))[0].finish_reason == "length"
+    assert llama.generate_batch([PROMPTS[0]], greedy(3))[0].finish_reason == "length"
+
+
+def test_unknown_model_and_draft_raise_value_error():
+    from aurora import Engine
+    with pytest.raises(ModelNotFound):
+        Engine(EngineConfig(model="no-such-model-anywhere", draft="none"))
+    assert issubclass(ModelNotFound, ValueError)
+    with pytest.raises(ValueError):
+        EngineConfig(model="tiny-llama", draft="bogus")
+    with pytest.raises(ValueError):
+        EngineConfig(model="tiny-llama", kv_tokens=4, block_size=16)
+
+
+def test_generate_batch_with_a_bad_prompt_submits_nothing(fresh_engine):
+    eng = fresh_engine("tiny-llama")
+    with pytest.raises(ValueError):
+        eng.generate_batch([PROMPTS[0], ""], greedy(200))
+    time.sleep(0.2)
+    assert eng.stats()["num_requests"] == 0
+
+
+# ----------------------------------------------------------------------------- batching
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3", "tiny-gemma2"])
+def test_batch_invariance(engines, model):
+    eng = engines.get(model)
+    sp = greedy(24)
+    batch = eng.generate_batch(PROMPTS, sp)
+    for prompt, out in zip(PROMPTS, batch):
+        assert eng.generate_batch([prompt], sp)[0].token_ids == out.token_ids, prompt
+
+
+@pytest.mark.parametrize("draft", ["none", "ngram"])
+def test_preemption_with_tiny_kv_pool(engines, fresh_engine, draft):
+    """16 blocks of 16 tokens for 8 requests of 60 tokens: the scheduler must preempt and
+    recompute, and every output must equal the request run alone."""
+    ref = engines.get("tiny-llama")
+    sp = greedy(60)
+    alone = [ref.generate_batch([p], sp)[0].token_ids for p in PROMPTS]
+    eng = fresh_engine("tiny-llama", draft, kv_tokens=256, block_size=16, max_batch=8)
+    outs = eng.generate_batch(PROMPTS, sp, timeout=120)
+    assert [o.token_ids for o in outs] == alone
+    assert all(o.finish_reason == "length" for o in outs)
+    s = wait_idle(eng)
+    assert s["num_preemptions"] > 0
+    assert s["num_preemptions"] == sum(o.stats["num_preemptions"] for o in outs)
+    assert s["num_finished"] == len(PROMPTS) and s["num_errors"] == 0
+
+
+def test_requests_joining_mid_flight(engines, staggered):
+    eng = engines.get("tiny-qwen3")
+    sp = [greedy(40)] * 3 + [greedy(12)] * 5
+    alone = [eng.generate_batch([p], s)[0].token_ids for p, s in zip(PROMPTS, sp)]
+    outs, events = staggered(eng, PROMPTS, sp, num_first=3)
+    assert [o.token_ids for o in outs] == alone
+    # at least one late request started before an early one finished: they really overlapped
+    first_late = min(events.index((i, "first")) for i in range(3, len(PROMPTS)))
+    assert any(events.index((i, "finish")) > first_late for i in range(3))
+
+
+def test_lone_request_outgrowing_the_pool_ends_with_length(fresh_engine):
+    eng = fresh_engine("tiny-llama", kv_tokens=128, block_size=16)
+    out = eng.generate_batch([[7] * 40], greedy(500), timeout=120)[0]
+    assert out.finish_reason == "length" and 0 < len(out.token_ids) < 128
+    wait_idle(eng)
+
+
+# ----------------------------------------------------------------------------- stats
+
+def test_request_stats_plain_decoding(fresh_engine):
+    eng = fresh_engine("tiny-llama")
+    outs = eng.generate_batch(PROMPTS[:4], greedy(17))
+    for o in outs:
+        st = o.stats
+        for key in ("num_tokens", "num_steps", "accepted_length", "draft_version"):
+            assert key in st
+        assert st["num_tokens"] == len(o.token_ids) == 17
+        assert st["accepted_length"] == 1.0 and st["draft_version"] == 0
+        assert st["num_prompt_tokens"] == len(o.prompt_token_ids)
+    assert [o.stats["num_steps"] for o in outs if len(o.prompt_token_ids) > 1] == [16] * 3
+    s = wait_idle(eng)
+    assert s["num_tokens"] == 4 * 17 and s["num_requests"] == s["num_finished"] == 4
+    assert s["accepted_length"] == 1.0 and s["tokens_per_s"] > 0
+
+
+def test_request_stats_single_token_prompt(llama):
+    out = llama.generate_batch(["x"], greedy(10))[0]
+    assert out.stats["num_steps"] == 9
+
+
+def test_stats_with_speculation(fresh_engine):
+    spec = SpecConfig(depth=4)
+    eng = fresh_engine("tiny-gemma2", "ngram", spec=spec)
+    outs = eng.generate_batch(PROMPTS[:4], greedy(40))
+    for o in outs:
+        st = o.stats
+        assert st["num_tokens"] == 40
+        assert st["accepted_length"] > 1.0
+        assert st["num_steps"] < 39                           # fewer target steps than tokens
+        assert st["accepted_length"] * st["num_steps"] >= 39 - 1e-9
+        assert isinstance(st["draft_version"], int)
+    s = wait_idle(eng)
+    for key in ("accepted_length", "acceptance_by_depth", "tokens_per_s", "draft_version"):
+        assert key in s
+    assert s["accepted_length"] > 1.0 and s["tokens_per_s"] > 0 and isinstance(s["draft_version"], int)
+    by_depth = s["acceptance_by_depth"]
+    assert by_depth and set(by_depth) <= set(range(1, spec.depth + 1))
+    assert all(0.0 <= v <= 1.0 for v in by_depth.values()) and by_depth[1] > 0
+    assert s["num_tokens"] == sum(len(o.token_ids) for o in outs)

@@ -1,0 +1,133 @@
+"""Processed distributions against hand computations (temperature -> top-k -> top-p), and
+SamplingParams validation: bad values fail with ValueError before reaching the engine."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from aurora.engine.sampling import make_generator, processed_probs, sample
+from aurora.types import MAX_TOKENS_LIMIT, SamplingParams
+
+LOGITS = [2.0, 1.0, 0.5, 0.0, -1.0]
+
+
+def _softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def _probs(params: SamplingParams, logits=LOGITS) -> list[float]:
+    return processed_probs(torch.tensor([logits]), params)[0].tolist()
+
+
+def test_temperature_only():
+    for t in (0.5, 1.0, 2.0):
+        got = _probs(SamplingParams(temperature=t))
+        want = _softmax([x / t for x in LOGITS])
+        assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_top_k_renormalises_over_k_largest():
+    got = _probs(SamplingParams(temperature=0.5, top_k=2))
+    e = [math.exp(2.0 / 0.5), math.exp(1.0 / 0.5)]
+    assert got == pytest.approx([e[0] / sum(e), e[1] / sum(e), 0, 0, 0], abs=1e-6)
+    # top_k >= vocab is off
+    assert _probs(SamplingParams(top_k=5)) == pytest.approx(_softmax(LOGITS), abs=1e-6)
+    assert _probs(SamplingParams(top_k=50)) == pytest.approx(_softmax(LOGITS), abs=1e-6)
+
+
+def test_top_p_keeps_smallest_prefix_reaching_mass():
+    p = _softmax(LOGITS)            # ~ .5630 .2071 .1256 .0762 .0280; cumulative .563 .770 .896 .972 1
+    # 0.7: first two reach .770 >= .7 -> keep 2
+    got = _probs(SamplingParams(top_p=0.7))
+    assert got == pytest.approx([p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1]), 0, 0, 0], abs=1e-6)
+    # 0.9: three reach only .896 < .9 -> keep 4
+    got = _probs(SamplingParams(top_p=0.9))
+    s = p[0] + p[1] + p[2] + p[3]
+    assert got == pytest.approx([p[0] / s, p[1] / s, p[2] / s, p[3] / s, 0], abs=1e-6)
+    # 0.5: the argmax alone reaches .563 -> keep 1
+    assert _probs(SamplingParams(top_p=0.5)) == pytest.approx([1, 0, 0, 0, 0], abs=0)
+
+
+def test_top_p_one_is_identity_and_tiny_top_p_keeps_argmax():
+    assert _probs(SamplingParams(top_p=1.0)) == pytest.approx(_softmax(LOGITS), abs=1e-7)
+    got = _probs(SamplingParams(top_p=1e-6), logits=[0.1, 0.3, 0.2, 0.0, 0.25])
+    assert got == pytest.approx([0, 1, 0, 0, 0], abs=0)
+
+
+def test_temperature_then_top_k_then_top_p():
+    """T=0.5 -> logits [4, 2, 1, 0, -2]; top-k 3 -> softmax over [4, 2, 1] = .8438 .1142 .0420;
+    top-p .95 on that renormalised distribution: .8438 + .1142 = .958 >= .95 keeps two. (Applied
+    to the tempered distribution before top-k, the top two hold only .941 and three would stay.)"""
+    params = SamplingParams(temperature=0.5, top_k=3, top_p=0.95)
+    e = [math.exp(4.0), math.exp(2.0)]
+    assert _probs(params) == pytest.approx([e[0] / sum(e), e[1] / sum(e), 0, 0, 0], abs=1e-6)
+    e3 = [math.exp(4.0), math.exp(2.0), math.exp(1.0)]
+    got = _probs(SamplingParams(temperature=0.5, top_k=3, top_p=0.96))   # .958 < .96: keep three
+    assert got == pytest.approx([v / sum(e3) for v in e3] + [0, 0], abs=1e-6)
+
+
+def test_rows_are_independent_and_normalised():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 50) * 3
+    params = SamplingParams(temperature=0.8, top_k=10, top_p=0.9)
+    probs = processed_probs(logits, params)
+    assert probs.dtype == torch.float32 and probs.shape == (7, 50)
+    assert torch.allclose(probs.sum(-1), torch.ones(7), atol=1e-5)
+    for i in range(7):
+        assert torch.equal(processed_probs(logits[i:i + 1], params)[0], probs[i])
+        assert int((probs[i] > 0).sum()) <= 10
+        assert int(probs[i].argmax()) == int(logits[i].argmax())
+
+
+def test_bfloat16_logits_are_processed_in_float32():
+    probs = processed_probs(torch.tensor([LOGITS], dtype=torch.bfloat16), SamplingParams())
+    assert probs.dtype == torch.float32
+    assert probs[0].tolist() == pytest.approx(_softmax(LOGITS), abs=1e-6)
+
+
+def test_sample_and_generator_are_seeded():
+    probs = torch.tensor(_softmax(LOGITS))
+    a = [sample(probs, make_generator(7)) for _ in range(3)]
+    g1, g2 = make_generator(123), make_generator(123)
+    assert [sample(probs, g1) for _ in range(20)] == [sample(probs, g2) for _ in range(20)]
+    assert len(set(a)) == 1
+    g = make_generator(None)
+    draws = {sample(probs, g) for _ in range(200)}
+    assert draws <= set(range(5)) and len(draws) >= 3
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("kw", [
+    dict(max_tokens=0), dict(max_tokens=-1), dict(max_tokens=MAX_TOKENS_LIMIT + 1), dict(max_tokens=10**12),
+    dict(max_tokens=2.5), dict(max_tokens="8"), dict(max_tokens=True), dict(max_tokens=None),
+    dict(temperature=-0.1), dict(temperature=float("nan")), dict(temperature=float("inf")),
+    dict(temperature="1"), dict(temperature=None),
+    dict(top_p=0), dict(top_p=0.0), dict(top_p=-0.5), dict(top_p=1.0001), dict(top_p=float("nan")),
+    dict(top_p="0.5"),
+    dict(top_k=-1), dict(top_k=1.5), dict(top_k=True),
+    dict(seed=1.5), dict(seed="3"),
+    dict(stop=""), dict(stop=["ok", ""]), dict(stop=[3]),
+])
+def test_bad_sampling_params_raise_value_error(kw):
+    with pytest.raises(ValueError):
+        SamplingParams(**kw)
+
+
+def test_greedy_means_zero_or_negligible_temperature():
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=0.0).greedy
+    assert SamplingParams(temperature=1e-9).greedy
+    assert not SamplingParams(temperature=0.01).greedy and not SamplingParams(temperature=1).greedy
+
+
+def test_good_sampling_params_normalise():
+    sp = SamplingParams(max_tokens=MAX_TOKENS_LIMIT, temperature=0, top_p=1, top_k=0, seed=0,
+                        stop="END", stop_token_ids=[5, 6])
+    assert sp.greedy and sp.stop == ("END",) and sp.stop_token_ids == (5, 6)
+    assert SamplingParams(stop=["a", "bc"]).stop == ("a", "bc")
+    assert SamplingParams().stop == () and not SamplingParams().greedy
+    assert SamplingParams(max_tokens=1, top_p=1e-9, top_k=1).max_tokens == 1
