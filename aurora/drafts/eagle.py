@@ -117,7 +117,7 @@ class EagleProposer(Proposer):
                     for t in draws.tolist():
                         lpv = float(torch.log(probs[fi, t]))
                         cands.append((cum + lpv, node, t, lpv, len(q_list) - 1))
-            if spec.shape == "dynamic":
+            if spec.shape == "dynamic" and greedy:      # under sampling, siblings must stay i.i.d. draws from q
                 cands.sort(key=lambda c: -c[0])
                 cands = cands[:width]
             room = budget - len(tree)
