@@ -13,7 +13,7 @@ import time
 
 from aurora.bench.systems import SYSTEMS
 
-QUICK = {"per_domain": 4, "max_tokens": 48, "systems": "hf,hf-lookup,none,ngram,online,eagle,online-ckpt"}
+QUICK = {"per_domain": 4, "max_tokens": 48}     # ~5 min for all systems on a 2-core CPU
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n\nSystems needing --checkpoint are skipped (with a note) without one.")
     p.add_argument("--model", default="smollm2-135m", help="model name, tiny preset or HF dir (default: smollm2-135m)")
     p.add_argument("--systems", default=None,
-                   help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all; --quick: "
-                        f"{QUICK['systems']})")
+                   help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)")
     p.add_argument("--domains", default="code,finance,chat", help="domain order of the shifting workload")
     p.add_argument("--per-domain", type=int, default=None, help="requests per domain (default: 20; --quick: 4)")
     p.add_argument("--requests", type=int, default=None, help="total requests (overrides --per-domain)")
@@ -41,10 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookup-tokens", type=int, default=10, help="transformers prompt_lookup_num_tokens")
     p.add_argument("--max-prompt-chars", type=int, default=None,
                    help="longest prompt text (default: 2000; tiny presets: 300)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of every system's serving thread (default on CPU: CPUs minus the "
+                        "online trainer's threads, the same for all systems; 0 = torch default)")
     p.add_argument("--interleave", action="store_true",
                    help="serve request i on every system before request i+1 (fairer on a noisy "
                         "machine; trainers pause while other systems run)")
-    p.add_argument("--quick", action="store_true", help="12 requests x 48 tokens, a few minutes on CPU")
+    p.add_argument("--quick", action="store_true", help="4 requests per domain x 48 tokens (~5 min on a 2-core CPU)")
     p.add_argument("--out", default="bench_out", help="output directory (default: bench_out/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args):
     from aurora.bench.run import DEFAULT_SYSTEMS, BenchConfig
-    systems = args.systems or (QUICK["systems"] if args.quick else ",".join(DEFAULT_SYSTEMS))
+    systems = args.systems or ",".join(DEFAULT_SYSTEMS)
     per_domain = args.per_domain or (QUICK["per_domain"] if args.quick else 20)
     max_tokens = args.max_tokens or (QUICK["max_tokens"] if args.quick else 64)
     return BenchConfig(
@@ -61,7 +63,7 @@ def config_from_args(args):
         requests=args.requests, max_tokens=max_tokens, warmup=args.warmup, temperature=args.temperature,
         seed=args.seed, dtype=args.dtype, device=args.device, checkpoint=args.checkpoint,
         lookup_tokens=args.lookup_tokens, max_prompt_chars=args.max_prompt_chars,
-        interleave=args.interleave, save_draft=args.save_draft)
+        threads=args.threads, interleave=args.interleave, save_draft=args.save_draft)
 
 
 def main(argv: list[str] | None = None) -> int:

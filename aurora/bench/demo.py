@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_REQUESTS = 60
-DEFAULT_MAX_TOKENS = 64
+DEFAULT_REQUESTS = 45
+DEFAULT_MAX_TOKENS = 48
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests re-served without a draft for the speedup (0 = skip; default 6)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="serving torch threads (default on CPU: CPUs minus the trainer's threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-draft", default=None, help="save the learned draft here at the end")
     p.add_argument("--out", default="demo_out", help="where demo.json and demo_tau.png go (default: demo_out/)")
@@ -51,13 +53,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aurora demo: error: {exc}", file=sys.stderr)
         return 2
     from aurora.bench import report
-    from aurora.bench.run import _quiet_transformers, default_max_chars, encode, stop_ids, warmup_prompts
-    from aurora.bench.systems import BuildOptions, Unavailable, build_system, load_tokenizer
+    from aurora.bench.run import (
+        default_max_chars,
+        encode,
+        quiet_transformers,
+        resolve_threads,
+        stop_ids,
+        warmup_prompts,
+    )
+    from aurora.bench.systems import (
+        BuildOptions,
+        Unavailable,
+        build_system,
+        load_tokenizer,
+    )
     from aurora.types import SamplingParams
     from aurora.workloads import domain_shift, segments, switch_indices
 
     t_start = time.perf_counter()
-    _quiet_transformers()
+    quiet_transformers()
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     prompts = domain_shift(domains, math.ceil(n / len(domains)), seed=args.seed,
                            max_chars=default_max_chars(args.model))[:n]
@@ -66,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     warm_ids = [encode(tokenizer, p) for p in warmup_prompts(1, args.seed)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0,
                             stop_token_ids=stop_ids(tokenizer, args.model))
-    opts = BuildOptions(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    threads = resolve_threads(args.threads, args.device)
+    opts = BuildOptions(model=args.model, dtype=args.dtype, device=args.device, threads=threads, seed=args.seed)
 
     print(f"aurora demo: {args.model}, draft eagle+ngram learning online from scratch; {n} requests "
           f"({' -> '.join(domains)}), {args.max_tokens} tokens each, greedy, batch 1", flush=True)
@@ -126,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                           title=f"Aurora flywheel on {args.model}: τ per request", window=5, phases=phases)
     wall = time.perf_counter() - t_start
     (out_dir / "demo.json").write_text(json.dumps(
-        {"model": args.model, "hardware": report.hardware_line(), "max_tokens": args.max_tokens,
+        {"model": args.model, "hardware": report.hardware_line(threads), "max_tokens": args.max_tokens,
          "requests": rows, "phases": [list(p) for p in phases], "baseline_tokens_per_s": base,
          "speedup": speedup, "stats": extra, "wall_s": wall}, indent=2, default=str) + "\n")
     print(f"plot: {png.resolve()}\ndone in {wall:.0f} s")

@@ -36,7 +36,8 @@ def mean(values: Sequence[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def hardware_line() -> str:
+def hardware_line(threads: int = 0) -> str:
+    """CPU model and count, torch version and serving threads, GPU if any, OS and Python."""
     import torch
     cpu = platform.processor() or platform.machine()
     try:
@@ -45,7 +46,7 @@ def hardware_line() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    parts = [f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"]
+    parts = [f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads or torch.get_num_threads()} threads)"]
     if torch.cuda.is_available():
         parts.append(f"GPU {torch.cuda.get_device_name(0)}")
     parts.append(f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
@@ -96,7 +97,7 @@ def fmt_exact(entry: dict) -> str:
     return f"{'yes' if entry['exact'] else 'NO'} ({ok}/{n})"
 
 
-TABLE_HEADERS = ("system", "tok/s", "speedup", "τ", "accept by depth", "exact", "wall s")
+TABLE_HEADERS = ("system", "tok/s", "speedup", "τ", "accept by depth", "exact", "serve s", "wall s")
 
 
 def summary_rows(results: dict) -> list[list]:
@@ -105,7 +106,8 @@ def summary_rows(results: dict) -> list[list]:
         speedup = s.get("speedup")
         rows.append([f"{name}: {s['label']}", s.get("tokens_per_s"),
                      f"{speedup:.2f}×" if speedup is not None else None, s.get("tau"),
-                     fmt_depths(s.get("acceptance_by_depth")), fmt_exact(s), s.get("wall_s")])
+                     fmt_depths(s.get("acceptance_by_depth")), fmt_exact(s), s.get("serve_s"),
+                     s.get("wall_s")])
     return rows
 
 
@@ -113,25 +115,26 @@ def markdown_report(results: dict) -> str:
     meta = results["meta"]
     lines = [f"# Aurora bench — {meta['model']}", "",
              f"Hardware: {meta['hardware']}", "",
-             f"{meta['num_requests']} requests ({', '.join(meta['domains'])}; switches at "
+             (f"{meta['num_requests']} requests ({', '.join(meta['domains'])}; switches at "
              f"{meta['switches'] or 'none'}), max {meta['max_tokens']} tokens, "
              f"{'greedy' if meta['temperature'] == 0 else 'temperature ' + str(meta['temperature'])}, "
              f"dtype {meta['dtype']}, batch 1, served one at a time, {meta['warmup']} warm-up request(s) "
              f"per system not counted. Ratios from one run: every system ran in this process on the "
              f"same weights and prompts{' (interleaved request by request)' if meta.get('interleave') else ''}; "
              f"tok/s is the median over requests of output tokens / request wall time (prefill "
-             f"included), speedup is that median over the `{results.get('reference') or '–'}` one.", "",
+             f"included), speedup is that median over the `{results.get('reference') or '–'}` one."), "",
              format_table(TABLE_HEADERS, summary_rows(results)), ""]
     if results.get("skipped"):
         lines += ["Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in results["skipped"].items()), ""]
     lines += [
-        "τ: mean accepted length, tokens emitted per target forward after prefill (transformers: "
+        ("τ: mean accepted length, tokens emitted per target forward after prefill (transformers: "
         "generated tokens after the first / target forwards after prefill, counted by a forward hook). "
-        "Accept by depth: fraction of drafts reaching position d−1 whose token d was accepted.", "",
-        "Exact: each greedy output compared token for token with transformers target-only greedy "
+        "Accept by depth: fraction of drafts reaching position d−1 whose token d was accepted. "
+        "Serve s: the measured requests; wall s adds loading and warm-up."), "",
+        ("Exact: each greedy output compared token for token with transformers target-only greedy "
         "(same stop tokens). Where one side stops earlier (EOS, or max tokens), only the common prefix "
         "is compared; outputs count as exact when that prefix matches. fp32 is needed for this: in "
-        "bf16 the paged attention and sdpa round differently and near-ties flip argmax.", ""]
+        "bf16 the paged attention and sdpa round differently and near-ties flip argmax."), ""]
     notes = meta.get("notes") or []
     if notes:
         lines += [*(f"* {n}" for n in notes), ""]
@@ -173,7 +176,9 @@ def plot_tau(series: dict[str, dict], switches: Sequence[int], path: str | Path,
             line, = ax_tau.plot(idx, rolling_mean(tau, window), label=label, lw=1.8)
             ax_tau.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, alpha=0.25, color=line.get_color())
         tps = s.get("tokens_per_s") or []
-        ax_tps.plot(idx, rolling_mean(tps, window), label=label, lw=1.5)
+        sparse = len(idx) < 2 or idx[-1] - idx[0] + 1 > len(idx)    # a sample: markers, no smoothing
+        ax_tps.plot(idx, tps if sparse else rolling_mean(tps, window), label=label, lw=1.5,
+                    marker="o" if sparse else None)
     for ax in (ax_tau, ax_tps):
         for x in switches:
             ax.axvline(x - 0.5, color="grey", ls="--", lw=1)
@@ -184,7 +189,8 @@ def plot_tau(series: dict[str, dict], switches: Sequence[int], path: str | Path,
     ax_tau.set_ylabel(f"τ (accepted length, rolling mean {window})")
     ax_tps.set_ylabel(f"tokens/s (rolling mean {window})")
     ax_tps.set_xlabel("request index")
-    ax_tau.legend(fontsize=8, loc="lower right")
+    ax_tau.legend(fontsize=8, loc="best")
+    ax_tps.legend(fontsize=8, loc="best")
     if title:
         ax_tau.set_title(title)
     fig.tight_layout()

@@ -11,18 +11,26 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
 from aurora.bench import report
-from aurora.bench.systems import SYSTEMS, BuildOptions, Output, System, Unavailable, build_system, load_tokenizer
+from aurora.bench.systems import (
+    SYSTEMS,
+    BuildOptions,
+    Output,
+    System,
+    Unavailable,
+    build_system,
+    load_tokenizer,
+)
 from aurora.types import SamplingParams
 
 log = logging.getLogger("aurora.bench")
 
 REFERENCE = "hf"
 DEFAULT_SYSTEMS = ("hf", "hf-lookup", "none", "ngram", "eagle", "online", "online-ckpt")
-QUICK_SYSTEMS = ("hf", "hf-lookup", "none", "ngram", "eagle", "online", "online-ckpt")
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class BenchConfig:
     lookup_tokens: int = 10
     max_prompt_chars: int | None = None  # default: 2000 real models, 300 tiny presets
     kv_tokens: int = 8192
+    threads: int | None = None           # torch threads of every system; None = auto_threads()
     interleave: bool = False
     save_draft: str | None = None        # save the `online` system's draft here at the end
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -56,6 +65,20 @@ class BenchConfig:
             raise ValueError("per_domain and max_tokens must be >= 1, warmup >= 0")
         if self.requests is not None and self.requests < 1:
             raise ValueError("requests must be >= 1")
+
+
+def resolve_threads(threads: int | None, device: str = "auto") -> int:
+    """Serving threads per system. Auto on CPU: the CPUs left after the online trainer's
+    own threads, the same for every system so the comparison is fair. Oversubscribing
+    (2 serving + 1 trainer threads on 2 cores) stalls OpenMP barriers and can cost
+    several times the throughput. 0 = torch default (GPU)."""
+    if threads is not None:
+        return threads
+    from aurora.config import TrainerConfig
+    from aurora.models.loader import resolve_device
+    if resolve_device(device).type != "cpu":
+        return 0
+    return max(1, (os.cpu_count() or 1) - TrainerConfig().threads)
 
 
 # ---------------------------------------------------------------- prompts
@@ -128,118 +151,138 @@ def exactness(ref: list[Output], outs: list[Output]) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-def run_bench(cfg: BenchConfig, progress: bool = True, on_system=None) -> dict:
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     """Run every selected system over the same prompts; return the results dict."""
-    from tqdm import tqdm
     t_start = time.perf_counter()
-    _quiet_transformers()
-    opts = BuildOptions(model=cfg.model, dtype=cfg.dtype, device=cfg.device, checkpoint=cfg.checkpoint,
-                        lookup_tokens=cfg.lookup_tokens, kv_tokens=cfg.kv_tokens, seed=cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    prompts = load_prompts(cfg)
-    prompt_ids = [encode(tokenizer, p) for p in prompts]
-    warm_ids = [encode(tokenizer, p) for p in warmup_prompts(cfg.warmup, cfg.seed)]
-    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                            seed=cfg.seed if cfg.temperature > 0 else None,
-                            stop_token_ids=stop_ids(tokenizer, cfg.model))
-    order = list(cfg.systems)
-    if REFERENCE in order:                        # the reference runs first (memory: it stays loaded)
-        order.remove(REFERENCE)
-        order.insert(0, REFERENCE)
-    skipped: dict[str, str] = {}
-    runs: dict[str, dict] = {}
-    bar = tqdm(total=len(order) * len(prompts), disable=not progress, unit="req", dynamic_ncols=True)
+    load_before = _load_avg()
+    quiet_transformers()
+    bench = _Bench(cfg, progress)
+    bench.run_interleaved() if cfg.interleave else bench.run_sequential()
+    bench.bar.close()
+    results = assemble(cfg, bench.prompts, bench.prompt_ids, bench.runs, bench.skipped, bench.params)
+    results["meta"]["wall_s"] = time.perf_counter() - t_start
+    load = max(load_before, _load_avg())
+    results["meta"]["load_avg"] = load
+    if load > (os.cpu_count() or 1):
+        results["meta"]["notes"].append(
+            f"the machine was busy (1-minute load average up to {load:.1f} on {os.cpu_count()} CPUs): absolute "
+            f"tokens/s are unreliable and per-request times noisy; ratios are less affected")
+    return results
 
-    def start(name) -> System | None:
-        bar.set_description(f"{name}: loading")
-        t0 = time.perf_counter()
-        try:
-            system = build_system(name, opts)
-        except Unavailable as exc:
-            skipped[name] = str(exc)
-            bar.total -= len(prompts)
-            bar.refresh()
-            return None
-        runs[name] = {"system": system, "outputs": [], "wall_s": 0.0}
-        bar.set_description(f"{name}: warm-up")
-        for ids in warm_ids:
-            system.generate(ids, params)
-        system.mark()
-        runs[name]["wall_s"] += time.perf_counter() - t0
-        return system
 
-    def serve(name, i):
-        run = runs[name]
-        out = run["system"].generate(prompt_ids[i], params)
-        run["outputs"].append(out)
-        run["wall_s"] += out.seconds
-        bar.set_description(name)
-        bar.set_postfix_str(f"τ {report.fmt(out.tau)} {len(out.token_ids) / out.seconds:.1f} tok/s")
-        bar.update(1)
+def _load_avg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
-    def finish(name):
-        run = runs[name]
-        system = run["system"]
-        run["extra"] = system.extra()
-        if name == "online" and cfg.save_draft and hasattr(system, "save_draft"):
-            run["extra"]["saved_draft"] = system.save_draft(cfg.save_draft)
-        if name != REFERENCE:
-            system.close()
-            run["system"] = None
-            gc.collect()
-        if on_system is not None:
-            on_system(name, run)
 
-    def fail(name, exc):
-        log.exception("bench: system %s failed", name)
-        skipped[name] = f"failed: {type(exc).__name__}: {exc}"
-        run = runs.pop(name, None) or {"outputs": [], "system": None}
-        bar.total -= len(prompts) - len(run["outputs"])
-        if run["system"] is not None:
-            run["system"].close()
-        bar.refresh()
+class _Bench:
+    """Per-system bookkeeping of one run: start (load + warm-up), serve, finish, fail."""
 
-    if cfg.interleave:
-        live = []
-        for n in order:
+    def __init__(self, cfg: BenchConfig, progress: bool):
+        from tqdm import tqdm
+        self.cfg = cfg
+        self.opts = BuildOptions(model=cfg.model, dtype=cfg.dtype, device=cfg.device, checkpoint=cfg.checkpoint,
+                                 lookup_tokens=cfg.lookup_tokens, kv_tokens=cfg.kv_tokens,
+                                 threads=resolve_threads(cfg.threads, cfg.device), seed=cfg.seed)
+        tokenizer = load_tokenizer(cfg.model)
+        self.prompts = load_prompts(cfg)
+        self.prompt_ids = [encode(tokenizer, p) for p in self.prompts]
+        self.warm_ids = [encode(tokenizer, p) for p in warmup_prompts(cfg.warmup, cfg.seed)]
+        self.params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                     seed=cfg.seed if cfg.temperature > 0 else None,
+                                     stop_token_ids=stop_ids(tokenizer, cfg.model))
+        order = sorted(cfg.systems, key=lambda n: n != REFERENCE)      # the reference first
+        self.skipped = {n: "needs --checkpoint DIR (a saved draft)" for n in order
+                        if SYSTEMS[n].needs_checkpoint and not cfg.checkpoint}
+        self.order = [n for n in order if n not in self.skipped]
+        self.runs: dict[str, dict] = {}
+        self.bar = tqdm(total=len(self.order) * len(self.prompts), disable=not progress, unit="req",
+                        dynamic_ncols=True)
+
+    def run_sequential(self) -> None:
+        for n in self.order:
             try:
-                if start(n) is not None:
-                    runs[n]["system"].pause()
+                if self.start(n):
+                    for i in range(len(self.prompts)):
+                        self.serve(n, i)
+                    self.finish(n)
+            except Exception as exc:  # noqa: BLE001 -- one failing system must not lose the others
+                self.fail(n, exc)
+
+    def run_interleaved(self) -> None:
+        """Request i on every system before request i+1; trainers of idle systems paused."""
+        live = []
+        for n in self.order:
+            try:
+                if self.start(n):
+                    self.runs[n]["system"].pause()
                     live.append(n)
-            except Exception as exc:
-                fail(n, exc)
-        for i in range(len(prompts)):
+            except Exception as exc:  # noqa: BLE001 -- one failing system must not lose the others
+                self.fail(n, exc)
+        for i in range(len(self.prompts)):
             for n in list(live):
                 try:
-                    runs[n]["system"].resume()
-                    serve(n, i)
-                    runs[n]["system"].pause()
-                except Exception as exc:
-                    fail(n, exc)
+                    self.runs[n]["system"].resume()
+                    self.serve(n, i)
+                    self.runs[n]["system"].pause()
+                except Exception as exc:  # noqa: BLE001 -- as above
+                    self.fail(n, exc)
                     live.remove(n)
         for n in live:
-            runs[n]["system"].resume()
-            finish(n)
-    else:
-        for n in order:
-            try:
-                if start(n) is None:
-                    continue
-                for i in range(len(prompts)):
-                    serve(n, i)
-                finish(n)
-            except Exception as exc:
-                fail(n, exc)
-    bar.close()
-    if REFERENCE in runs and runs[REFERENCE]["system"] is not None:
-        runs[REFERENCE]["system"].close()
-    results = assemble(cfg, prompts, prompt_ids, runs, skipped, params)
-    results["meta"]["wall_s"] = time.perf_counter() - t_start
-    return results
+            self.runs[n]["system"].resume()
+            self.finish(n)
+
+    def start(self, name: str) -> bool:
+        self.bar.set_description(f"{name}: loading")
+        t0 = time.perf_counter()
+        try:
+            system = build_system(name, self.opts)
+        except Unavailable as exc:
+            self.skipped[name] = str(exc)
+            self.bar.total -= len(self.prompts)
+            self.bar.refresh()
+            return False
+        self.runs[name] = {"system": system, "outputs": [], "wall_s": 0.0, "load_s": time.perf_counter() - t0}
+        self.bar.set_description(f"{name}: warm-up")
+        for ids in self.warm_ids:
+            system.generate(ids, self.params)
+        system.mark()
+        self.runs[name]["wall_s"] += time.perf_counter() - t0
+        return True
+
+    def serve(self, name: str, i: int) -> None:
+        run = self.runs[name]
+        out = run["system"].generate(self.prompt_ids[i], self.params)
+        run["outputs"].append(out)
+        run["wall_s"] += out.seconds
+        self.bar.set_description(name)
+        self.bar.set_postfix_str(f"τ {report.fmt(out.tau)} {len(out.token_ids) / out.seconds:.1f} tok/s")
+        self.bar.update(1)
+
+    def finish(self, name: str) -> None:
+        run = self.runs[name]
+        system: System = run.pop("system")
+        run["extra"] = system.extra()
+        if name == "online" and self.cfg.save_draft:
+            run["extra"]["saved_draft"] = system.save_draft(self.cfg.save_draft)
+        system.close()
+        gc.collect()
+
+    def fail(self, name: str, exc: Exception) -> None:
+        log.exception("bench: system %s failed", name)
+        self.skipped[name] = f"failed: {type(exc).__name__}: {exc}"
+        run = self.runs.pop(name, None) or {"outputs": []}
+        self.bar.total -= len(self.prompts) - len(run["outputs"])
+        self.bar.refresh()
+        if run.get("system") is not None:
+            run["system"].close()
 
 
 def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
     from aurora.workloads import switch_indices
+    threads = resolve_threads(cfg.threads, cfg.device)
     ref_name = REFERENCE if REFERENCE in runs else ("none" if "none" in runs else None)
     ref_tps = None
     systems = {}
@@ -255,6 +298,8 @@ def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
             "tau": decode_tokens / steps if steps else None,
             "acceptance_by_depth": run.get("extra", {}).get("acceptance_by_depth") or None,
             "wall_s": run["wall_s"],
+            "serve_s": sum(o.seconds for o in outs),
+            "load_s": run.get("load_s"),
             "num_tokens": sum(len(o.token_ids) for o in outs),
             **{k: v for k, v in run.get("extra", {}).items() if k not in ("acceptance_by_depth",)},
             "requests": [{"index": i, "domain": prompts[i].domain, "source": prompts[i].source,
@@ -276,7 +321,8 @@ def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
     if params.greedy and REFERENCE not in runs:
         notes.append("exactness not checked: the transformers target-only system (`hf`) was not run")
     return {
-        "meta": {"model": cfg.model, "dtype": cfg.dtype, "device": cfg.device, "hardware": report.hardware_line(),
+        "meta": {"model": cfg.model, "dtype": _resolved_dtype(cfg), "device": cfg.device,
+                 "threads": threads, "hardware": report.hardware_line(threads),
                  "num_requests": len(prompts), "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
                  "warmup": cfg.warmup, "domains": list(cfg.domains), "switches": switch_indices(prompts),
                  "interleave": cfg.interleave, "stop_token_ids": list(params.stop_token_ids),
@@ -285,6 +331,11 @@ def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
         "systems": systems,
         "skipped": skipped,
     }
+
+
+def _resolved_dtype(cfg: BenchConfig) -> str:
+    from aurora.models.loader import resolve_device, resolve_dtype
+    return str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
 
 
 def write_outputs(results: dict, out_dir) -> dict[str, str]:
@@ -314,10 +365,10 @@ def _phases(results) -> list[tuple[int, int, str]]:
     return out
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except Exception:                                  # cosmetic only
+    except ImportError:                                # cosmetic only
         pass

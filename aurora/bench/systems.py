@@ -53,6 +53,7 @@ class BuildOptions:
     checkpoint: str | None = None
     lookup_tokens: int = 10          # HF prompt_lookup_num_tokens
     kv_tokens: int = 8192
+    threads: int = 0                 # torch threads for serving (0 = torch default)
     seed: int = 0
 
 
@@ -133,6 +134,7 @@ class HFSystem(System):
         self.device = resolve_device(opts.device)
         self.model = load_hf_model(opts.model, resolve_dtype(opts.dtype, self.device), self.device)
         self.lookup_tokens = opts.lookup_tokens if spec.lookup else 0
+        self.threads = opts.threads
         self.num_forwards = 0
         self.model.register_forward_hook(self._count)
         self.pad_id = self.model.config.pad_token_id
@@ -144,8 +146,8 @@ class HFSystem(System):
 
     def generate(self, prompt_ids, params):
         x = torch.tensor([prompt_ids], device=self.device)
-        kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=params.max_tokens,
-                  pad_token_id=self.pad_id, eos_token_id=list(params.stop_token_ids) or None)
+        kw = {"attention_mask": torch.ones_like(x), "max_new_tokens": params.max_tokens,
+              "pad_token_id": self.pad_id, "eos_token_id": list(params.stop_token_ids) or None}
         if params.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -155,6 +157,8 @@ class HFSystem(System):
                 torch.manual_seed(params.seed)
         if self.lookup_tokens:
             kw["prompt_lookup_num_tokens"] = self.lookup_tokens
+        if self.threads:
+            torch.set_num_threads(self.threads)              # per calling thread, like the engine's worker
         start_forwards = self.num_forwards
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -271,7 +275,7 @@ def build_system(name: str, opts: BuildOptions) -> System:
     from aurora.config import EngineConfig
     config = EngineConfig(model=opts.model, draft=spec.draft.format(ckpt=opts.checkpoint),
                           online=spec.online, dtype=opts.dtype, device=opts.device,
-                          kv_tokens=opts.kv_tokens, max_batch=1, seed=opts.seed)
+                          kv_tokens=opts.kv_tokens, max_batch=1, threads=opts.threads, seed=opts.seed)
     try:
         return AuroraSystem(name, config, spec.label)
     except ImportError as exc:                     # flywheel module not there yet

@@ -1,0 +1,123 @@
+"""Benchmark and demo: report helpers, exactness bookkeeping, and an end-to-end run of
+`aurora bench` (and `aurora demo`) on tiny-llama, seconds on CPU."""
+import json
+
+import pytest
+
+from aurora.bench import report
+from aurora.bench.cli import build_parser, config_from_args
+from aurora.bench.run import BenchConfig, compare, exactness
+from aurora.bench.systems import Output
+
+# ---------------------------------------------------------------- report helpers
+
+
+def test_rolling_mean_trailing_window():
+    assert report.rolling_mean([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    assert report.rolling_mean([1, 2, 3], 10) == [1, 1.5, 2]
+    assert report.rolling_mean([], 3) == []
+
+
+def test_rolling_mean_skips_none():
+    assert report.rolling_mean([None, 2, None, 4], 2) == [None, 2, 2, 4]
+    with pytest.raises(ValueError):
+        report.rolling_mean([1], 0)
+
+
+def test_median_and_mean_ignore_none():
+    assert report.median([3, None, 1, 2]) == 2
+    assert report.mean([None, 1, 3]) == 2
+    assert report.median([None]) is None and report.mean([]) is None
+
+
+def test_format_table_aligns_columns():
+    table = report.format_table(("system", "tok/s", "exact"), [["hf", 12.345, True], ["ngram", None, False]])
+    lines = table.splitlines()
+    assert lines[0].startswith("| system") and lines[0].endswith("|")
+    assert lines[1].startswith("|:") and lines[1].endswith(":|")
+    assert "12.35" in lines[2] and "yes" in lines[2]
+    assert "–" in lines[3] and "no" in lines[3]
+    assert len({len(line) for line in lines}) == 1              # every row padded to one width
+
+
+def test_format_table_rejects_ragged_rows():
+    with pytest.raises(ValueError):
+        report.format_table(("a", "b"), [[1]])
+
+
+def test_fmt_depths_and_exact():
+    assert report.fmt_depths({1: 0.75, "2": 0.5, 7: 0.1}) == "0.75/0.50"
+    assert report.fmt_depths(None) == "–"
+    assert report.fmt_exact({"exact": True, "num_compared": 3, "num_exact": 3}) == "yes (3/3)"
+    assert report.fmt_exact({"exact": None}) == "–"
+
+
+def test_compare_uses_common_prefix():
+    assert compare([1, 2, 3], [1, 2, 3]) == (True, None, False)
+    assert compare([1, 2, 3], [1, 2]) == (True, None, True)       # one side stopped earlier
+    assert compare([1, 2, 3], [1, 5, 3]) == (False, 1, False)
+    ref = [Output([1, 2], 1.0, 1.0), Output([3, 4], 1.0, 1.0)]
+    got = exactness(ref, [Output([1, 2], 0.5, 2.0), Output([3, 9], 0.5, 2.0)])
+    assert not got["exact"] and got["num_exact"] == 1
+    assert got["mismatches"] == [{"request": 1, "first_diff_token": 1}]
+
+
+def test_quick_and_system_options():
+    cfg = config_from_args(build_parser().parse_args(["--quick", "--systems", "hf,none"]))
+    assert cfg.systems == ("hf", "none") and cfg.max_tokens == 48 and cfg.per_domain == 4
+    with pytest.raises(ValueError):
+        config_from_args(build_parser().parse_args(["--systems", "hf,bogus"]))
+    with pytest.raises(ValueError):
+        BenchConfig(systems=())
+
+
+def test_phase_summary_early_vs_late():
+    from aurora.bench.demo import phase_summary
+    rows = [{"tau": t, "tokens_per_s": 10.0 * t, "draft_version": v}
+            for t, v in [(1.0, 0), (2.0, 1), (3.0, 1), (1.0, 2), (1.0, 2)]]
+    table = phase_summary(rows, [(0, 3, "code"), (3, 5, "chat")])
+    assert table[0][:4] == ["code #0-2", 3, 1.0, 2.5]
+    assert table[0][-1] == "v0→v1"
+    assert table[1][2:4] == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------- end to end on tiny-llama
+
+
+def test_bench_end_to_end_tiny(tmp_path):
+    from aurora.bench.cli import main
+    out = tmp_path / "bench"
+    rc = main(["--model", "tiny-llama", "--systems", "hf,hf-lookup,none,ngram,online", "--requests", "3",
+               "--max-tokens", "8", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    systems = results["systems"]
+    for name in ("hf", "hf-lookup", "none", "ngram"):
+        assert name in systems
+        assert len(systems[name]["requests"]) == 3
+        assert systems[name]["tokens_per_s"] > 0
+    if "online" not in systems:                                      # skipped gracefully if unavailable,
+        assert not results["skipped"]["online"].startswith("failed")  # but never because it crashed
+    assert systems["hf"]["speedup"] == pytest.approx(1.0)
+    for name in ("hf-lookup", "none", "ngram", *(["online"] if "online" in systems else [])):
+        assert systems[name]["exact"] is True, (name, systems[name].get("mismatches"))
+    assert systems["none"]["tau"] == pytest.approx(1.0)
+    req = systems["none"]["requests"][0]
+    assert {"index", "domain", "tau", "tokens", "seconds", "draft_version"} <= set(req)
+    md = (out / "results.md").read_text()
+    assert "| system" in md and "ratios from one run" in md.lower() and "Hardware:" in md
+    assert (out / "tau.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_tiny(tmp_path, capsys):
+    from aurora.bench.demo import main
+    rc = main(["--model", "tiny-llama", "--requests", "3", "--max-tokens", "8", "--baseline", "2",
+               "--domains", "code,chat", "--out", str(tmp_path)])
+    text = capsys.readouterr()
+    if rc == 1 and "unavailable" in text.err:
+        pytest.skip("online draft unavailable: " + text.err.strip())
+    assert rc == 0
+    assert "#0" in text.out and "#2" in text.out and "τ early" in text.out
+    assert (tmp_path / "demo_tau.png").exists()
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert len(data["requests"]) == 3 and data["speedup"] is not None
