@@ -15,7 +15,7 @@ from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
 
 TINY_MODELS = ("tiny-llama", "tiny-qwen3", "tiny-gemma2")
 REAL_MODEL = "smollm2-135m"
-DEFAULTS = dict(dtype="float32", online=False)
+DEFAULTS = {"dtype": "float32", "online": False}
 
 
 class EnginePool:
@@ -73,6 +73,7 @@ def real_engine(engines):
 def hf_real_model():
     """A separately loaded transformers copy of smollm2-135m (fp32, sdpa): the reference."""
     from transformers import AutoModelForCausalLM
+
     from aurora.models.loader import _cached_gguf
     model = AutoModelForCausalLM.from_pretrained(_cached_gguf(REAL_MODEL), dtype=torch.float32,
                                                  attn_implementation="sdpa")

@@ -4,6 +4,7 @@ requests joining mid-flight, and the stats surface."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -151,7 +152,7 @@ def test_streaming_matches_batch(engines, model, draft):
     assert outs[-1].text == final.text and outs[-1].token_ids == final.token_ids
     assert "".join(o.delta_text for o in outs) == final.text
     assert [t for o in outs for t in o.delta_token_ids] == final.token_ids
-    for a, b in zip(outs, outs[1:]):                     # cumulative and growing
+    for a, b in itertools.pairwise(outs):            # cumulative and growing
         assert b.text.startswith(a.text) and b.token_ids[:len(a.token_ids)] == a.token_ids
     assert len(outs) >= 2
 
@@ -231,8 +232,8 @@ def test_bad_prompt_raises_and_engine_keeps_serving(llama, prompt):
 
 
 def test_bad_params_raise_and_engine_keeps_serving(llama):
-    for kw in (dict(max_tokens=-1), dict(max_tokens=10 ** 9), dict(max_tokens=1.5), dict(temperature=-1),
-               dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)):
+    for kw in ({"max_tokens": -1}, {"max_tokens": 10 ** 9}, {"max_tokens": 1.5}, {"temperature": -1},
+               {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}):
         with pytest.raises(ValueError):
             llama.add_request(PROMPTS[0], SamplingParams(**kw))
     with pytest.raises(ValueError):
@@ -357,3 +358,100 @@ def test_stats_with_speculation(fresh_engine):
     assert by_depth and set(by_depth) <= set(range(1, spec.depth + 1))
     assert all(0.0 <= v <= 1.0 for v in by_depth.values()) and by_depth[1] > 0
     assert s["num_tokens"] == sum(len(o.token_ids) for o in outs)
+
+
+# ----------------------------------------------------------------------------- more properties
+
+@pytest.mark.parametrize("draft", ["none", "ngram"])
+def test_top_k_one_and_tiny_temperature_are_greedy(engines, draft):
+    eng = engines.get("tiny-qwen3", draft)
+    want = [o.token_ids for o in eng.generate_batch(PROMPTS, greedy(30))]
+    top1 = eng.generate_batch(PROMPTS, [SamplingParams(max_tokens=30, temperature=1.3, top_k=1, seed=i,
+                                                       ignore_eos=True) for i in range(len(PROMPTS))])
+    cold = eng.generate_batch(PROMPTS, SamplingParams(max_tokens=30, temperature=1e-7, ignore_eos=True))
+    assert [o.token_ids for o in top1] == want
+    assert [o.token_ids for o in cold] == want
+
+
+def test_speculative_sampling_same_seed_same_output(engines):
+    eng = engines.get("tiny-gemma2", "ngram")
+    sp = [SamplingParams(max_tokens=30, temperature=2.0, top_p=0.9, seed=i, ignore_eos=True) for i in range(4)]
+    a = eng.generate_batch(PROMPTS[:4], sp)
+    b = eng.generate_batch(PROMPTS[:4], sp)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert len({tuple(o.token_ids) for o in a}) > 1
+
+
+def test_seeded_sampling_survives_preemption(engines, fresh_engine):
+    """Without a draft every token costs one draw, so recomputation after preemption must not
+    change a seeded request's sample."""
+    sp = [SamplingParams(max_tokens=60, temperature=1.0, seed=i, ignore_eos=True) for i in range(len(PROMPTS))]
+    ref = engines.get("tiny-llama")
+    alone = [ref.generate_batch([p], s)[0].token_ids for p, s in zip(PROMPTS, sp)]
+    eng = fresh_engine("tiny-llama", kv_tokens=256, block_size=16, max_batch=8)
+    outs = eng.generate_batch(PROMPTS, sp, timeout=120)
+    assert [o.token_ids for o in outs] == alone
+    assert wait_idle(eng)["num_preemptions"] > 0
+
+
+def test_prompt_at_the_pool_limit_completes(fresh_engine):
+    eng = fresh_engine("tiny-llama", kv_tokens=256, block_size=16)
+    limit = 256 - eng.policy.budget - 16
+    with pytest.raises(ValueError):
+        eng.add_request([7] * (limit + 1), greedy(4))
+    out = eng.generate_batch([[7] * limit], greedy(100), timeout=120)[0]
+    # every token but the last needs a KV slot: at most 256 cached + 1 pending
+    assert out.finish_reason == "length" and 0 < len(out.token_ids) <= 256 - limit + 1
+    wait_idle(eng)
+
+
+def test_close_aborts_running_requests(fresh_engine):
+    eng = fresh_engine("tiny-llama")
+    finals = []
+    eng.add_request(PROMPTS[0], greedy(1500), lambda o: o.finished and finals.append(o))
+    while eng.stats()["num_tokens"] < 3:
+        time.sleep(0.005)
+    eng.close()
+    assert len(finals) == 1 and finals[0].finish_reason == "abort"
+    with pytest.raises(RuntimeError):
+        eng.add_request(PROMPTS[0], greedy(4))
+
+
+def test_failing_callback_aborts_only_its_request(fresh_engine):
+    eng = fresh_engine("tiny-llama")
+
+    def bad(out):
+        raise RuntimeError("client went away")
+    eng.add_request(PROMPTS[0], greedy(500), bad)
+    outs = eng.generate_batch(PROMPTS[1:4], greedy(20))
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 20 for o in outs)
+    s = wait_idle(eng)
+    assert s["num_finished"] == 4 and s["num_tokens"] < 500
+
+
+def test_concurrent_submitters(llama):
+    import threading
+    sp = greedy(16)
+    want = [o.token_ids for o in llama.generate_batch(PROMPTS, sp)]
+    got: dict[int, list[int]] = {}
+
+    def worker(idx):
+        for i in idx:
+            got[i] = llama.generate_batch([PROMPTS[i]], sp)[0].token_ids
+    threads = [threading.Thread(target=worker, args=(range(k, len(PROMPTS), 4),)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got[i] for i in range(len(PROMPTS))] == want
+
+
+def test_chat_uses_the_template(llama):
+    messages = [{"role": "user", "content": "hi"}]
+    ids = llama.chat_prompt(messages)
+    assert ids == llama.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    out = llama.chat(messages, greedy(8))
+    assert out.prompt_token_ids == ids and len(out.token_ids) == 8
+    for bad in ([], [{"role": "user"}], "hi", [{"role": 1, "content": "x"}]):
+        with pytest.raises(ValueError):
+            llama.chat_prompt(bad)

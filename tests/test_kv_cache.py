@@ -12,7 +12,6 @@ from aurora.engine.scheduler import Scheduler
 from aurora.engine.sequence import Sequence, Status
 from aurora.types import SamplingParams
 
-
 # ----------------------------------------------------------------------------- allocator
 
 def test_allocate_distinct_blocks_until_exhausted():

@@ -103,15 +103,15 @@ def test_sample_and_generator_are_seeded():
 # ----------------------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("kw", [
-    dict(max_tokens=0), dict(max_tokens=-1), dict(max_tokens=MAX_TOKENS_LIMIT + 1), dict(max_tokens=10**12),
-    dict(max_tokens=2.5), dict(max_tokens="8"), dict(max_tokens=True), dict(max_tokens=None),
-    dict(temperature=-0.1), dict(temperature=float("nan")), dict(temperature=float("inf")),
-    dict(temperature="1"), dict(temperature=None),
-    dict(top_p=0), dict(top_p=0.0), dict(top_p=-0.5), dict(top_p=1.0001), dict(top_p=float("nan")),
-    dict(top_p="0.5"),
-    dict(top_k=-1), dict(top_k=1.5), dict(top_k=True),
-    dict(seed=1.5), dict(seed="3"),
-    dict(stop=""), dict(stop=["ok", ""]), dict(stop=[3]),
+    {"max_tokens": 0}, {"max_tokens": -1}, {"max_tokens": MAX_TOKENS_LIMIT + 1}, {"max_tokens": 10**12},
+    {"max_tokens": 2.5}, {"max_tokens": "8"}, {"max_tokens": True}, {"max_tokens": None},
+    {"temperature": -0.1}, {"temperature": float("nan")}, {"temperature": float("inf")},
+    {"temperature": "1"}, {"temperature": None},
+    {"top_p": 0}, {"top_p": 0.0}, {"top_p": -0.5}, {"top_p": 1.0001}, {"top_p": float("nan")},
+    {"top_p": "0.5"},
+    {"top_k": -1}, {"top_k": 1.5}, {"top_k": True},
+    {"seed": 1.5}, {"seed": "3"},
+    {"stop": ""}, {"stop": ["ok", ""]}, {"stop": [3]},
 ])
 def test_bad_sampling_params_raise_value_error(kw):
     with pytest.raises(ValueError):

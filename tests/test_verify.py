@@ -148,7 +148,7 @@ def run_trials(template, p_probs, q_sample, q_accept, pm_token, trials, seed, ve
         path, bonus = verify(tree, target_rows[i], g)
         emitted = [tok_list[i][node] for node in path] + [bonus]
         num_accepted += len(path)
-        for a, b in zip(path, path[1:]):                      # the accepted nodes form a path
+        for a, b in itertools.pairwise(path):             # the accepted nodes form a path
             assert parents[b] == a
         assert not path or parents[path[0]] == -1
         first[i] = emitted[0]
@@ -296,8 +296,8 @@ def test_buggy_verifier_without_residual_is_detected():
 
     p_logits = _target_logits(31)
     p, q = _dists(p_logits), _dists(_bad_draft(p_logits, 32))
-    first, second, _ = run_trials(CHAIN3, p, q, q, p.argmax(-1), 4000, seed=33, verify=no_residual)
-    p0, joint = target_first_two(p)
+    first, _second, _ = run_trials(CHAIN3, p, q, q, p.argmax(-1), 4000, seed=33, verify=no_residual)
+    p0, _joint = target_first_two(p)
     assert chi2_pvalue(first, p0) < 1e-6
 
 
