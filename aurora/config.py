@@ -53,6 +53,7 @@ class TrainerConfig:
     rollback_drop: float = 0.25        # roll back if live tau falls this fraction below pre-swap
     buffer_bytes: int = 256 << 20
     threads: int = 1                   # CPU: torch threads of the trainer worker
+    duty: float = 0.5                  # CPU: max fraction of wall time the trainer computes (GIL share)
     window: int = 64                   # context positions packed before each tree
     draft_vocab: int = 8192            # 0 = full target vocabulary
     seed: int = 0
@@ -64,6 +65,8 @@ class TrainerConfig:
             raise ValueError("TrainerConfig.unroll must be >= 1")
         if min(self.w_imitation, self.w_discard, self.w_accept_len) < 0:
             raise ValueError("TrainerConfig loss weights must be >= 0")
+        if not 0 < self.duty <= 1:
+            raise ValueError("TrainerConfig.duty must be in (0, 1]")
         if self.buffer_bytes < 1 << 16:
             raise ValueError("TrainerConfig.buffer_bytes must be at least 64 KiB")
 

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .reference import paged_tree_attention_ref, tree_attention_dense_ref
+from .reference import paged_tree_attention_ref, plan_paged, tree_attention_dense_ref
 
 
 def backend(device: torch.device) -> str:
@@ -50,14 +50,24 @@ def train_backend(device: torch.device) -> str:
 
 
 def paged_tree_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, tree_mask,
-                         positions, block_size, scale, sliding_window=None, softcap=None):
-    """See `reference.paged_tree_attention_ref` for shapes and semantics."""
-    if backend(q.device) == "triton":
+                         positions, block_size, scale, sliding_window=None, softcap=None,
+                         step_cache: dict | None = None, impl: str | None = None):
+    """See `reference.paged_tree_attention_ref` for shapes and semantics. `step_cache`: a dict
+    living for one model step (same metadata in every layer); the reference keeps its
+    layer-independent index/mask plan there. `impl` skips the backend lookup."""
+    if (impl or backend(q.device)) == "triton":
         paged_tree_attention_triton = _load_triton()
         return paged_tree_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start,
                                            tree_mask, positions, block_size, scale, sliding_window, softcap)
+    plan = None
+    if step_cache is not None:
+        key = ("plan", sliding_window)
+        plan = step_cache.get(key)
+        if plan is None:
+            plan = step_cache[key] = plan_paged(block_tables, seq_lens, query_start, tree_mask, positions,
+                                                block_size, q.shape[0], sliding_window)
     return paged_tree_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, tree_mask,
-                                    positions, block_size, scale, sliding_window, softcap)
+                                    positions, block_size, scale, sliding_window, softcap, plan)
 
 
 def tree_attention(q, k, v, mask, scale):

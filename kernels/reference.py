@@ -9,40 +9,25 @@ from __future__ import annotations
 import torch
 
 
-def paged_tree_attention_ref(
-    q: torch.Tensor,             # [num_tokens, num_heads, head_dim] new tokens, packed by sequence
-    k_cache: torch.Tensor,       # [num_slots, num_kv_heads, head_dim] (flat pool, new K already written)
-    v_cache: torch.Tensor,       # [num_slots, num_kv_heads, head_dim]
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int, block ids of each sequence
-    seq_lens: torch.Tensor,      # [num_seqs] int, cached + new keys of each sequence
-    query_start: torch.Tensor,   # [num_seqs + 1] int, offsets of each sequence's queries in q
-    tree_mask: torch.Tensor,     # [num_tokens, max_new] bool, query i may see new key j of its sequence
-    positions: torch.Tensor,     # [num_tokens] int, position ids of the new tokens
-    block_size: int,
-    scale: float,
-    sliding_window: int | None = None,  # key visible iff q_pos - k_pos < window
-    softcap: float | None = None,       # scores = softcap * tanh(scores / softcap)
-) -> torch.Tensor:               # [num_tokens, num_heads, head_dim]
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
+def plan_paged(block_tables, seq_lens, query_start, tree_mask, positions, block_size: int,
+               num_tokens: int, sliding_window: int | None = None) -> dict:
+    """Index and mask tensors of one step; independent of the layer, so a runner may build
+    them once per step and reuse them in every layer (pass as `plan=`)."""
+    device = seq_lens.device
     num_seqs = seq_lens.shape[0]
-    device = q.device
     n_new = query_start[1:] - query_start[:-1]                       # [B]
     max_new = int(n_new.max())
     max_len = int(seq_lens.max())
     num_blk = (max_len + block_size - 1) // block_size
 
-    # Gather every sequence's keys through its block table: [B, max_len, Hkv, D].
+    # Every sequence's keys through its block table: slots [B, max_len].
     offs = torch.arange(block_size, device=device)
     slots = (block_tables[:, :num_blk, None].long() * block_size + offs).reshape(num_seqs, -1)[:, :max_len]
-    k = k_cache[slots]
-    v = v_cache[slots]
 
     # Pad queries per sequence: [B, max_new].
     rows = torch.arange(max_new, device=device)
     q_valid = rows[None, :] < n_new[:, None]
     q_idx = (query_start[:-1, None] + rows[None, :]).clamp(max=num_tokens - 1)
-    qp = q[q_idx]                                                     # [B, max_new, H, D]
 
     # Visibility: cached keys always (causal: they precede every new token), new keys per tree_mask.
     key_slot = torch.arange(max_len, device=device)
@@ -61,21 +46,54 @@ def paged_tree_attention_ref(
         mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
     mask &= q_valid[:, :, None]
     mask[:, :, 0] |= ~q_valid                                         # padded rows: avoid all -inf
+    full = bool(mask.all())                                           # e.g. one sequence decoding
+    return {"slots": slots, "q_idx": q_idx, "q_valid": q_valid, "mask": None if full else mask,
+            "all_valid": bool(q_valid.all())}
+
+
+def paged_tree_attention_ref(
+    q: torch.Tensor,             # [num_tokens, num_heads, head_dim] new tokens, packed by sequence
+    k_cache: torch.Tensor,       # [num_slots, num_kv_heads, head_dim] (flat pool, new K already written)
+    v_cache: torch.Tensor,       # [num_slots, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int, block ids of each sequence
+    seq_lens: torch.Tensor,      # [num_seqs] int, cached + new keys of each sequence
+    query_start: torch.Tensor,   # [num_seqs + 1] int, offsets of each sequence's queries in q
+    tree_mask: torch.Tensor,     # [num_tokens, max_new] bool, query i may see new key j of its sequence
+    positions: torch.Tensor,     # [num_tokens] int, position ids of the new tokens
+    block_size: int,
+    scale: float,
+    sliding_window: int | None = None,  # key visible iff q_pos - k_pos < window
+    softcap: float | None = None,       # scores = softcap * tanh(scores / softcap)
+    plan: dict | None = None,           # from plan_paged (same metadata and window); built if None
+) -> torch.Tensor:               # [num_tokens, num_heads, head_dim]
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    if plan is None:
+        plan = plan_paged(block_tables, seq_lens, query_start, tree_mask, positions, block_size,
+                          num_tokens, sliding_window)
+    k = k_cache[plan["slots"]]                                        # [B, max_len, Hkv, D]
+    v = v_cache[plan["slots"]]
+    qp = q[plan["q_idx"]]                                             # [B, max_new, H, D]
+    mask = plan["mask"]
 
     group = num_heads // num_kv_heads
     qh = qp.permute(0, 2, 1, 3)                                       # [B, H, max_new, D]
-    kh = k.permute(0, 2, 1, 3).repeat_interleave(group, dim=1)        # [B, H, max_len, D]
-    vh = v.permute(0, 2, 1, 3).repeat_interleave(group, dim=1)
+    kh = k.permute(0, 2, 1, 3)                                        # [B, Hkv, max_len, D]
+    vh = v.permute(0, 2, 1, 3)
     if softcap is None or softcap <= 0:
         out = torch.nn.functional.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask[:, None], scale=scale)
+            qh, kh, vh, attn_mask=None if mask is None else mask[:, None], scale=scale, enable_gqa=group > 1)
     else:
+        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
         scores = (qh.float() @ kh.float().transpose(-1, -2)) * scale
         scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
         out = (scores.softmax(-1) @ vh.float()).to(q.dtype)
     out = out.permute(0, 2, 1, 3)                                     # [B, max_new, H, D]
-    return out[q_valid]                                               # [num_tokens, H, D]
+    if plan["all_valid"] and out.shape[0] == 1:
+        return out[0]
+    return out[plan["q_valid"]]                                       # [num_tokens, H, D]
 
 
 def tree_attention_dense_ref(

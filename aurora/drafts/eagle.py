@@ -78,24 +78,48 @@ class EagleProposer(Proposer):
         head = self.head
         return [self._propose_one(head, seq, ctx.spec, ctx.vocab_size) for seq in seqs]
 
+    def _context(self, head: EagleHead, seq, feats, P: int):
+        """Draft K/V of the context rows (positions < P), cached per sequence: only rows for
+        positions cached since the last step are computed. Reset on a weight swap."""
+        st = seq.draft_state.get("eagle")
+        first = P - len(feats)                           # first position with a feature
+        if st is None or st["version"] != self.version or st["head"] is not head \
+                or not first <= st["end"] <= P or st["end"] == first:
+            start = max(first, P - SERVE_WINDOW)
+            K = V = None
+        else:
+            start, K, V = st["end"], st["k"], st["v"]
+        if start < P:
+            new = P - start
+            rows = feats[len(feats) - new:]
+            tokens = torch.tensor(seq.token_ids[start + 1:P + 1], device=feats.device)
+            past = 0 if K is None else K.shape[0]
+            mask = torch.ones(new, past + new, dtype=torch.bool, device=feats.device)
+            mask[:, past:] = mask[:, past:].tril()
+            pos = torch.arange(start, P, device=feats.device)
+            h, K, V = head.rows_step(self.runner.embed_tokens(tokens), head.fc(rows.to(head.fc.weight.dtype)),
+                                     pos, K, V, mask)
+            K, V = K[-SERVE_WINDOW:], V[-SERVE_WINDOW:]
+            h_last = h[-1]
+        else:
+            h_last = st["h"]
+        seq.draft_state["eagle"] = {"version": self.version, "head": head, "end": P, "k": K, "v": V, "h": h_last}
+        return K, V, h_last
+
     def _propose_one(self, head: EagleHead, seq, spec, vocab_size: int) -> DraftTree:
         tree = DraftTree(draft_version=self.version)
         feats = seq.features
         P = seq.num_cached
         if feats is None or len(feats) == 0 or len(seq.token_ids) != P + 1:
             return tree
-        feats = feats[-SERVE_WINDOW:]
-        w = len(feats)
+        K, V, h_last = self._context(head, seq, feats, P)
+        w = K.shape[0]
         dev = feats.device
-        tokens = torch.tensor(seq.token_ids[P - w + 1:P + 1], device=dev)
         embed = self.runner.embed_tokens
-        pos = torch.arange(P - w, P, device=dev)
-        mask = torch.ones(w, w, dtype=torch.bool, device=dev).tril_()
-        h, K, V = head.rows_step(embed(tokens), head.fc(feats.to(head.fc.weight.dtype)), pos, None, None, mask)
         greedy = seq.params.greedy
         width = 1 if spec.shape == "chain" else spec.width
         budget = spec.depth if spec.shape == "chain" else spec.max_nodes
-        frontier = [(-1, h[-1], 0.0)]                    # (node, hidden, cumulative logprob)
+        frontier = [(-1, h_last, 0.0)]                    # (node, hidden, cumulative logprob)
         rows_of: dict[int, int] = {}                     # node -> row in K/V
         q_list = []
         for depth in range(1, spec.depth + 1):

@@ -7,6 +7,7 @@ The engine knows nothing about HTTP; the flywheel attaches through step hooks.
 from __future__ import annotations
 
 import asyncio
+import os
 import itertools
 import logging
 import threading
@@ -39,8 +40,6 @@ class Engine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if config.threads:
-            torch.set_num_threads(config.threads)
         model, self.tokenizer = load_model(config.model, self.dtype, self.device)
         self.runner = TargetRunner(model, config.num_blocks, config.block_size)
         self.max_model_len = config.max_model_len or self.runner.max_model_len
@@ -203,9 +202,20 @@ class Engine:
         self.close()
 
     # ---------------------------------------------------------------- worker loop
-    def _run(self) -> None:
+    def serve_threads(self) -> int:
+        """Torch threads of the engine worker (thread-local). CPU default: every core but the
+        trainer's, so serving and training never oversubscribe the machine."""
         if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+            return self.config.threads
+        if self.device.type != "cpu":
+            return torch.get_num_threads()
+        n = os.cpu_count() or 1
+        if self.flywheel is not None:
+            n -= self.config.trainer.threads
+        return max(1, n)
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.serve_threads())
         while not self._closed:
             self._drain_inbox()
             if not self.scheduler.has_work:

@@ -63,6 +63,7 @@ class Scheduler:
         self.release(seq)
         seq.num_cached = 0
         seq.features = None
+        seq.draft_state.clear()
         seq.num_preemptions += 1
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)

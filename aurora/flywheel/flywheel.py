@@ -95,8 +95,12 @@ class Flywheel:
             ctx = torch.cuda.stream(self.stream) if self.stream is not None else _Null()
             with ctx:
                 while not self._closed:
+                    t0 = time.perf_counter()
                     if self.paused or not self._work():
                         time.sleep(0.05)
+                    elif self.stream is None and self.config.duty < 1:
+                        # Python parts of training hold the GIL; leave serving its share.
+                        time.sleep((time.perf_counter() - t0) * (1 / self.config.duty - 1))
         except Exception as exc:                    # serving continues with the last good draft
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("flywheel trainer crashed; training stopped, serving continues")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from aurora.engine.kv_cache import KVCache
-from aurora.kernels import paged_tree_attention
+from aurora.kernels import backend, paged_tree_attention
 
 ATTN_NAME = "aurora_paged"
 _local = threading.local()
@@ -52,7 +52,8 @@ def _aurora_attention(module, query, key, value, attention_mask, scaling=None, d
     out = paged_tree_attention(
         query[0].transpose(0, 1), k_pool, v_pool, batch.block_tables, batch.seq_lens,
         batch.query_start, batch.tree_mask, batch.positions, ctx["cache"].block_size,
-        scaling if scaling is not None else query.shape[-1] ** -0.5, sliding_window, softcap)
+        scaling if scaling is not None else query.shape[-1] ** -0.5, sliding_window, softcap,
+        step_cache=ctx, impl=ctx["impl"])
     return out.unsqueeze(0), None                                  # [1, T, H, D]
 
 
@@ -104,7 +105,7 @@ class TargetRunner:
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> StepResult:
-        _local.ctx = {"batch": batch, "cache": self.cache}
+        _local.ctx = {"batch": batch, "cache": self.cache, "impl": backend(self.device)}
         try:
             out = self.model.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                                    use_cache=False, output_hidden_states=True)
