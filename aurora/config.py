@@ -80,7 +80,7 @@ class EngineConfig:
     model: str = "smollm2-135m"
     draft: str = "eagle+ngram"
     online: bool = True
-    dtype: str = "auto"                # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"                # auto: bfloat16 on CUDA / CPUs with native bf16, else float32
     device: str = "auto"
     max_batch: int = 16
     kv_tokens: int = 16384             # KV pool capacity in tokens (all sequences)

@@ -30,6 +30,7 @@ class SystemSpec:
     online: bool = False
     lookup: bool = False         # HF: assisted generation with prompt lookup
     needs_checkpoint: bool = False
+    discard: bool = True         # online: learn from rejected proposals too (discard sampling)
 
 
 SYSTEMS: dict[str, SystemSpec] = {
@@ -39,7 +40,10 @@ SYSTEMS: dict[str, SystemSpec] = {
     "ngram": SystemSpec("Aurora, n-gram draft", "aurora", "ngram"),
     "eagle": SystemSpec("Aurora, EAGLE static (checkpoint, frozen)", "aurora", "eagle:{ckpt}",
                         needs_checkpoint=True),
+    "eagle-init": SystemSpec("Aurora, EAGLE random init, frozen (day 0)", "aurora", "eagle"),
     "online": SystemSpec("Aurora, eagle+ngram online from scratch", "aurora", "eagle+ngram", online=True),
+    "online-imitation": SystemSpec("Aurora, eagle+ngram online, imitation only (no discard sampling)",
+                                   "aurora", "eagle+ngram", online=True, discard=False),
     "online-ckpt": SystemSpec("Aurora, eagle+ngram online from checkpoint", "aurora", "eagle:{ckpt}+ngram",
                               online=True, needs_checkpoint=True),
 }
@@ -272,8 +276,9 @@ def build_system(name: str, opts: BuildOptions) -> System:
         raise Unavailable("needs --checkpoint DIR (a saved draft)")
     if spec.kind == "hf":
         return HFSystem(name, spec, opts)
-    from aurora.config import EngineConfig
-    config = EngineConfig(model=opts.model, draft=spec.draft.format(ckpt=opts.checkpoint),
+    from aurora.config import EngineConfig, TrainerConfig
+    trainer = TrainerConfig() if spec.discard else TrainerConfig(w_discard=0.0)
+    config = EngineConfig(trainer=trainer, model=opts.model, draft=spec.draft.format(ckpt=opts.checkpoint),
                           online=spec.online, dtype=opts.dtype, device=opts.device,
                           kv_tokens=opts.kv_tokens, max_batch=1, threads=opts.threads, seed=opts.seed)
     try:

@@ -27,6 +27,9 @@ class Proposer:
     def on_step(self, seqs, batch, result, rows) -> None:
         """Called after every target forward (drafts that keep per-sequence state use it)."""
 
+    def observe(self, trees, outcomes) -> None:
+        """Called with each step's trees and (accepted path, bonus) outcomes."""
+
     def release(self, seq: Sequence) -> None:
         """Forget per-sequence state (finished or preempted)."""
 

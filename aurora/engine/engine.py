@@ -171,6 +171,9 @@ class Engine:
         s = self._stats.snapshot()
         s["draft"] = self.config.draft
         s["draft_version"] = self.proposer.version
+        if hasattr(self.proposer, "gain"):             # composed draft: learned branch gate
+            s["learned_gain"] = self.proposer.gain
+            s["learned_gate_open"] = self.proposer.gate_open
         s["running"] = len(self.scheduler.running)
         s["waiting"] = len(self.scheduler.waiting)
         alloc = self.runner.cache.allocator
@@ -260,6 +263,7 @@ class Engine:
         t2 = time.perf_counter()
         view = StepView(seqs, trees, batch, result, rows, outcomes, self.proposer.version)
         self.proposer.on_step(seqs, batch, result, rows)
+        self.proposer.observe(trees, outcomes)
         for fn in self.step_hooks:
             fn(view)
         self._commit(seqs, trees, result, rows, outcomes)

@@ -71,8 +71,10 @@ class DraftTree:
             parent = tree.add(t, parent)
         return tree
 
-    def merge(self, other: "DraftTree", dedupe: bool, max_nodes: int) -> None:
-        """Graft `other`'s nodes into this tree (shared prefixes merged when `dedupe`)."""
+    def merge(self, other: "DraftTree", dedupe: bool, max_nodes: int) -> set[int]:
+        """Graft `other`'s nodes into this tree (shared prefixes merged when `dedupe`).
+        Returns the indices of this tree's nodes that `other` also proposed."""
+        shared: set[int] = set()
         remap: dict[int, int] = {}
         q_offset = 0
         if other.q_probs is not None:
@@ -88,6 +90,8 @@ class DraftTree:
             existing = self.find_child(parent, tok) if dedupe else -1
             if existing >= 0:
                 remap[i] = existing
+                shared.add(existing)
             elif len(self) < max_nodes:
                 q_row = other.q_rows[i] + q_offset if other.q_rows[i] >= 0 else -1
                 remap[i] = self.add(tok, parent, other.logprobs[i], q_row)
+        return shared

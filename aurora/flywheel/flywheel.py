@@ -22,7 +22,7 @@ from aurora.flywheel.vocab import VocabCounter, remap_head
 from aurora.flywheel.weights import all_finite, publish
 
 log = logging.getLogger("aurora.flywheel")
-MIN_LIVE_STEPS = 48          # decode steps observed per version before judging a swap
+MIN_LIVE_STEPS = 128         # decode steps observed per version before judging a swap
 VOCAB_REBUILD_EVERY = 100    # optimizer steps
 
 
