@@ -26,7 +26,7 @@ from aurora.engine.tree import DraftTree
 
 TINY_MODELS = ["tiny-llama", "tiny-qwen3", "tiny-gemma2"]
 # Drafts under test; extend with "eagle", "model:tiny-llama", "eagle+ngram", ...
-DRAFTS = ["ngram"]  # extend with "eagle", "eagle+ngram", "model:tiny-llama" (pass locally; slow on 2 cores)
+DRAFTS = ["ngram", "eagle", "eagle+ngram", "model:tiny-llama"]
 SHAPES = ["chain", "static", "dynamic"]
 # A test-only proposer (below): the ngram chain grafted among decoy nodes, so accepted paths
 # skip node indices and the engine must move KV and mask siblings. Not part of DRAFTS.
