@@ -312,8 +312,7 @@ class Engine:
             decode = seq.num_cached > 0                      # prefill/recompute steps are not decode steps
             base = seq.num_cached + r.num_uncached                # first slot after the root
             if path:
-                bs = cache.block_size
-                src = [seq.block_ids[(base + n) // bs] * bs + (base + n) % bs for n in path]
+                src = cache.slots_at(seq.block_ids, [base + n for n in path])
                 dst = cache.slots(seq.block_ids, base, base + len(path))
                 if src != dst:
                     cache.move(src, dst)

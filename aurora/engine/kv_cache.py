@@ -58,8 +58,12 @@ class KVCache:
 
     def slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         """Flat slots of sequence token positions [start, end)."""
+        return self.slots_at(block_ids, range(start, end))
+
+    def slots_at(self, block_ids: list[int], positions) -> list[int]:
+        """Flat slots of the given sequence token positions."""
         bs = self.block_size
-        return [block_ids[s // bs] * bs + s % bs for s in range(start, end)]
+        return [block_ids[s // bs] * bs + s % bs for s in positions]
 
     def move(self, src_slots: list[int], dst_slots: list[int]) -> None:
         """Copy KV of src slots to dst slots in every layer (used to compact accepted paths)."""

@@ -37,13 +37,6 @@ class DraftTree:
     def children(self, node: int) -> list[int]:
         return [i for i, p in enumerate(self.parents) if p == node]
 
-    def path_to(self, node: int) -> list[int]:
-        path = []
-        while node >= 0:
-            path.append(node)
-            node = self.parents[node]
-        return path[::-1]
-
     def find_child(self, parent: int, token_id: int) -> int:
         for i, p in enumerate(self.parents):
             if p == parent and self.token_ids[i] == token_id:

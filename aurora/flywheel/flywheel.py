@@ -37,6 +37,7 @@ class Flywheel:
         self.trainer = Trainer(self.proposer.head, engine.runner, config)
         self.published = copy.deepcopy(self.trainer.head).eval().requires_grad_(False)
         self.previous = None                       # weights before the latest swap (for rollback)
+        self._rollback_to = None                   # set by the engine thread, applied by the trainer
         self.vocab = VocabCounter(engine.runner.vocab_size)
         self.version = self.proposer.version
         self.swaps = self.rollbacks = self.rejected_candidates = self.nonfinite_restores = 0
@@ -83,9 +84,7 @@ class Flywheel:
         if tau_now < tau_before * (1 - self.config.rollback_drop):
             log.warning("flywheel: live tau fell %.2f -> %.2f after swap to v%d; rolling back",
                         tau_before, tau_now, v)
-            self.version += 1
-            publish(self.proposer, prev[1], self.version)
-            self.rollbacks += 1
+            self._rollback_to = prev[1]            # applied by the trainer thread, the only slot writer
 
     # ------------------------------------------------------------ trainer thread
     def _run(self) -> None:
@@ -105,7 +104,19 @@ class Flywheel:
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("flywheel trainer crashed; training stopped, serving continues")
 
+    def _apply_rollback(self) -> None:
+        """Republish the pre-swap weights and restart training from them."""
+        restored, self._rollback_to = self._rollback_to, None
+        self.published.load_state_dict(restored.state_dict())
+        self.trainer.head.load_state_dict(restored.state_dict())
+        self.trainer.opt = self.trainer._make_opt()
+        self.version += 1
+        publish(self.proposer, self.published, self.version, self.stream)
+        self.rollbacks += 1
+
     def _work(self) -> bool:
+        if self._rollback_to is not None:
+            self._apply_rollback()
         records = self.buffer.drain()
         if records:
             for rec in records:

@@ -6,7 +6,7 @@ head, restricted to the draft vocabulary); q: the draft's distribution.
 * discard    — at a rejected proposal x: max(0, q(x) - p(x)) at its parent, plus
                KL(p || q) at the rejected node itself (the counterfactual prefix);
 * accept_len — minus the expected accepted length of a chain, sum_k prod_{i<=k} alpha_i,
-               alpha_i = sum_v min(p_i(v), q_i(v)).
+               alpha_i = sum_v min(p_i(v), q_i(v)) (`acceptance`; chained in Trainer._chain_tau).
 """
 from __future__ import annotations
 
@@ -28,12 +28,3 @@ def discard_excess(q: torch.Tensor, p: torch.Tensor, tok: torch.Tensor) -> torch
 def acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """alpha = sum_v min(p, q): the probability a speculative sample is accepted. [N]"""
     return torch.minimum(p, q).sum(-1)
-
-
-def expected_accept_length(alphas: list[torch.Tensor]) -> torch.Tensor:
-    """alphas[k]: [N] acceptance at depth k+1 along chains -> [N] sum_k prod_{i<=k} alpha_i."""
-    total, run = 0.0, 1.0
-    for a in alphas:
-        run = run * a
-        total = total + run
-    return total
