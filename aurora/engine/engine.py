@@ -21,7 +21,7 @@ from aurora.drafts import ProposeContext, build_proposer
 from aurora.engine.policy import SpeculationPolicy
 from aurora.engine.sampling import make_generator, processed_probs
 from aurora.engine.scheduler import Scheduler
-from aurora.engine.sequence import Sequence, Status
+from aurora.engine.sequence import Sequence
 from aurora.engine.stats import EngineStats
 from aurora.engine.step import build_step
 from aurora.engine.tree import DraftTree

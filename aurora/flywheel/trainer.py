@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import random
-import time
 
 import torch
 
