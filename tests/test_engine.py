@@ -455,3 +455,46 @@ def test_chat_uses_the_template(llama):
     for bad in ([], [{"role": "user"}], "hi", [{"role": 1, "content": "x"}]):
         with pytest.raises(ValueError):
             llama.chat_prompt(bad)
+
+
+# ----------------------------------------------------------------------------- incremental detokenisation
+
+DETOK_TEXT = "Héllo wörld! naïve café — 日本語のテキスト 🙂🚀 done.\n\tdef f(x): return x ** 2  # ok"
+
+
+def _stream_detok(tokenizer, ids: list[int], chunk_sizes: list[int]):
+    from aurora.engine.detok import detokenize
+    from aurora.engine.sequence import Sequence
+    seq = Sequence("d", [5], SamplingParams(), None)
+    texts, i, k = [], 0, 0
+    while i < len(ids):
+        n = chunk_sizes[k % len(chunk_sizes)]
+        seq.token_ids += ids[i:i + n]
+        i, k = i + n, k + 1
+        texts.append(detokenize(tokenizer, seq, final=i >= len(ids)))
+    return texts
+
+
+@pytest.mark.parametrize("chunks", [[1], [2, 1, 3], [5]])
+def test_incremental_detokenisation_equals_full_decode_bytes(chunks):
+    """Byte-level ids split multi-byte characters: partial characters are held back, never
+    streamed as U+FFFD, and the final text equals one full decode."""
+    from aurora.models.tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    ids = tok.encode(DETOK_TEXT)
+    texts = _stream_detok(tok, ids, chunks)
+    assert texts[-1] == tok.decode(ids)
+    for a, b in zip(texts, texts[1:]):
+        assert b.startswith(a) and "\ufffd" not in a
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunks", [[1], [3, 1, 2]])
+def test_incremental_detokenisation_equals_full_decode_real_tokenizer(chunks):
+    from aurora.bench.systems import load_tokenizer
+    tok = load_tokenizer("smollm2-135m")
+    ids = tok.encode(DETOK_TEXT, add_special_tokens=False)
+    texts = _stream_detok(tok, ids, chunks)
+    assert texts[-1] == tok.decode(ids, skip_special_tokens=True)
+    for a, b in zip(texts, texts[1:]):
+        assert b.startswith(a) and "\ufffd" not in a

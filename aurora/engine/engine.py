@@ -18,6 +18,7 @@ import torch
 
 from aurora.config import EngineConfig
 from aurora.drafts import ProposeContext, build_proposer
+from aurora.engine.detok import detokenize
 from aurora.engine.policy import SpeculationPolicy
 from aurora.engine.sampling import make_generator, processed_probs
 from aurora.engine.scheduler import Scheduler
@@ -316,12 +317,8 @@ class Engine:
                 dst = cache.slots(seq.block_ids, base, base + len(path))
                 if src != dst:
                     cache.move(src, dst)
-            feats = [result.features[r.start:r.start + r.num_uncached]]
-            if path:
-                idx = torch.tensor([r.start + r.num_uncached + n for n in path], device=result.features.device)
-                feats.append(result.features[idx])
-            old = seq.features if seq.features is not None else feats[0][:0]
-            seq.features = torch.cat([old, *feats])[-FEATURE_WINDOW:]
+            if self._needs_features:
+                self._keep_features(seq, result, r, path)
             seq.num_cached = base + len(path)
             new_tokens = [tree.token_ids[n] for n in path] + [bonus] if path else [bonus]
             seq.draft_version = version
@@ -335,22 +332,37 @@ class Engine:
             if not seq.finished:
                 self.scheduler.trim(seq)
 
+    @property
+    def _needs_features(self) -> bool:
+        """Only drafts that read target features (learned heads) get the per-sequence window."""
+        return getattr(self.proposer, "needs_features", self.proposer.learnable)
+
+    @staticmethod
+    def _keep_features(seq: Sequence, result, r, path: list[int]) -> None:
+        feats = [result.features[r.start:r.start + r.num_uncached]]
+        if path:
+            idx = torch.tensor([r.start + r.num_uncached + n for n in path], device=result.features.device)
+            feats.append(result.features[idx])
+        old = seq.features if seq.features is not None else feats[0][:0]
+        seq.features = torch.cat([old, *feats])[-FEATURE_WINDOW:]
+
     def _append(self, seq: Sequence, new_tokens: list[int]) -> None:
         p = seq.params
         eos = getattr(self.tokenizer, "eos_token_id", None)
         reason = None
         added = 0
+        room = min(p.max_tokens - seq.num_output, self.max_model_len - len(seq.token_ids))
         for tok in new_tokens:
             seq.token_ids.append(tok)
             added += 1
             if (not p.ignore_eos and tok == eos) or tok in p.stop_token_ids:
                 reason = "stop"
-            elif len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            elif added >= room:
                 reason = "length"
             if reason:
                 break
         self._stats.num_tokens += added
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        text = detokenize(self.tokenizer, seq, final=reason is not None)
         if p.stop:
             scan_from = max(0, len(seq.emitted_text) - max(len(s) for s in p.stop))
             hits = [i for i in (text.find(s, scan_from) for s in p.stop) if i >= 0]
@@ -370,10 +382,10 @@ class Engine:
                 text = text[:max(len(seq.emitted_text), len(text) - hold)]
                 if len(text) == len(seq.emitted_text):
                     return
-        ids = seq.output_ids
+        ids = seq.output_ids                                   # one copy per emitted step
         out = RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=list(ids), text=text,
-            delta_token_ids=list(ids[seq.num_emitted:]), delta_text=text[len(seq.emitted_text):],
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=ids, text=text,
+            delta_token_ids=ids[seq.num_emitted:], delta_text=text[len(seq.emitted_text):],
             finished=finished, finish_reason=seq.finish_reason, error=seq.error,
             stats=seq.stats() if finished else {})
         seq.emitted_text, seq.num_emitted = text, len(ids)
@@ -400,7 +412,7 @@ class Engine:
         self._stats.num_errors += reason == "error"
         self._stats.num_preemptions += seq.num_preemptions
         if text is None:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            text = detokenize(self.tokenizer, seq, final=True)
         self._emit(seq, text, finished=True)
 
     def _drop_unschedulable(self) -> None:

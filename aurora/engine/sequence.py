@@ -38,6 +38,9 @@ class Sequence:
     features: torch.Tensor | None = None    # [W, 3*hidden] target features of the last cached positions
     emitted_text: str = ""
     num_emitted: int = 0
+    text: str = ""                          # detokenised output so far (see engine/detok.py)
+    detok_prefix: int = 0                   # output offsets: decode restarts at prefix, text final to read
+    detok_read: int = 0
     draft_state: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -53,6 +56,10 @@ class Sequence:
         return self.token_ids[self.num_prompt:]
 
     @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
     def num_uncached(self) -> int:
         return len(self.token_ids) - self.num_cached
 
@@ -61,7 +68,7 @@ class Sequence:
         return self.status == Status.FINISHED
 
     def stats(self) -> dict:
-        n = len(self.output_ids)
+        n = self.num_output
         elapsed = time.perf_counter() - self.arrival
         return {
             "num_tokens": n,
