@@ -87,6 +87,7 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int = 0             # 0 = the model's own limit
     threads: int = 0                   # CPU torch threads for serving (0 = torch default)
+    prefill_chunk: int = 512           # prompt tokens per step while other streams decode (0 = whole prompts)
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -100,6 +101,8 @@ class EngineConfig:
             raise ValueError("EngineConfig needs block_size >= 1 and kv_tokens >= block_size")
         if self.max_batch < 1:
             raise ValueError("EngineConfig.max_batch must be >= 1")
+        if self.prefill_chunk < 0:
+            raise ValueError("EngineConfig.prefill_chunk must be >= 0")
         for part in self.draft.split("+"):
             kind = part.split(":", 1)[0]
             if kind not in ("none", "ngram", "eagle", "model"):

@@ -44,7 +44,7 @@ class Engine:
         model, self.tokenizer = load_model(config.model, self.dtype, self.device)
         self.runner = TargetRunner(model, config.num_blocks, config.block_size)
         self.max_model_len = config.max_model_len or self.runner.max_model_len
-        self.scheduler = Scheduler(self.runner.cache, config.max_batch)
+        self.scheduler = Scheduler(self.runner.cache, config.max_batch, config.prefill_chunk)
         self.proposer = build_proposer(config.draft, self.runner, config)
         self.policy = SpeculationPolicy(config.spec)
         self.step_hooks: list = []          # fn(StepView) after every target forward
@@ -290,6 +290,9 @@ class Engine:
         argmax = logits.argmax(-1).tolist() if greedy_rows else None   # one transfer per step
         outcomes = []
         for seq, tree, r in zip(seqs, trees, rows):
+            if r.num_uncached < seq.num_uncached:             # a prompt chunk: nothing to sample yet
+                outcomes.append(([], -1))
+                continue
             tree = tree or DraftTree()
             sl = slice(r.logit_start, r.logit_start + 1 + r.num_nodes)
             try:
@@ -310,7 +313,12 @@ class Engine:
         for seq, tree, r, (path, bonus) in zip(seqs, trees, rows, outcomes):
             if seq.finished:
                 continue
-            decode = seq.num_cached > 0                      # prefill/recompute steps are not decode steps
+            if r.num_uncached < seq.num_uncached:             # a prompt chunk: cache it, emit nothing
+                if self._needs_features:
+                    self._keep_features(seq, result, r, [])
+                seq.num_cached += r.num_uncached
+                continue
+            decode = seq.num_cached > 0 and r.num_uncached == 1                      # prefill/recompute steps are not decode steps
             base = seq.num_cached + r.num_uncached                # first slot after the root
             if path:
                 src = cache.slots_at(seq.block_ids, [base + n for n in path])

@@ -25,6 +25,7 @@ class Sequence:
     callback: object = None                 # callable(RequestOutput) run on the engine thread
     token_ids: list[int] = field(default_factory=list)   # prompt + generated
     num_cached: int = 0                     # tokens whose KV is in the cache
+    num_scheduled: int = 0                  # uncached tokens run this step (< num_uncached: a prompt chunk)
     block_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -62,6 +63,12 @@ class Sequence:
     @property
     def num_uncached(self) -> int:
         return len(self.token_ids) - self.num_cached
+
+    @property
+    def num_step_tokens(self) -> int:
+        """Uncached tokens the next forward runs: the scheduled chunk, else all of them."""
+        n = self.num_uncached
+        return self.num_scheduled if 0 < self.num_scheduled < n else n
 
     @property
     def finished(self) -> bool:
