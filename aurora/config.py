@@ -12,7 +12,8 @@ TREE_SHAPES = ("chain", "static", "dynamic")
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """Draft tree shape. chain: depth k, width 1; static: top-`width` per node for
+    """Draft tree shape (`adaptive`: verify only the nodes that pay, see engine/policy.py).
+    chain: depth k, width 1; static: top-`width` per node for
     `depth` levels (capped by `max_nodes`); dynamic: EAGLE-2 expansion by cumulative
     draft probability, keeping the best `max_nodes`."""
     shape: str = "chain"
@@ -21,6 +22,7 @@ class SpecConfig:
     max_nodes: int = 16
     ngram_max: int = 4          # longest suffix the ngram proposer matches
     ngram_min: int = 1
+    adaptive: bool = False      # verify only the nodes that pay at the current load (engine/policy.py)
 
     def __post_init__(self):
         if self.shape not in TREE_SHAPES:

@@ -3,8 +3,8 @@
 Every query is a new token of some sequence (a prompt chunk, a decode token, or a
 draft-tree node). It sees all of its sequence's cached keys (subject to the sliding
 window) and, among the sequence's new keys, exactly those `tree_mask` allows.
-On CPU, bf16/fp16 scores are computed in fp32 after the gather (measured ~3-4x faster
-than half-precision SDPA at decode shapes); one sequence whose blocks are contiguous is
+On CPU, bf16/fp16 decode/verify scores are computed in fp32 after the gather (measured
+~3-4x faster than half-precision SDPA at those shapes; prompts stay in their dtype); one sequence whose blocks are contiguous is
 read through a view instead of a gathered copy; a fresh causal prompt skips the mask.
 """
 from __future__ import annotations
@@ -76,9 +76,16 @@ def plan_prompt(block_tables, seq_len: int, block_size: int) -> dict:
             "mask": None, "all_valid": True, "contiguous": _contiguous_start(slots), "causal": True}
 
 
-def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype attention runs in: fp32 on CPU for half types (CPU half SDPA is slow)."""
-    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+PREFILL_ROWS = 256   # from this many queries per sequence, CPU half SDPA is as fast as fp32
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device, rows: int = 1) -> torch.dtype:
+    """The dtype attention runs in: fp32 on CPU for half types at decode/verify shapes (CPU half
+    SDPA is several times slower there); the native dtype for long prompt chunks (on par, and
+    no upcast copies)."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and rows < PREFILL_ROWS:
+        return torch.float32
+    return dtype
 
 
 def _gather(cache: torch.Tensor, plan: dict, dtype: torch.dtype) -> torch.Tensor:
@@ -113,7 +120,7 @@ def paged_tree_attention_ref(
     if plan is None:
         plan = plan_paged(block_tables, seq_lens, query_start, tree_mask, positions, block_size,
                           num_tokens, sliding_window)
-    dtype = compute_dtype(q.dtype, q.device)
+    dtype = compute_dtype(q.dtype, q.device, plan["q_idx"].shape[1])
     k = _gather(k_cache, plan, dtype)                                 # [B, max_len, Hkv, D]
     v = _gather(v_cache, plan, dtype)
     qp = (q[None] if plan["all_valid"] and plan["q_idx"].shape[0] == 1 else q[plan["q_idx"]]).to(dtype)

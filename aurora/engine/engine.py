@@ -19,7 +19,7 @@ import torch
 from aurora.config import EngineConfig
 from aurora.drafts import ProposeContext, build_proposer
 from aurora.engine.detok import detokenize
-from aurora.engine.policy import SpeculationPolicy
+from aurora.engine.policy import build_policy
 from aurora.engine.sampling import make_generator, processed_probs
 from aurora.engine.scheduler import Scheduler
 from aurora.engine.sequence import Sequence
@@ -46,7 +46,7 @@ class Engine:
         self.max_model_len = config.max_model_len or self.runner.max_model_len
         self.scheduler = Scheduler(self.runner.cache, config.max_batch, config.prefill_chunk)
         self.proposer = build_proposer(config.draft, self.runner, config)
-        self.policy = SpeculationPolicy(config.spec)
+        self.policy = build_policy(config.spec, config.seed)
         self.step_hooks: list = []          # fn(StepView) after every target forward
         self.before_step: list = []         # fn() at each step boundary (weight swaps)
         self.finish_hooks: list = []        # fn(Sequence) when a request ends
@@ -175,6 +175,7 @@ class Engine:
         if hasattr(self.proposer, "gain"):             # composed draft: learned branch gate
             s["learned_gain"] = self.proposer.gain
             s["learned_gate_open"] = self.proposer.gate_open
+        s.update({f"policy_{k}": v for k, v in self.policy.state().items()})
         s["running"] = len(self.scheduler.running)
         s["waiting"] = len(self.scheduler.waiting)
         alloc = self.runner.cache.allocator
@@ -260,8 +261,13 @@ class Engine:
         t1 = time.perf_counter()
         batch, rows = build_step(seqs, trees, self.config.block_size, self.device)
         result = self.runner.forward(batch)
+        t_fwd = time.perf_counter() - t1
         outcomes = self._verify(seqs, trees, result, rows)
         t2 = time.perf_counter()
+        if all(r.num_uncached == 1 for r in rows):       # the cost model learns from decode steps
+            self.policy.observe_step(int(batch.input_ids.shape[0]), t_fwd,
+                                     sum(t is not None for t in trees), t1 - t0)
+        self.policy.observe(seqs, trees, outcomes)
         view = StepView(seqs, trees, batch, result, rows, outcomes, self.proposer.version)
         self.proposer.on_step(seqs, batch, result, rows)
         self.proposer.observe(trees, outcomes)
@@ -281,6 +287,7 @@ class Engine:
         if spec is None or not decode:
             return trees
         proposed = self.proposer.propose(decode, ProposeContext(spec, self.runner.vocab_size))
+        proposed = self.policy.prune(decode, proposed, base_tokens=sum(s.num_step_tokens for s in seqs))
         by_id = {id(s): t for s, t in zip(decode, proposed)}
         return [by_id.get(id(s)) for s in seqs]
 
@@ -410,6 +417,7 @@ class Engine:
             return
         self.scheduler.finish(seq)
         self.proposer.release(seq)
+        self.policy.release(seq)
         for fn in self.finish_hooks:
             try:
                 fn(seq)
