@@ -6,8 +6,10 @@ p(node) = prod over its path of alpha(kind, depth) (conditional acceptance measu
 by depth and draft kind, blended with the sequence's own history), and verifies the nodes
 whose p beats their marginal cost: batch tokens per second (sum_i E_i) / t(B + N) improves
 when a node is added iff p > b * (sum_i E_i) / t, with t(T) = a + b*T learned from the
-engine's own step timings (`costs.py`). When even the best tree cannot pay for the draft's
-own time, the step skips proposing (speculation off), re-probing now and then.
+engine's own step timings (`costs.py`). Before proposing, the realised gain per proposing
+sequence (accepted tokens, including steps where the draft had nothing) is weighed against
+the draft's measured time plus the verified nodes' cost; when it does not pay, the step
+skips proposing (speculation off), re-probing now and then.
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ class AdaptivePolicy(SpeculationPolicy):
         self._seq: dict[str, dict] = {}                    # request id -> its own tries / wins
         self._rng = random.Random(seed)
         self._off_steps = 0
+        self._gain: dict[str | None, list[float]] = {}      # request id (None: all) -> [w, accepted, nodes]
         self.num_steps_off = 0
         self.num_nodes_proposed = 0
         self.num_nodes_verified = 0
@@ -89,6 +92,19 @@ class AdaptivePolicy(SpeculationPolicy):
             probs.append(a * (probs[parent] if parent >= 0 else 1.0))
         return probs
 
+    def realised(self, seq) -> tuple[float, float]:
+        """(accepted tokens, verified nodes) per proposing step of this sequence: its own history
+        blended with everyone's, the alpha-chain estimate standing in before any evidence."""
+        prior_gain = self.expected_tokens(seq) - 1.0
+        g = self._gain.get(None, [0.0, 0.0, 0.0])
+        acc = (g[1] + prior_gain * PRIOR_WEIGHT) / (g[0] + PRIOR_WEIGHT)
+        nodes = (g[2] + self.spec.depth * PRIOR_WEIGHT) / (g[0] + PRIOR_WEIGHT)
+        own = self._gain.get(seq.request_id)
+        if own:
+            acc = (own[1] + acc * PRIOR_WEIGHT) / (own[0] + PRIOR_WEIGHT)
+            nodes = (own[2] + nodes * PRIOR_WEIGHT) / (own[0] + PRIOR_WEIGHT)
+        return acc, nodes
+
     def expected_tokens(self, seq) -> float:
         """Tokens a sequence would emit per step with the full configured chain (its best case)."""
         kinds = {k for k, _ in self._tries} or {"lookup", "scored"}     # the kinds this draft proposes
@@ -107,10 +123,10 @@ class AdaptivePolicy(SpeculationPolicy):
             return self.spec
         B = len(seqs)
         t_plain = self.costs.step_time(sum(s.num_step_tokens for s in seqs))
-        gain = sum(self.expected_tokens(s) - 1.0 for s in decode)
+        est = [self.realised(s) for s in decode]
+        gain = sum(acc for acc, _ in est)
         a, b = self.costs.coefficients()
-        # best case: every sequence's chain verified (cost b per node), plus the draft's time
-        nodes = len(decode) * self.spec.depth
+        nodes = sum(k for _, k in est)
         t_spec = t_plain + b * nodes + self.costs.draft_s_per_seq * len(decode)
         if (B + gain) / t_spec >= B / t_plain:
             self._off_steps = 0
@@ -163,7 +179,13 @@ class AdaptivePolicy(SpeculationPolicy):
 
     def observe(self, seqs, trees, outcomes) -> None:
         for seq, tree, (path, _) in zip(seqs, trees, outcomes):
-            if tree is None or not len(tree):
+            if tree is None:
+                continue
+            for key in (None, seq.request_id):             # realised gain, empty proposals included
+                g = self._gain.setdefault(key, [0.0, 0.0, 0.0])
+                decay = 0.99 if key is None else 0.9
+                g[0], g[1], g[2] = decay * g[0] + 1.0, decay * g[1] + len(path), decay * g[2] + len(tree)
+            if not len(tree):
                 continue
             own = self._seq.setdefault(seq.request_id, {"tries": {}, "wins": {}})
             judged = {-1, *path}                            # nodes whose children the target judged
@@ -179,12 +201,14 @@ class AdaptivePolicy(SpeculationPolicy):
 
     def release(self, seq) -> None:
         self._seq.pop(seq.request_id, None)
+        self._gain.pop(seq.request_id, None)
 
     def state(self) -> dict:
         a, b = self.costs.coefficients() if self.costs.ready else (None, None)
         return {"adaptive": True, "cost_a_ms": a and 1000 * a, "cost_b_ms": b and 1000 * b,
                 "draft_ms_per_seq": self.costs.draft_s_per_seq and 1000 * self.costs.draft_s_per_seq,
-                "steps_off": self.num_steps_off, "nodes_proposed": self.num_nodes_proposed,
+                "steps_off": self.num_steps_off,
+                "accepted_per_proposal": self._gain[None][1] / self._gain[None][0] if None in self._gain else None, "nodes_proposed": self.num_nodes_proposed,
                 "nodes_verified": self.num_nodes_verified,
                 "alpha": {f"{k}@{d}": round(self.alpha(k, d), 3) for k, d in sorted(self._tries)}}
 

@@ -50,8 +50,10 @@ def verify_sampling(tree: DraftTree,
                 if not owned:
                     residual, owned = residual.clone(), True
                 residual[x] = 0.0
+            elif owned:
+                residual.sub_(q).clamp_(min=0.0)
             else:
-                residual, owned = torch.clamp(residual - q, min=0.0), True
+                residual, owned = (residual - q).clamp_(min=0.0), True
             total = float(residual.sum())
             if total <= 0:                         # r == q exactly; cannot happen after a rejection
                 residual, owned = target_probs[node + 1], False
