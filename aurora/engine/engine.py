@@ -18,6 +18,7 @@ import torch
 
 from aurora.config import EngineConfig
 from aurora.drafts import ProposeContext, build_proposer
+from aurora.engine.isolation import ProposalIsolation
 from aurora.engine.policy import SpeculationPolicy
 from aurora.engine.sampling import make_generator, processed_probs
 from aurora.engine.scheduler import Scheduler
@@ -45,6 +46,7 @@ class Engine:
         self.max_model_len = config.max_model_len or self.runner.max_model_len
         self.scheduler = Scheduler(self.runner.cache, config.max_batch)
         self.proposer = build_proposer(config.draft, self.runner, config)
+        self._isolation = ProposalIsolation(self.proposer)   # rebuilt if `proposer` is replaced
         self.policy = SpeculationPolicy(config.spec)
         self.step_hooks: list = []          # fn(StepView) after every target forward
         self.before_step: list = []         # fn() at each step boundary (weight swaps)
@@ -179,6 +181,8 @@ class Engine:
         alloc = self.runner.cache.allocator
         s["kv_blocks_free"] = alloc.num_free
         s["kv_blocks_total"] = alloc.num_blocks
+        s.update(self._isolation.stats())
+        s["num_forward_retries"] = self._stats.num_forward_retries
         for name, fn in self.stats_extra.items():
             s[name] = fn()
         return s
@@ -257,31 +261,69 @@ class Engine:
             return
         trees = self._propose(seqs)
         t1 = time.perf_counter()
-        batch, rows = build_step(seqs, trees, self.config.block_size, self.device)
-        result = self.runner.forward(batch)
-        outcomes = self._verify(seqs, trees, result, rows)
+        settle_s = sum(self._settle(*group) for group in self._forward(seqs, trees))
         t2 = time.perf_counter()
-        view = StepView(seqs, trees, batch, result, rows, outcomes, self.proposer.version)
-        self.proposer.on_step(seqs, batch, result, rows)
-        self.proposer.observe(trees, outcomes)
-        for fn in self.step_hooks:
-            fn(view)
-        self._commit(seqs, trees, result, rows, outcomes)
         st = self._stats
         st.num_steps += 1
         st.draft_s += t1 - t0
-        st.verify_s += t2 - t1
-        st.busy_s += time.perf_counter() - t0
+        st.verify_s += t2 - t1 - settle_s
+        st.busy_s += t2 - t0
 
+    def _settle(self, seqs, trees, batch, result, rows) -> float:
+        """verify -> hooks -> commit for one forward's sequences; returns seconds after verifying."""
+        outcomes = self._verify(seqs, trees, result, rows)
+        t = time.perf_counter()
+        view = StepView(seqs, trees, batch, result, rows, outcomes, self.proposer.version)
+        _guarded(self.proposer.on_step, seqs, batch, result, rows)     # a draft or trainer hook that
+        _guarded(self.proposer.observe, trees, outcomes)               # fails must not cost the tokens
+        for fn in self.step_hooks:
+            _guarded(fn, view)
+        self._commit(seqs, trees, result, rows, outcomes)
+        return time.perf_counter() - t
+
+    # -------------------------------------------------- isolation: draft and target failures
     def _propose(self, seqs: list[Sequence]) -> list[DraftTree | None]:
+        """Trees for decode-phase sequences; a failing draft costs only the sequences it fails
+        for their speculation (see `isolation.py`), never their tokens."""
         spec = self.policy.choose(seqs)
         decode = [s for s in seqs if s.num_uncached == 1]
-        trees: list[DraftTree | None] = [None] * len(seqs)
         if spec is None or not decode:
-            return trees
-        proposed = self.proposer.propose(decode, ProposeContext(spec, self.runner.vocab_size))
+            return [None] * len(seqs)
+        if self._isolation.proposer is not self.proposer:
+            self._isolation = ProposalIsolation(self.proposer)
+        proposed = self._isolation.propose(decode, ProposeContext(spec, self.runner.vocab_size))
         by_id = {id(s): t for s, t in zip(decode, proposed)}
         return [by_id.get(id(s)) for s in seqs]
+
+    def _forward(self, seqs, trees):
+        """Yield (seqs, trees, batch, result, rows) groups covering `seqs`: normally one batched
+        forward. If it raises, retry once without draft trees (a bad tree cannot be the cause);
+        if that raises too, run each sequence alone: one that fails alone ends with an error,
+        the others get their tokens (a failure only the batch shows costs speed, not requests).
+        A retry rewrites the same KV slots, so a half-run forward leaves nothing behind."""
+        attempts = [trees]
+        if any(t is not None and len(t) for t in trees):
+            attempts.append([None] * len(seqs))
+        for group_trees in attempts:
+            try:
+                batch, rows = build_step(seqs, group_trees, self.config.block_size, self.device)
+                result = self.runner.forward(batch)
+            except Exception:
+                log.exception("target forward failed for a batch of %d sequences", len(seqs))
+                self._stats.num_forward_retries += 1
+                continue
+            yield seqs, group_trees, batch, result, rows
+            return
+        none = [None]
+        for seq in seqs:
+            try:
+                batch, rows = build_step([seq], none, self.config.block_size, self.device)
+                result = self.runner.forward(batch)
+            except Exception as exc:
+                log.exception("target forward failed for %s alone", seq.request_id)
+                self._finish(seq, "error", f"internal error: target forward failed: {exc}")
+                continue
+            yield [seq], none, batch, result, rows
 
     def _verify(self, seqs, trees, result, rows) -> list[tuple[list[int], int]]:
         logits = result.logits                                   # [R, V]
@@ -389,7 +431,7 @@ class Engine:
         if seq.finished:
             return
         self.scheduler.finish(seq)
-        self.proposer.release(seq)
+        _guarded(self.proposer.release, seq)
         for fn in self.finish_hooks:
             try:
                 fn(seq)
@@ -409,6 +451,14 @@ class Engine:
             seq = self.scheduler.waiting[0]
             self._finish(seq, "length" if seq.output_ids else "error",
                          None if seq.output_ids else "request does not fit in the KV cache")
+
+
+def _guarded(fn, *args) -> None:
+    """Run a hook; log (never raise) its failure: hooks observe a step, they cannot undo it."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("hook %s failed", getattr(fn, "__qualname__", fn))
 
 
 class StepView:
