@@ -231,7 +231,11 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception as exc:                         # keep serving everyone else
+            except Exception as exc:
+                # Draft, target-forward and hook failures are isolated per sequence inside the
+                # step (_propose, _forward, _verify, _guarded). What reaches here (scheduling or
+                # commit bookkeeping) cannot be attributed: the step's requests end with an
+                # error, their KV is freed, and the engine keeps serving new requests.
                 log.exception("engine step failed")
                 for seq in list(self.scheduler.running):
                     self._finish(seq, "error", f"internal error: {exc}")
@@ -253,7 +257,7 @@ class Engine:
     def step(self) -> None:
         """schedule -> propose -> verify -> commit -> publish."""
         for fn in self.before_step:
-            fn()
+            _guarded(fn)
         t0 = time.perf_counter()
         seqs = self.scheduler.schedule(self.policy.budget)
         if not seqs:
