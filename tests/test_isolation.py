@@ -175,6 +175,7 @@ def test_failing_step_hooks_and_observers_lose_nothing(fresh_engine, prompts, wa
     def boom(*args):
         raise RuntimeError("injected hook failure")
     eng.step_hooks.append(boom)
+    eng.before_step.append(boom)
     eng.proposer.observe = boom
     eng.proposer.release = boom
     outs = eng.generate_batch(prompts, greedy())
