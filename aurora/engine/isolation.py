@@ -106,12 +106,13 @@ class ProposalIsolation:
             if len(trees) != len(group):
                 raise ValueError(f"proposer returned {len(trees)} trees for {len(group)} sequences")
         except Exception:
-            if len(group) == 1:
+            if len(group) > 1:
+                trees = None
+            else:
                 trees = [None]
                 log.exception("draft %s failed for %s", level.proposer.name, group[0].request_id)
-            else:                                           # find who it fails for: one at a time
-                trees = [self._run(level, [seq], ctx)[0] for seq in group]
-                return trees                               # outcomes were recorded by the single runs
+        if trees is None:                                   # find who it fails for: one at a time
+            return [self._run(level, [seq], ctx)[0] for seq in group]   # (each run records its outcome)
         out = []
         for seq, tree in zip(group, trees):
             ok = tree is not None and valid_tree(tree, ctx.vocab_size)
