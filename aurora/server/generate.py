@@ -98,6 +98,7 @@ async def _complete(req: oa.GenerationRequest, outputs, out: RequestOutput, prog
         out = await outputs.__anext__()
         progress.update(out)
     progress.finish()
+    progress.metrics.finished.labels(out.finish_reason).inc()
     if out.finish_reason == "error":
         raise APIError(500, f"generation failed: {out.error or 'engine error'}", code="engine_error")
     if out.finish_reason == "abort":
@@ -130,20 +131,20 @@ async def _write_chunks(resp, req: oa.GenerationRequest, outputs, out: RequestOu
     first_chunk = True
     while True:
         piece = progress.update(out)
-        failed = out.finished and out.finish_reason == "error"
-        reason = oa.finish_reason(out) if not failed else None
+        reason = oa.finish_reason(out)
         if piece or reason or (first_chunk and req.chat):
             await resp.write(oa.sse(oa.chunk(req, created, piece, reason, first=first_chunk)))
             first_chunk = False
-        if failed:
-            await resp.write(oa.sse(error_body(500, f"generation failed: {out.error or 'engine error'}",
-                                               code="engine_error")))
         if out.finished:
             break
         out = await outputs.__anext__()
     progress.finish()
+    progress.metrics.finished.labels(out.finish_reason).inc()
     if req.include_usage:
         await resp.write(oa.sse(oa.usage_chunk(req, created, out)))
+    error = oa.stream_error(out)
+    if error is not None:                            # after the text: clients that raise on it keep what came
+        await resp.write(oa.sse(error))
     await resp.write(oa.sse("[DONE]"))
 
 

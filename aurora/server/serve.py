@@ -49,7 +49,7 @@ async def start(app: web.Application, host: str, port: int, access_log: bool = F
 
 async def stop(runner: web.AppRunner, timeout: float) -> None:
     """Stop listening; give in-flight generations `timeout` seconds, then abort the rest
-    in the engine (streams end with finish_reason "abort", others get 503); close connections."""
+    in the engine (streams end with finish_reason "length" and an "aborted" error event, others get 503)."""
     state, engine = runner.app[STATE], runner.app[ENGINE]
     state.draining = True
     for site in list(runner.sites):
