@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve request i on every system before request i+1 (fairer on a noisy "
                         "machine; trainers pause while other systems run)")
     p.add_argument("--quick", action="store_true", help="4 requests per domain x 48 tokens (~5 min on a 2-core CPU)")
-    p.add_argument("--out", default="bench_out",
-                   help="parent of this run's new directory <out>/<date-time>[-<run-name>]/ with results.json, "
-                        "results.md and tau.png (default: bench_out/; <out>/latest points at the newest run)")
-    p.add_argument("--run-name", default=None, help="suffix of the run directory, e.g. 'quick-bf16'")
+    p.add_argument("--out", default=None,
+                   help="directory for results.json, results.md and tau.png; must not hold an earlier run's "
+                        "(default: a new bench_out/<date-time>[-<run-name>]/; bench_out/latest points at it)")
+    p.add_argument("--run-name", default=None, help="suffix of the default run directory, e.g. 'quick-bf16'")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--replot", metavar="RESULTS_JSON", default=None,
                    help="only redraw the plot of an earlier run from its JSON (into tau.png beside it)")
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"aurora bench: {cfg.model}, systems {','.join(cfg.systems)}, domains {','.join(cfg.domains)}, "
           f"max {cfg.max_tokens} tokens", flush=True)
-    from aurora.bench.report import run_dir
-    out_dir = run_dir(args.out, args.run_name)        # before the run: a bad --out fails in seconds
+    from aurora.bench.report import output_dir
+    out_dir = output_dir(args.out, "bench_out", ("results.json", "results.md", "tau.png"), args.run_name)
     print(f"output: {out_dir}/", flush=True)
     results = run_bench(cfg, progress=not args.no_progress)
     paths = write_outputs(results, out_dir)

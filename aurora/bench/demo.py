@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serving torch threads (default on CPU: CPUs minus the trainer's threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-draft", default=None, help="save the learned draft here at the end")
-    p.add_argument("--out", default="demo_out",
-                   help="parent of this run's new directory <out>/<date-time>/ with demo.json and demo_tau.png "
-                        "(default: demo_out/; <out>/latest points at the newest run)")
+    p.add_argument("--out", default=None,
+                   help="directory for demo.json and demo_tau.png; must not hold an earlier run's "
+                        "(default: a new demo_out/<date-time>/; demo_out/latest points at it)")
     return p
 
 
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from aurora.workloads import domain_shift, segments, switch_indices
 
     t_start = time.perf_counter()
+    out_dir = report.output_dir(args.out, "demo_out", ("demo.json", "demo_tau.png"))   # never overwrites a run
     quiet_transformers()
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     prompts = domain_shift(domains, math.ceil(n / len(domains)), seed=args.seed,
@@ -133,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     if extra.get("saved_draft"):
         print(f"draft saved to {extra['saved_draft']}")
 
-    out_dir = report.run_dir(args.out)          # a new directory per run: never overwrites an earlier one
     series = {"online": {"label": "eagle+ngram online", "index": [r["index"] for r in rows],
                          "tau": [r["tau"] for r in rows], "tokens_per_s": [r["tokens_per_s"] for r in rows],
                          "draft_version": [r["draft_version"] for r in rows]}}

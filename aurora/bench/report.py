@@ -193,6 +193,21 @@ def run_dir(base: str | Path, name: str | None = None) -> Path:
     return path
 
 
+def output_dir(out: str | None, default_base: str, files: Sequence[str], run_name: str | None = None) -> Path:
+    """Where one run writes `files`. Without `out`: a new `<default_base>/<date-time>[-<run_name>]/`.
+    With `out`: that directory, refused when it already holds one of `files` (an earlier
+    run's output), so runs never overwrite each other."""
+    if out is None:
+        return run_dir(default_base, run_name)
+    path = Path(out)
+    taken = [f for f in files if (path / f).exists()]
+    if taken:
+        raise ValueError(f"--out {out} already holds {', '.join(taken)} from an earlier run; choose a new "
+                         f"directory, or drop --out for a new {default_base}/<date-time>/")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_json(results: dict, path: str | Path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
@@ -236,6 +251,16 @@ def _learns(s: dict) -> bool:
     return any(t is not None and abs(t - 1.0) > 1e-9 for t in s.get("tau") or [])
 
 
+def plot_layout(series: dict[str, dict]) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """(systems in the speedup bar chart, systems per tau panel, systems per tokens/s panel)."""
+    names = list(series)
+    with_tau = [n for n in names if any(t is not None for t in series[n].get("tau") or [])]
+    tau_groups = panel_groups([n for n in with_tau if _learns(series[n])] or with_tau)
+    bars = [n for n in names if series[n].get("speedup") is not None]
+    tps_groups = [] if bars else panel_groups([n for n in names if series[n].get("tokens_per_s")])
+    return bars, tau_groups, tps_groups
+
+
 def plot_tau(series: dict[str, dict], switches: Sequence[int], path: str | Path, title: str = "",
              window: int = 5, phases: Sequence[tuple[int, int, str]] = ()) -> Path:
     """Tau (rolling mean, raw as faint dots, draft swaps as triangles) and tokens/s over
@@ -250,10 +275,7 @@ def plot_tau(series: dict[str, dict], switches: Sequence[int], path: str | Path,
 
     names = list(series)
     colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
-    with_tau = [n for n in names if any(t is not None for t in series[n].get("tau") or [])]
-    tau_groups = panel_groups([n for n in with_tau if _learns(series[n])] or with_tau)
-    bars = [n for n in names if series[n].get("speedup") is not None]
-    tps_groups = [] if bars else panel_groups([n for n in names if series[n].get("tokens_per_s")])
+    bars, tau_groups, tps_groups = plot_layout(series)
     heights = ([0.6 + 0.32 * len(bars)] if bars else []) + [3.0] * (len(tau_groups) + len(tps_groups))
     fig, axes = plt.subplots(len(heights), 1, figsize=(10, sum(heights) + 0.6), squeeze=False,
                              gridspec_kw={"height_ratios": heights})

@@ -16,7 +16,7 @@ import threading
 from aiohttp import web
 
 from aurora.config import ServerConfig
-from aurora.server.access_log import log_banner
+from aurora.server.access_log import banner_lines, log_banner
 from aurora.server.app import create_app
 from aurora.server.state import ENGINE, STATE
 
@@ -119,7 +119,8 @@ async def _serve(engine, config: ServerConfig, shutdown_timeout: float) -> int:
         print(f"error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr, flush=True)
         await loop.run_in_executor(None, engine.close)
         return 1
-    log_banner(engine, config, url)
+    for line in banner_lines(engine, config, url):  # stdout, like the other lifecycle lines
+        print(line, flush=True)
     await stopping.wait()
     in_flight = app[STATE].in_flight
     if in_flight:
