@@ -18,10 +18,11 @@ FORWARDED = {"bench": ("aurora.bench.cli", "run benchmarks"),
 
 
 def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
     try:
-        from importlib.metadata import version as dist_version
         return dist_version("aurora-spec")
-    except Exception:                                # not installed as a distribution (a bare checkout)
+    except PackageNotFoundError:                     # a bare checkout, not installed
         from aurora import __version__
         return __version__
 

@@ -200,7 +200,7 @@ def test_readme_blocks_parse():
     assert sum(b.lang == "python" for b in runnable) >= 2 and sum(b.lang == "bash" for b in runnable) >= 3
     for b in runnable:
         if b.skip is not None:
-            assert re.search(r"\b(gpu|cuda|network)\b", b.skip, re.I), (
+            assert re.search(r"\b(gpu|cuda|network)\b", b.skip, re.IGNORECASE), (
                 f"README.md:{b.line}: a block may opt out of this test only when it needs a GPU or the "
                 f"network, and the marker must say which (got {b.skip!r})")
 

@@ -17,7 +17,7 @@ def test_swap_indices():
     assert report.swap_indices([0, 1, 2], [1, None, 2]) == [2]
 
 
-@pytest.mark.parametrize("n", range(0, 14))
+@pytest.mark.parametrize("n", range(14))
 def test_panel_groups_at_most_four_balanced(n):
     names = [f"s{i}" for i in range(n)]
     groups = report.panel_groups(names)
@@ -53,7 +53,7 @@ def test_layout_without_speedups_splits_tokens_per_s():
     series = _series(6)
     for s in series.values():
         s.pop("speedup")
-    bars, tau_groups, tps_groups = report.plot_layout(series)
+    bars, _, tps_groups = report.plot_layout(series)
     assert bars == [] and [len(g) for g in tps_groups] == [3, 3]
 
 

@@ -65,8 +65,8 @@ def banner_lines(engine, config, url: str) -> list[str]:
     else:
         saved = "no online training: nothing to save"
     auth = "Bearer key required" if config.api_key else "no API key"
-    return [f"listening on {url} (OpenAI API at {url}/v1; {auth}; at most {config.max_concurrent} "
-            f"concurrent generations)",
+    return [(f"listening on {url} (OpenAI API at {url}/v1; {auth}; at most {config.max_concurrent} "
+             f"concurrent generations)"),
             f"model {ec.model} on {engine.device}, dtype {dtype}, {threads} serving thread(s)",
             f"draft {ec.draft} (version {engine.proposer.version}), online training {trainer}",
             saved]
