@@ -28,6 +28,7 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aurora.config import EngineConfig          # light: no torch
     parser = argparse.ArgumentParser(prog="aurora", description="Online speculative-decoding LLM engine.",
                                      epilog="Set AURORA_DEBUG=1 to see the traceback behind an error message.")
     parser.add_argument("--version", action="version", version=f"aurora {version()}")
@@ -37,12 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "process with the engine embedded. Unset engine flags fall back to "
                                        "AURORA_<FIELD> environment variables, then EngineConfig defaults.")
     e = serve.add_argument_group("engine")
-    e.add_argument("--model", help="model preset or local checkpoint (default: smollm2-135m)")
-    e.add_argument("--draft", help="draft: none | ngram | eagle[:ckpt] | model:<path>, joined by '+'")
-    e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    e.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    d = EngineConfig()
+    e.add_argument("--model", help=f"model preset or local checkpoint (default: {d.model})")
+    e.add_argument("--draft", help=f"draft: none | ngram | eagle[:ckpt] | model:<path>, joined by '+' "
+                                   f"(default: {d.draft})")
+    e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help=f"default: {d.dtype} = bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise")
+    e.add_argument("--device", help=f"auto | cpu | cuda | cuda:N (default: {d.device})")
     e.add_argument("--online", action=argparse.BooleanOptionalAction, default=None,
-                   help="train the draft online from served traffic (the flywheel)")
+                   help=f"train the draft online from served traffic, the flywheel "
+                        f"(default: {'on' if d.online else 'off'})")
     s = serve.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")

@@ -84,6 +84,10 @@ def test_help_texts_match_defaults():
     assert f"default: {DEFAULT_MODEL}" in _help(bench_parser(), "model")
     assert bench_parser().get_default("model") == DEFAULT_MODEL == demo_parser().get_default("model")
     serve = next(a for a in build_parser()._actions if a.dest == "command").choices["serve"]
+    d = EngineConfig()
+    assert f"default: {d.model}" in _help(serve, "model") and f"default: {d.draft}" in _help(serve, "draft")
+    assert f"default: {d.device}" in _help(serve, "device") and f"default: {d.dtype} = bfloat16" in _help(serve, "dtype")
+    assert ("default: on" if d.online else "default: off") in _help(serve, "online")
     assert "default: 8000" in _help(serve, "port") and serve.get_default("port") == 8000
     assert "default: 64" in _help(serve, "max_concurrent") and serve.get_default("max_concurrent") == 64
     assert "default: on" in _help(serve, "access_log") and serve.get_default("access_log") is True
