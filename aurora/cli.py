@@ -28,7 +28,7 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from aurora.config import EngineConfig          # light: no torch
+    from aurora.config import EngineConfig  # light: no torch
     parser = argparse.ArgumentParser(prog="aurora", description="Online speculative-decoding LLM engine.",
                                      epilog="Set AURORA_DEBUG=1 to see the traceback behind an error message.")
     parser.add_argument("--version", action="version", version=f"aurora {version()}")
