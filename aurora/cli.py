@@ -110,6 +110,8 @@ def _forward(command: str, argv: list[str]) -> int:
     model = _model_arg(argv)
     if model is not None and not _model_ok(command, model):
         return 2
+    if not any(a in ("-h", "--help") for a in argv):   # the next imports take seconds on a busy CPU
+        print(f"aurora {command}: starting (importing transformers, reading prompts) ...", flush=True)
     module_name = FORWARDED[command][0]
     try:
         module = importlib.import_module(module_name)

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for i, ids in enumerate(prompt_ids):
-        out = online.generate(ids, params)
+        with report.heartbeat(f"serving #{i}", announce=False):     # a line every 10 s on a slow CPU
+            out = online.generate(ids, params)
         tps = len(out.token_ids) / out.seconds
         loss = online.trainer_loss()
         rows.append({"index": i, "domain": prompts[i].domain, "tau": out.tau, "tokens": len(out.token_ids),

@@ -58,12 +58,13 @@ def hardware_line(threads: int = 0) -> str:
 
 
 @contextlib.contextmanager
-def heartbeat(what: str, every_s: float = 10.0):
-    """Print "<what> ..." now, "... still <what> (N s)" every `every_s` seconds while the block
-    runs, so a slow step (loading, warm-up on a busy CPU) never looks like a hang."""
+def heartbeat(what: str, every_s: float = 10.0, announce: bool = True):
+    """Print "<what> ..." now (if `announce`), "... still <what> (N s)" every `every_s` seconds
+    while the block runs, so a slow step (loading, warm-up on a busy CPU) never looks like a hang."""
     done = threading.Event()
     start = time.monotonic()
-    print(f"{what} ...", flush=True)
+    if announce:
+        print(f"{what} ...", flush=True)
 
     def beat():
         while not done.wait(every_s):
