@@ -58,7 +58,7 @@ test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests
 
 demo: $(STAMP)
-	@echo "[aurora] starting the demo (the first run converts the model once, ~25 s)"
+	@echo "[aurora] starting the demo (the first run converts the model once, 25-60 s)"
 	$(PY) -m aurora demo $(if $(DEMO_REQUESTS),--requests $(DEMO_REQUESTS),) $(ARGS)
 
 bench: $(STAMP)
@@ -67,7 +67,7 @@ bench: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m aurora serve $(ARGS)
 
-lint: $(TEST_STAMP)
+lint: $(PY)
 	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) install -q ruff
 	$(PY) -m ruff check aurora kernels tests examples
 
