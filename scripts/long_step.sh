@@ -1,16 +1,17 @@
 #!/bin/sh
 # Run one long install step of the Makefile: say what it does and how long it usually
-# takes, print a heartbeat every 10 s (pip can be silent for a while, e.g. unpacking
-# torch), and say how long it took. Exit status is the command's.
+# takes, print a heartbeat every 10 s (AURORA_HEARTBEAT_S) since pip can be silent for a
+# while (unpacking torch), and say how long it took. Exit status is the command's.
 #   usage: scripts/long_step.sh "installing torch" "~1 min" pip install torch
 what=$1; usual=$2; shift 2
+every=${AURORA_HEARTBEAT_S:-10}
 echo "[aurora] $what (usually $usual) ..."
 start=$(date +%s)
 (
     i=0
     while sleep 1; do
         i=$((i + 1))
-        if [ $((i % 10)) -eq 0 ]; then echo "[aurora]   ... still $what: $(( $(date +%s) - start )) s"; fi
+        if [ $((i % every)) -eq 0 ]; then echo "[aurora]   ... still $what: $(( $(date +%s) - start )) s"; fi
     done
 ) &
 beat=$!
