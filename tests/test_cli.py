@@ -38,6 +38,7 @@ def test_version():
 def test_unknown_model_is_one_line(command):
     proc = aurora(command, "--model", "does-not-exist")
     assert_one_line_error(proc, command, "unknown model 'does-not-exist'", "never downloads")
+    assert proc.stdout == ""                                   # the one line is all the user sees
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
