@@ -149,7 +149,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"aurora serve: error: could not load the engine: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     trainer = "on" if engine.flywheel is not None else "off"
-    if args.persist_draft and engine.flywheel is not None and save_dir:
+    imported = any(part.startswith("eagle:") for part in engine_config.draft.split("+"))
+    if args.persist_draft and engine.flywheel is not None and save_dir and imported:
+        print(f"starting from the given draft ({engine_config.draft}), not resuming from {save_dir}", flush=True)
+    elif args.persist_draft and engine.flywheel is not None and save_dir:
         from aurora.flywheel.checkpoint import has_checkpoint
         if has_checkpoint(save_dir):
             try:

@@ -254,3 +254,30 @@ def test_import_restores_taps_and_refuses_bad_dirs(engine, tmp_path):
         load_any(d, runner)
     with pytest.raises(ValueError, match="no Aurora draft checkpoint"):
         load_any(tmp_path / "nothing", runner)
+
+
+def _post(srv, body):
+    import http.client
+    from urllib.parse import urlsplit
+    url = urlsplit(srv.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/speculator", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    conn.close()
+    return resp.status, data
+
+
+def test_admin_export_action(engine, tmp_path):
+    from aurora.config import ServerConfig
+    from aurora.server.serve import ServerThread
+    with ServerThread(engine, ServerConfig(port=0)) as srv:
+        assert _post(srv, {"action": "export", "dir": "d"})[0] == 409           # no --save-dir
+    with ServerThread(engine, ServerConfig(port=0, save_dir=str(tmp_path))) as srv:
+        status, data = _post(srv, {"action": "export", "dir": "d1", "format": "speculators"})
+        assert status == 200 and data["result"]["format"] == "speculators", data
+        cfg = json.loads((tmp_path / "exports" / "d1" / "config.json").read_text())
+        assert cfg["eagle_aux_hidden_state_layer_ids"] == [l + 1 for l in engine.runner.feature_layers]
+        for bad in ({"dir": "../x"}, {"dir": "/tmp/x"}, {"dir": "d", "format": "onnx"}, {"dir": "d", "path": "p"}):
+            assert _post(srv, {"action": "export", **bad})[0] == 400, bad
+    assert not (tmp_path.parent / "x").exists()

@@ -3,6 +3,7 @@
 Two preallocated heads (slots) hold the serving weights. The trainer writes the
 inactive slot and calls `stage(version)`; the engine calls `flip()` between steps, so
 a swap is a pointer flip, never a load, and no step sees half-written weights.
+`eagle:<dir>` starts from Aurora's checkpoint or an EAGLE-3 draft (legacy or speculators).
 """
 from __future__ import annotations
 
