@@ -5,6 +5,7 @@ records and steps; we report simulated greedy chain tau on the held-back traces.
 
     git show <rev>:aurora/models/eagle.py > /tmp/old_eagle.py
     python examples/ab_eagle3_head.py --old /tmp/old_eagle.py [--model smollm2-135m] [--steps 300]
+        [--prompts 8] [--max-tokens 96] [--batch-tokens 1024]
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--prompts", type=int, default=8, help="prompts per domain")
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--batch-tokens", type=int, default=TrainerConfig.batch_tokens)
     args = ap.parse_args()
     max_chars = 300 if args.model.startswith("tiny-") else 2000
     prompts = domain_shift(["code", "finance", "chat"], args.prompts, max_chars=max_chars)
-    cfg = TrainerConfig()
+    cfg = TrainerConfig(batch_tokens=args.batch_tokens)
     with Engine(EngineConfig(model=args.model, draft="eagle", online=True, dtype="float32", trainer=cfg)) as eng:
         eng.flywheel.pause()
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0)

@@ -36,7 +36,10 @@ def _tau(eng):
     return sum(o.stats["accepted_length"] for o in outs) / len(outs), [o.token_ids for o in outs]
 
 
-def test_restart_resumes_learning(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A flywheel trained for a while on PROMPTS, frozen, measured and saved."""
+    path = tmp_path_factory.mktemp("trained")
     eng = _engine()
     try:
         fw = eng.flywheel
@@ -47,12 +50,17 @@ def test_restart_resumes_learning(tmp_path):
         assert fw.version >= 2, fw.stats()
         _freeze(eng)
         tau_before, outs_before = _tau(eng)
-        fw.save(tmp_path)
+        fw.save(path)
         saved = {"steps": fw.trainer.steps, "version": fw.version, "counts": dict(fw.vocab.counts),
                  "d2t": fw.published.d2t.clone(), "replay": len(fw.trainer.replay),
                  "opt": {k: v["exp_avg"].clone() for k, v in fw.trainer.opt.state_dict()["state"].items()}}
     finally:
         eng.close()
+    return path, saved, tau_before, outs_before
+
+
+def test_restart_resumes_learning(trained):
+    tmp_path, saved, tau_before, outs_before = trained
     assert has_checkpoint(tmp_path) and (tmp_path / "training.pt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]      # no temp files left
 
@@ -78,6 +86,21 @@ def test_restart_resumes_learning(tmp_path):
         assert fw.trainer.steps > saved["steps"] and fw.version > saved["version"]
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("fmt", ["eagle3", "speculators"])
+def test_exported_trained_draft_serves_with_the_same_tau(trained, tmp_path, fmt):
+    from aurora.flywheel.export import export_engine_draft
+    path, _, _, _ = trained
+    results = []
+    for src in ("aurora", fmt):
+        draft = path if src == "aurora" else tmp_path / fmt
+        with Engine(EngineConfig(model="tiny-llama", draft=f"eagle:{draft}", online=False, dtype="float32")) as eng:
+            if src == "aurora":
+                export_engine_draft(eng, tmp_path / fmt, fmt)
+            results.append(_tau(eng))
+    (tau_a, outs_a), (tau_b, outs_b) = results
+    assert tau_a > 1.0 and tau_b == tau_a and outs_b == outs_a
 
 
 def test_mismatched_or_torn_checkpoint_is_refused(tmp_path):
