@@ -1,7 +1,8 @@
 """A/B of two draft-head designs on the same traces: the EAGLE-3 layer (current
 `aurora.models.eagle`) against an older head module loaded from a file (e.g. the
 pre-EAGLE-3 `inp`-projection head from git). Both train with the same Trainer, seed,
-records and steps; we report simulated greedy chain tau on the held-back traces.
+records and steps; we report simulated greedy chain tau on the held-back traces
+(`--eval train`: on the first training traces, i.e. how fast each design fits).
 
     git show <rev>:aurora/models/eagle.py > /tmp/old_eagle.py
     python examples/ab_eagle3_head.py --old /tmp/old_eagle.py [--model smollm2-135m] [--steps 300]
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8, help="prompts per domain")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--batch-tokens", type=int, default=TrainerConfig.batch_tokens)
+    ap.add_argument("--eval", choices=("holdout", "train"), default="holdout",
+                    help="score on held-back traces, or on the training traces (fit speed)")
     args = ap.parse_args()
     max_chars = 300 if args.model.startswith("tiny-") else 2000
     prompts = domain_shift(["code", "finance", "chat"], args.prompts, max_chars=max_chars)
@@ -59,6 +62,8 @@ def main() -> None:
                 remap_head(head, counts.top(len(head.d2t), head.d2t))
             tr = Trainer(head, runner, cfg)
             tr.add_records(records)
+            if args.eval == "train":
+                tr.replay, tr.holdout = list(records), list(records[:8])
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 tr.train_step()
