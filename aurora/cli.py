@@ -1,4 +1,4 @@
-"""The `aurora` command: `serve` (HTTP server), `bench` and `demo` (forwarded).
+"""The `aurora` command: `serve` (HTTP server), `export-draft`, `bench` and `demo` (forwarded).
 
 `bench` and `demo` hand their arguments to `aurora.bench.cli:main` and
 `aurora.bench.demo:main`, imported only when used, so a missing or broken module
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aurora", description="Online speculative-decoding LLM engine.",
                                      epilog="Set AURORA_DEBUG=1 to see the traceback behind an error message.")
     parser.add_argument("--version", action="version", version=f"aurora {version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,bench,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,export-draft,bench,demo}")
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
                            description="Serve an OpenAI-compatible API (completions, chat, metrics) from one "
                                        "process with the engine embedded. Unset engine flags fall back to "
@@ -59,12 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
     s.add_argument("--save-dir", default=None,
                    help="directory where POST /v1/speculator {'action': 'save'} and shutdown save the draft")
+    s.add_argument("--persist-draft", action=argparse.BooleanOptionalAction, default=True,
+                   help="resume online learning from --save-dir (default: ~/.cache/aurora/drafts/<model>/) on "
+                        "start and save there on shutdown (default: on; --no-persist-draft opts out)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default: 10)")
     s.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="one log line per HTTP request: method, path, status, tokens, tau, TTFT, latency "
                         "(default: on)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    x = sub.add_parser("export-draft", help="export an EAGLE draft for vLLM / SGLang",
+                       description="Write a draft checkpoint as EAGLE-3 files: --format eagle3 (legacy "
+                                   "LlamaForCausalLMEagle3 layout; SGLang) or speculators (vllm serve DIR).")
+    x.add_argument("dir", help="output directory")
+    x.add_argument("--format", default="eagle3", choices=("eagle3", "speculators"))
+    x.add_argument("--model", help="target model preset or checkpoint (default: smollm2-135m)")
+    x.add_argument("--draft-dir", help="Aurora draft checkpoint to export (default: the persisted draft "
+                                       "of --model under ~/.cache/aurora/drafts/)")
+    x.add_argument("--verifier", help="verifier name_or_path written into the files (default: the HF model "
+                                      "the preset comes from, or the checkpoint path)")
+    x.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     for name, (module, help_text) in FORWARDED.items():
         sub.add_parser(name, help=f"{help_text} (see 'aurora {name} --help')", add_help=False)
     return parser
@@ -80,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is not None and not _model_ok("serve", args.model):
             return 2
         return _serve(args)
+    if args.command == "export-draft":
+        return _export(args)
     parser.print_help()
     return 2
 
@@ -135,6 +151,27 @@ def _forward(command: str, argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from aurora.config import EngineConfig
+    from aurora.flywheel.checkpoint import default_draft_dir, has_checkpoint
+    try:
+        config = EngineConfig.from_env(**({"model": args.model} if args.model else {}))
+        src = os.path.abspath(os.path.expanduser(args.draft_dir)) if args.draft_dir else str(default_draft_dir(config.model))
+        if not has_checkpoint(src) and not os.path.exists(os.path.join(src, "config.json")):
+            raise ValueError(f"no draft checkpoint at {src} (serve with the flywheel first, or pass --draft-dir)")
+        from aurora.engine.engine import Engine
+        from aurora.flywheel.export import export_engine_draft
+        config = EngineConfig.from_env(model=config.model, draft=f"eagle:{src}", online=False, device="cpu",
+                                        dtype="float32")
+        with Engine(config) as engine:
+            info = export_engine_draft(engine, args.dir, args.format, args.verifier, args.dtype)
+    except (ValueError, OSError) as exc:
+        print(f"aurora export-draft: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported draft v{info['version']} from {src} to {info['dir']} ({info['format']})", flush=True)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from aurora.config import EngineConfig, ServerConfig
@@ -144,6 +181,9 @@ def _serve(args: argparse.Namespace) -> int:
     save_dir = os.path.abspath(args.save_dir) if args.save_dir else None
     try:
         engine_config = EngineConfig.from_env(**overrides)
+        if save_dir is None and args.persist_draft and engine_config.online:
+            from aurora.flywheel.checkpoint import default_draft_dir
+            save_dir = str(default_draft_dir(engine_config.model))
         server_config = ServerConfig(host=args.host, port=args.port,
                                      api_key=args.api_key or os.environ.get("AURORA_API_KEY") or None,
                                      max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes,
@@ -167,6 +207,20 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"aurora serve: error: could not load the engine: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     trainer = "on" if engine.flywheel is not None else "off"
+    imported = any(part.startswith("eagle:") for part in engine_config.draft.split("+"))
+    if args.persist_draft and engine.flywheel is not None and save_dir and imported:
+        print(f"starting from the given draft ({engine_config.draft}), not resuming from {save_dir}", flush=True)
+    elif args.persist_draft and engine.flywheel is not None and save_dir:
+        from aurora.flywheel.checkpoint import has_checkpoint
+        if has_checkpoint(save_dir):
+            try:
+                info = engine.flywheel.load_state(save_dir)
+            except (ValueError, OSError, RuntimeError) as exc:
+                engine.close()
+                print(f"aurora serve: error: cannot resume the draft from {save_dir}: {exc} "
+                      "(use --no-persist-draft or another --save-dir)", file=sys.stderr)
+                return 2
+            print(f"resumed draft v{info['version']} (trainer step {info['steps']}) from {save_dir}", flush=True)
     print(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} (trainer {trainer})", flush=True)
     if server_config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without an API key", file=sys.stderr, flush=True)

@@ -1,12 +1,14 @@
-"""The learned draft: EAGLE-3-style head proposing trees, behind double-buffered slots.
+"""The learned draft: an EAGLE-3 head proposing trees, behind double-buffered slots.
 
 Two preallocated heads (slots) hold the serving weights. The trainer writes the
 inactive slot and calls `stage(version)`; the engine calls `flip()` between steps, so
 a swap is a pointer flip, never a load, and no step sees half-written weights.
+`eagle:<dir>` starts from Aurora's checkpoint or an EAGLE-3 draft (legacy or speculators).
 """
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 
 import torch
@@ -16,6 +18,7 @@ from aurora.engine.sampling import processed_probs
 from aurora.engine.tree import DraftTree
 from aurora.models.eagle import EagleHead, build_head
 
+log = logging.getLogger("aurora.drafts")
 SERVE_WINDOW = 48        # context rows the head re-reads each step
 
 
@@ -36,8 +39,13 @@ class EagleProposer(Proposer):
     @classmethod
     def create(cls, runner, config, checkpoint: str | None = None) -> "EagleProposer":
         if checkpoint:
-            from aurora.flywheel.checkpoint import load_head
-            head, meta = load_head(checkpoint, runner)
+            from aurora.flywheel.checkpoint import load_any
+            head, meta = load_any(checkpoint, runner)
+            taps = tuple(meta.get("feature_layers") or runner.feature_layers)
+            if taps != tuple(runner.feature_layers):
+                log.info("eagle draft %s was trained on target layer outputs %s; tapping those instead of %s",
+                         checkpoint, taps, runner.feature_layers)
+                runner.feature_layers = taps          # features must come from the layers the draft learned on
             return cls(runner, head, version=int(meta.get("version", 0)))
         return cls(runner, build_head(runner, config.trainer.draft_vocab, config.seed))
 

@@ -15,11 +15,11 @@ import time
 import torch
 
 from aurora.config import TrainerConfig
-from aurora.flywheel.checkpoint import save_head
+from aurora.flywheel import checkpoint
 from aurora.flywheel.traces import RingBuffer, TraceCollector
 from aurora.flywheel.trainer import Trainer
 from aurora.flywheel.vocab import VocabCounter, remap_head
-from aurora.flywheel.weights import all_finite, publish
+from aurora.flywheel.weights import all_finite, copy_into, publish
 
 log = logging.getLogger("aurora.flywheel")
 MIN_LIVE_STEPS = 128         # decode steps observed per version before judging a swap
@@ -49,6 +49,7 @@ class Flywheel:
         self._last_publish = time.monotonic()
         self._steps_at_publish = 0
         self._vocab_built_at = -1
+        self._state_lock = threading.Lock()        # held by the trainer per unit of work; save/load take it
         self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
         engine.step_hooks.append(self._on_step)
         engine.finish_hooks.append(self.collector.on_finish)
@@ -95,7 +96,7 @@ class Flywheel:
             with ctx:
                 while not self._closed:
                     t0 = time.perf_counter()
-                    if self.paused or not self._work():
+                    if self.paused or not self._locked_work():
                         time.sleep(0.05)
                     elif self.stream is None and self.config.duty < 1:
                         # Python parts of training hold the GIL; leave serving its share.
@@ -174,9 +175,53 @@ class Flywheel:
     def resume(self) -> None:
         self.paused = False
 
+    # ------------------------------------------------------------ persistence (resumable learning)
+    def _locked_work(self) -> bool:
+        with self._state_lock:
+            return self._work()
+
     def save(self, path) -> str:
-        meta = {"version": self.version, "trainer_steps": self.trainer.steps}
-        return str(save_head(self.published, path, meta))
+        """Weights + trainer state (optimizer, vocabulary counts, steps, replay sample), from a
+        snapshot copied under the trainer lock, written file-by-file atomically outside it."""
+        with self._state_lock:
+            t = self.trainer
+            snap = checkpoint.snapshot_training(
+                self.published, t.head, t.opt, self.vocab.counts, self.version, t.steps,
+                {"tokens_trained": t.tokens_trained, "vocab_built_at": self._vocab_built_at},
+                t.replay, t.holdout)
+        meta = {"feature_layers": list(self.engine.runner.feature_layers)}
+        return str(checkpoint.save_training(path, snap, meta))
+
+    def load_state(self, path) -> dict:
+        """Resume from `save(path)`: weights into the trainer, the published copy and both serving
+        slots; optimizer, vocabulary counts, steps and version continue. Refuses a checkpoint whose
+        head shape or vocabulary map does not fit (ValueError); changes nothing in that case."""
+        runner = self.engine.runner
+        head, meta, state = checkpoint.load_training(path, runner, self.published)
+        with self._state_lock:
+            t = self.trainer
+            self.published.load_state_dict(head.state_dict())
+            t.head.load_state_dict(state["trainer_head"] if state else head.state_dict())
+            t.opt = t._make_opt()
+            if state:
+                t.opt.load_state_dict(state["optimizer"])
+                self.vocab.counts = state["counts"]
+                t.steps = state["steps"]
+                t.tokens_trained = int(state["extra"].get("tokens_trained", 0))
+                self._vocab_built_at = int(state["extra"].get("vocab_built_at", -1))
+                t.replay, t.holdout = state["replay"], state["holdout"]
+            else:
+                t.steps = int(meta.get("trainer_steps", 0))
+            self._steps_at_publish = t.steps
+            self.version = int(meta.get("version", 0))
+            if meta.get("feature_layers"):
+                runner.feature_layers = tuple(meta["feature_layers"])
+            for slot in self.proposer.slots:
+                copy_into(slot, self.published)
+            with self.proposer._lock:
+                self.proposer.version, self.proposer._staged = self.version, None
+            self.previous = None
+        return {"version": self.version, "steps": t.steps, "training_state": state is not None}
 
     def close(self) -> None:
         self._closed = True

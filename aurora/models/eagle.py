@@ -1,11 +1,16 @@
-"""EAGLE-3-style draft head: one decoder layer over the target's own features.
+"""EAGLE-3 draft head: EAGLE-3's own decoder layer over the target's features.
 
-Inputs per row: a token embedding (the target's, frozen) and a feature `g` — either
-`fc([low; mid; high])` of the target's hidden states (context rows, "level 1") or the
-draft's own output hidden at the row's parent (draft rows, level >= 2: the
-training-time-test unroll and tree nodes). Output: logits over a draft vocabulary of
-frequent target tokens, mapped back with `d2t`. Serving and training run the same
-`forward_rows`, level by level, attending under an explicit row-visibility mask.
+Per row: the target's (frozen) token embedding `e` and a feature `g` -- `fc([low; mid;
+high])` of the target's hidden states (context rows, level 1) or the draft's own
+pre-norm output at the row's parent (draft rows, level >= 2). The layer, exactly as
+EAGLE-3 / vLLM / SGLang compute it (`norm_before_residual=False`: residual = raw g):
+    x = [input_layernorm(e); hidden_norm(g)]                      # [N, 2H]
+    r = g + o_proj(attn(q_proj(x), k_proj(x), v_proj(x)))         # RoPE on q, k
+    h = r + mlp(post_attention_layernorm(r))                      # returned, pre-norm
+    logits = lm_head(norm(h))                                     # [N, draft_vocab]
+With `norm_before_residual=True` (a speculators option) the residual is hidden_norm(g).
+Parameter names follow the legacy EAGLE-3 layout (`midlayer.*`), so export is renaming.
+`d2t` holds absolute target ids (EAGLE-3 files store offsets; converted at export/import).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import torch
 from torch import nn
 
 from aurora.kernels import tree_attention
+
+FC_INIT_STD = 0.002
 
 
 class RMSNorm(nn.Module):
@@ -37,19 +44,50 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
+class Eagle3Attention(nn.Module):
+    """Llama attention whose q/k/v read the 2H concat [embeds; hidden]."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.q_proj = nn.Linear(2 * hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+
+class Eagle3MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Eagle3Layer(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.hidden_norm = RMSNorm(hidden, eps)
+        self.self_attn = Eagle3Attention(hidden, heads, kv_heads, head_dim)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.mlp = Eagle3MLP(hidden, intermediate)
+
+
 class EagleHead(nn.Module):
     def __init__(self, hidden: int, heads: int, head_dim: int, intermediate: int, draft_vocab: int,
-                 rope_theta: float = 10000.0, eps: float = 1e-6):
+                 rope_theta: float = 10000.0, eps: float = 1e-6, kv_heads: int | None = None,
+                 norm_before_residual: bool = False, target_hidden: int | None = None):
         super().__init__()
         self.hidden, self.heads, self.head_dim, self.rope_theta = hidden, heads, head_dim, rope_theta
-        self.fc = nn.Linear(3 * hidden, hidden, bias=False)
-        self.inp = nn.Linear(2 * hidden, hidden, bias=False)
-        self.in_norm = RMSNorm(hidden, eps)
-        self.qkv = nn.Linear(hidden, 3 * heads * head_dim, bias=False)
-        self.o = nn.Linear(heads * head_dim, hidden, bias=False)
-        self.post_norm = RMSNorm(hidden, eps)
-        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.kv_heads = kv_heads or heads
+        self.eps = eps
+        self.norm_before_residual = norm_before_residual
+        self.target_hidden = target_hidden or hidden
+        self.fc = nn.Linear(3 * self.target_hidden, hidden, bias=False)
+        self.midlayer = Eagle3Layer(hidden, heads, self.kv_heads, head_dim, intermediate, eps)
         self.norm = RMSNorm(hidden, eps)
         self.lm_head = nn.Linear(hidden, draft_vocab, bias=False)
         self.register_buffer("d2t", torch.arange(draft_vocab, dtype=torch.long))  # draft id -> target id
@@ -58,26 +96,41 @@ class EagleHead(nn.Module):
     def draft_vocab(self) -> int:
         return self.lm_head.out_features
 
+    @property
+    def intermediate(self) -> int:
+        return self.midlayer.mlp.down_proj.in_features
+
     def config_dict(self) -> dict:
-        return {"hidden": self.hidden, "heads": self.heads, "head_dim": self.head_dim,
-                "intermediate": self.down.in_features, "draft_vocab": self.draft_vocab,
-                "rope_theta": self.rope_theta}
+        return {"hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "intermediate": self.intermediate, "draft_vocab": self.draft_vocab,
+                "rope_theta": self.rope_theta, "rms_norm_eps": self.eps,
+                "norm_before_residual": self.norm_before_residual, "target_hidden": self.target_hidden}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "EagleHead":
+        return cls(cfg["hidden"], cfg["heads"], cfg["head_dim"], cfg["intermediate"], cfg["draft_vocab"],
+                   cfg.get("rope_theta", 10000.0), cfg.get("rms_norm_eps", 1e-6), cfg.get("kv_heads"),
+                   cfg.get("norm_before_residual", False), cfg.get("target_hidden"))
 
     def rows_step(self, emb, g, positions, past_k, past_v, mask):
-        """One level of rows. emb, g: [N, hidden]; positions: [N]; past_k/v: [S, H, D] or None;
-        mask: [N, S + N] bool over (past rows, these rows). Returns (h [N, hidden], k, v [S+N, H, D])."""
-        x = self.inp(torch.cat([emb, g], -1))
-        q, k, v = self.qkv(self.in_norm(x)).view(-1, 3, self.heads, self.head_dim).unbind(1)
-        q = rope(q, positions, self.rope_theta)
-        k = rope(k, positions, self.rope_theta)
+        """One level of rows. emb, g: [N, hidden]; positions: [N]; past_k/v: [S, Hkv, D] or None;
+        mask: [N, S + N] bool over (past rows, these rows). Returns (h [N, hidden] pre-norm layer
+        output, k, v [S+N, Hkv, D])."""
+        layer, attn = self.midlayer, self.midlayer.self_attn
+        gn = layer.hidden_norm(g)
+        residual = gn if self.norm_before_residual else g
+        x = torch.cat([layer.input_layernorm(emb), gn], -1)                    # [N, 2H]
+        n = x.shape[0]
+        q = rope(attn.q_proj(x).view(n, self.heads, self.head_dim), positions, self.rope_theta)
+        k = rope(attn.k_proj(x).view(n, self.kv_heads, self.head_dim), positions, self.rope_theta)
+        v = attn.v_proj(x).view(n, self.kv_heads, self.head_dim)
         if past_k is not None:
             k, v = torch.cat([past_k, k]), torch.cat([past_v, v])
         att = tree_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                              mask[None], self.head_dim ** -0.5)                # [1, H, N, D]
-        x = x + self.o(att[0].transpose(0, 1).reshape(len(q), -1))
-        gate, up = self.gate_up(self.post_norm(x)).chunk(2, -1)
-        x = x + self.down(nn.functional.silu(gate) * up)
-        return x, k, v
+        r = residual + attn.o_proj(att[0].transpose(0, 1).reshape(n, -1))
+        h = r + layer.mlp(layer.post_attention_layernorm(r))
+        return h, k, v
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, draft_vocab] float32."""
@@ -97,8 +150,11 @@ def build_head(runner, draft_vocab: int, seed: int = 0) -> EagleHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = EagleHead(cfg.hidden_size, cfg.num_attention_heads, head_dim, cfg.intermediate_size,
-                         vocab, theta, getattr(cfg, "rms_norm_eps", 1e-6))
+                         vocab, theta, getattr(cfg, "rms_norm_eps", 1e-6))   # kv_heads = heads (MHA)
         for m in head.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
+        # The residual stream starts as g = fc(features); a small fc keeps it from drowning the
+        # layer's attention/MLP output at first (measured: faster early learning on tiny-llama).
+        nn.init.normal_(head.fc.weight, std=FC_INIT_STD)
     return head

@@ -1,7 +1,8 @@
 """Speculator admin: `GET /v1/speculator` (draft and trainer status) and `POST` actions.
 
-POST {"action": "pause" | "resume" | "save"}. `save` writes only into the directory
-the operator gave at startup (`--save-dir`); a client never chooses a path. The
+POST {"action": "pause" | "resume" | "save" | "export"}. `save` writes only into the
+directory the operator gave at startup (`--save-dir`); a client never chooses a path:
+`export` ({"dir": NAME, "format": "eagle3" | "speculators"}) writes `<save-dir>/exports/NAME`. The
 flywheel is optional and its API may be partial, so every call goes through getattr.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from aurora.server.errors import APIError, bad_request
 from aurora.server.openai_api import parse_body
 from aurora.server.state import CONFIG, ENGINE
 
-ACTIONS = ("pause", "resume", "save")
+ACTIONS = ("pause", "resume", "save", "export")
 STATUS_KEYS = ("draft", "draft_version", "accepted_length", "accepted_length_recent", "acceptance_by_depth",
                "trainer", "buffer")
 
@@ -55,6 +56,8 @@ async def post_speculator(request: web.Request) -> web.Response:
     if action == "save" and set(body) - {"action"}:
         raise bad_request("'save' takes no arguments: drafts are saved into the server's --save-dir", "action")
     engine, save_dir = request.app[ENGINE], request.app[CONFIG].save_dir
+    if action == "export":
+        return await _export(engine, save_dir, body)
     flywheel = getattr(engine, "flywheel", None)
     if flywheel is None:
         raise APIError(409, "online training is off on this server (no flywheel); start it with --online "
@@ -71,6 +74,29 @@ async def post_speculator(request: web.Request) -> web.Response:
     if result is not None:
         reply["result"] = result
     return _json(reply)
+
+
+async def _export(engine, save_dir: str | None, body: dict) -> web.Response:
+    from pathlib import Path
+
+    from aurora.flywheel.export import FORMATS, export_engine_draft
+    if set(body) - {"action", "dir", "format"}:
+        raise bad_request("'export' takes only 'dir' (a name under --save-dir/exports) and 'format'", "action")
+    fmt, name = body.get("format", "eagle3"), body.get("dir", "")
+    if fmt not in FORMATS:
+        raise bad_request(f"'format' must be one of {', '.join(FORMATS)}", "format")
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or name.startswith("."):
+        raise bad_request("'dir' must be a plain directory name; exports go under --save-dir/exports", "dir")
+    if save_dir is None:
+        raise APIError(409, "exporting is disabled: the server was started without --save-dir", "action",
+                       "no_save_dir")
+    out = Path(save_dir) / "exports" / name
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(None, export_engine_draft, engine, out, fmt)
+    except ValueError as exc:
+        raise APIError(409, str(exc), "action", "no_eagle_draft") from exc
+    return _json({"action": "export", "ok": True, "result": result})
 
 
 def add_routes(app: web.Application) -> None:
