@@ -6,13 +6,14 @@ and transformers `generate` runs them as one left-padded batch on the same weigh
 use the adaptive policy unless suffixed ":fixed". One process, interleaved, each engine warmed
 up on other prompts first (the adaptive policy and the cost model learn online from that).
 
-    python examples/concurrency_sweep.py [--conc 1,4,16] [--max-tokens 32]
+    python examples/concurrency_sweep.py [--conc 1,4,16] [--max-tokens 32] [--repeats 1]
         [--drafts none,ngram,eagle+ngram,eagle+ngram:fixed]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--drafts", default="none,ngram,eagle+ngram,eagle+ngram:fixed")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--repeats", type=int, default=1, help="median of this many interleaved rounds per cell")
     args = ap.parse_args()
     concs = [int(c) for c in args.conc.split(",")]
     n = max(concs)
@@ -77,9 +79,12 @@ def main() -> None:
     rows = []
     for c in concs:
         for mode in args.modes.split(","):
-            row = {"streams": c, "mode": mode, "hf": hf(c, mode)}
-            for name, eng in engines.items():
-                row[name] = aurora(eng, c, mode)
+            samples: dict[str, list[float]] = {"hf": [], **{name: [] for name in engines}}
+            for _ in range(args.repeats):
+                samples["hf"].append(hf(c, mode))
+                for name, eng in engines.items():
+                    samples[name].append(aurora(eng, c, mode))
+            row = {"streams": c, "mode": mode, **{k: statistics.median(v) for k, v in samples.items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
     policy = {name: {k: v for k, v in eng.stats().items() if k.startswith("policy_")} for name, eng in engines.items()}
