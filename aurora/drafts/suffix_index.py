@@ -134,49 +134,51 @@ class SuffixIndex:
         return Cursor(keys=[None] * len(self.levels))
 
     def extend(self, cur: Cursor, token_ids) -> None:
+        """Index tokens of the request behind `cur` (visible to every query at once)."""
+        levels = tuple(enumerate(self.levels))
+        pows, prevs, checks, heads = self._pow, self.prev, self.check, self.head
+        tok, nxt, cap = self.tok, self.nxt, self.capacity
+        keys, prefix = cur.keys, cur.prefix
+        keep = self.levels[-1] + 1
         for t in token_ids:
-            self.append(cur, t)
+            p = self.hi
+            if p >= len(tok) and len(tok) < cap:
+                self._grow()
+                tok, nxt, prevs, heads = self.tok, self.nxt, self.prev, self.head
+            if p - self.lo >= cap:
+                self.lo = p - cap + 1              # overwrite the oldest token
+            lo, mask = self.lo, self.mask
+            s = p % cap
+            tok[s] = t
+            nxt[s] = 0
+            if cur.last >= lo:
+                nxt[cur.last % cap] = p - cur.last
+            h_all = (prefix[-1] * BASE + t + 1) % MOD
+            prefix.append(h_all)
+            if len(prefix) > keep:
+                del prefix[0]
+            size = len(prefix)
+            for li, n in levels:
+                if size <= n:
+                    keys[li] = None
+                    prevs[li][s] = 0
+                    checks[li][s] = 0
+                    continue
+                h = (h_all - prefix[-1 - n] * pows[li]) % MOD
+                keys[li] = h
+                chk = (h & MASK32) or 1          # 0 marks "not chained"
+                b = chk & mask
+                head = heads[li]
+                old = head[b]
+                prevs[li][s] = p - old if old >= lo else 0
+                checks[li][s] = chk
+                head[b] = p
+            cur.last = p
+            cur.num_tokens += 1
+            self.hi = p + 1
 
     def append(self, cur: Cursor, token_id: int) -> None:
-        """Index one token of the request behind `cur` (visible to every query at once)."""
-        p = self.hi
-        if p >= len(self.tok) and len(self.tok) < self.capacity:
-            self._grow()
-        cap = self.capacity
-        if p - self.lo >= cap:
-            self.lo = p - cap + 1                  # overwrite the oldest token
-        s = p % cap
-        self.tok[s] = token_id
-        self.nxt[s] = 0
-        last = cur.last
-        if last >= self.lo:
-            self.nxt[last % cap] = p - last
-        prefix = cur.prefix
-        h_all = (prefix[-1] * BASE + token_id + 1) % MOD
-        prefix.append(h_all)
-        if len(prefix) > self.levels[-1] + 1:
-            del prefix[0]
-        size = len(prefix)
-        keys = cur.keys
-        lo = self.lo
-        for li, n in enumerate(self.levels):
-            if size <= n:
-                keys[li] = None
-                self.prev[li][s] = 0
-                self.check[li][s] = 0
-                continue
-            h = (h_all - prefix[-1 - n] * self._pow[li]) % MOD
-            keys[li] = h
-            chk = (h & MASK32) or 1          # 0 marks 'not chained'
-            b = chk & self.mask
-            head = self.head[li]
-            old = head[b]
-            self.prev[li][s] = p - old if old >= lo else 0
-            self.check[li][s] = chk
-            head[b] = p
-        cur.last = p
-        cur.num_tokens += 1
-        self.hi = p + 1
+        self.extend(cur, (token_id,))
 
     # ---------------------------------------------------------------- reading
     def match(self, cur: Cursor) -> Match:
