@@ -25,7 +25,7 @@ class SpecConfig:
     # every prompt and output served; `suffix_persist` allows saving it to disk (user text).
     suffix_bytes: int = 64 << 20       # byte budget of the index (oldest requests evicted beyond it)
     suffix_max_depth: int = 16         # deepest suffix proposal (also capped by max_nodes)
-    suffix_spec_factor: float = 1.0    # depth <= ceil(factor * matched context length)
+    suffix_spec_factor: float = 2.0    # depth <= ceil(factor * matched context length)
     suffix_min_prob: float = 0.1       # cut nodes whose path frequency is below this
     suffix_persist: bool = True        # False: never save or load the index
 

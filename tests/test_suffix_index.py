@@ -201,7 +201,7 @@ def test_in_flight_tokens_visible_to_every_request_at_the_next_step():
 
 
 def test_prompts_indexed_on_step_before_decoding():
-    spec = SpecConfig(suffix_bytes=2 * MIB)
+    spec = SpecConfig(suffix_bytes=2 * MIB, suffix_spec_factor=1.0)
     prop = SuffixProposer(spec)
     prefill = seq("p", [11, 12, 13, 14, 15, 16, 17])
     prop.on_step([prefill], None, None, None)         # prefilling: never proposed for, still indexed
