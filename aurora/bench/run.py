@@ -325,7 +325,8 @@ def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
             "num_tokens": sum(len(o.token_ids) for o in outs),
             **{k: v for k, v in run.get("extra", {}).items() if k not in ("acceptance_by_depth",)},
             "requests": [{"index": i, "domain": prompts[i].domain, "source": prompts[i].source,
-                          "prompt_tokens": run.get("prompt_lens", {}).get(i, len(prompt_ids[i])), "tau": o.tau, "tokens": len(o.token_ids),
+                          "prompt_tokens": run.get("prompt_lens", {}).get(i, len(prompt_ids[i])),
+                          "tau": o.tau, "tokens": len(o.token_ids),
                           "seconds": o.seconds, "tokens_per_s": tps[i], "draft_version": o.draft_version,
                           "finish_reason": o.finish_reason}
                          for i, o in enumerate(outs)],
