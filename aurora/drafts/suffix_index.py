@@ -225,12 +225,14 @@ class SuffixIndex:
                   spec_factor: float = 1.0) -> tuple[list[int], list[int], list[float], int]:
         """A draft tree from what followed the matched context: best-first by path frequency
         (product of child count / parent count along the path), children ranked by count,
-        depth <= ceil(spec_factor * match length), nodes whose path frequency < min_prob cut.
+        at most ceil(spec_factor * match length) nodes (a short match is weak evidence: few
+        nodes, cheap to verify), depth <= max_depth, nodes whose path frequency < min_prob cut.
         Returns (token_ids, parents, path_probs, match_length); parents precede children."""
         m = self.match(cur)
+        max_nodes = min(max_nodes, math.ceil(spec_factor * m.length))
         if not m.positions or max_nodes < 1:
             return [], [], [], m.length
-        depth_cap = max(1, min(max_depth, math.ceil(spec_factor * m.length)))
+        depth_cap = max(1, min(max_depth, max_nodes))
         tokens, parents, probs = [], [], []
         heap = [(-1.0, 0, -1, 0, m.positions)]   # (-path prob, tie, parent node, depth, positions)
         tie = 1
