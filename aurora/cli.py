@@ -17,20 +17,37 @@ FORWARDED = {"bench": ("aurora.bench.cli", "run benchmarks"),
              "demo": ("aurora.bench.demo", "run the live demo")}
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("aurora-spec")
+    except PackageNotFoundError:                     # a bare checkout, not installed
+        from aurora import __version__
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aurora", description="Online speculative-decoding LLM engine.")
+    from aurora.config import EngineConfig  # light: no torch
+    parser = argparse.ArgumentParser(prog="aurora", description="Online speculative-decoding LLM engine.",
+                                     epilog="Set AURORA_DEBUG=1 to see the traceback behind an error message.")
+    parser.add_argument("--version", action="version", version=f"aurora {version()}")
     sub = parser.add_subparsers(dest="command", metavar="{serve,bench,demo}")
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
                            description="Serve an OpenAI-compatible API (completions, chat, metrics) from one "
                                        "process with the engine embedded. Unset engine flags fall back to "
                                        "AURORA_<FIELD> environment variables, then EngineConfig defaults.")
     e = serve.add_argument_group("engine")
-    e.add_argument("--model", help="model preset or local checkpoint (default: smollm2-135m)")
-    e.add_argument("--draft", help="draft: none | ngram | eagle[:ckpt] | model:<path>, joined by '+'")
-    e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    e.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    d = EngineConfig()
+    e.add_argument("--model", help=f"model preset or local checkpoint (default: {d.model})")
+    e.add_argument("--draft", help=f"draft: none | ngram | eagle[:ckpt] | model:<path>, joined by '+' "
+                                   f"(default: {d.draft})")
+    e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help=f"default: {d.dtype} = bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise")
+    e.add_argument("--device", help=f"auto | cpu | cuda | cuda:N (default: {d.device})")
     e.add_argument("--online", action=argparse.BooleanOptionalAction, default=None,
-                   help="train the draft online from served traffic (the flywheel)")
+                   help=f"train the draft online from served traffic, the flywheel "
+                        f"(default: {'on' if d.online else 'off'})")
     s = serve.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
@@ -44,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory where POST /v1/speculator {'action': 'save'} and shutdown save the draft")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default: 10)")
-    s.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    s.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one log line per HTTP request: method, path, status, tokens, tau, TTFT, latency "
+                        "(default: on)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     for name, (module, help_text) in FORWARDED.items():
         sub.add_parser(name, help=f"{help_text} (see 'aurora {name} --help')", add_help=False)
@@ -58,12 +77,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
+        if args.model is not None and not _model_ok("serve", args.model):
+            return 2
         return _serve(args)
     parser.print_help()
     return 2
 
 
+def _model_ok(command: str, model: str) -> bool:
+    """Check a --model before anything slow happens: one line and False for a bad one."""
+    from aurora.models.loader import ModelNotFound, check_model
+    try:
+        check_model(model)
+    except ModelNotFound as exc:
+        print(f"aurora {command}: error: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _model_arg(argv: list[str]) -> str | None:
+    """The value of --model in a forwarded command line (None when absent or --help)."""
+    if any(a in ("-h", "--help") for a in argv):
+        return None
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--model")
+    return probe.parse_known_args(argv)[0].model
+
+
 def _forward(command: str, argv: list[str]) -> int:
+    """Run `aurora bench|demo`. User mistakes (ValueError, OSError: unknown model, bad
+    option values, unwritable paths) end in one line and exit code 2, no traceback."""
+    model = _model_arg(argv)
+    if model is not None and not _model_ok(command, model):
+        return 2
+    if not any(a in ("-h", "--help") for a in argv):   # the next imports take seconds on a busy CPU
+        print(f"aurora {command}: starting (importing transformers, reading prompts) ...", flush=True)
     module_name = FORWARDED[command][0]
     try:
         module = importlib.import_module(module_name)
@@ -74,7 +122,16 @@ def _forward(command: str, argv: list[str]) -> int:
     if not callable(entry):
         print(f"aurora {command}: {module_name} has no main(argv)", file=sys.stderr)
         return 2
-    result = entry(argv)
+    try:
+        result = entry(argv)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("AURORA_DEBUG"):
+            raise
+        print(f"aurora {command}: error: {exc} (AURORA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aurora {command}: interrupted", file=sys.stderr)
+        return 130
     return result if isinstance(result, int) else 0
 
 
@@ -105,7 +162,8 @@ def _serve(args: argparse.Namespace) -> int:
         from aurora.engine.engine import Engine
         engine = Engine(engine_config)
     except Exception as exc:
-        logging.getLogger("aurora").debug("engine creation failed", exc_info=True)
+        if os.environ.get("AURORA_DEBUG"):
+            raise
         print(f"aurora serve: error: could not load the engine: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     trainer = "on" if engine.flywheel is not None else "off"

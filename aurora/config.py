@@ -12,7 +12,8 @@ TREE_SHAPES = ("chain", "static", "dynamic")
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """Draft tree shape. chain: depth k, width 1; static: top-`width` per node for
+    """Draft tree shape (`adaptive`: verify only the nodes that pay, see engine/policy.py).
+    chain: depth k, width 1; static: top-`width` per node for
     `depth` levels (capped by `max_nodes`); dynamic: EAGLE-2 expansion by cumulative
     draft probability, keeping the best `max_nodes`."""
     shape: str = "chain"
@@ -21,11 +22,12 @@ class SpecConfig:
     max_nodes: int = 16
     ngram_max: int = 4          # longest suffix the ngram proposer matches
     ngram_min: int = 1
+    adaptive: bool = False      # verify only the nodes that pay at the current load (engine/policy.py)
     # suffix draft: memory of all traffic (aurora/drafts/suffix.py). The index stores token ids of
     # every prompt and output served; `suffix_persist` allows saving it to disk (user text).
     suffix_bytes: int = 64 << 20       # byte budget of the index (oldest requests evicted beyond it)
     suffix_max_depth: int = 16         # deepest suffix proposal (also capped by max_nodes)
-    suffix_spec_factor: float = 2.0    # depth <= ceil(factor * matched context length)
+    suffix_spec_factor: float = 2.0    # nodes (and depth) <= ceil(factor * matched context length)
     suffix_min_prob: float = 0.1       # cut nodes whose path frequency is below this
     suffix_persist: bool = True        # False: never save or load the index
 
@@ -101,6 +103,7 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int = 0             # 0 = the model's own limit
     threads: int = 0                   # CPU torch threads for serving (0 = torch default)
+    prefill_chunk: int = 512           # prompt tokens per step while other streams decode (0 = whole prompts)
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -114,6 +117,8 @@ class EngineConfig:
             raise ValueError("EngineConfig needs block_size >= 1 and kv_tokens >= block_size")
         if self.max_batch < 1:
             raise ValueError("EngineConfig.max_batch must be >= 1")
+        if self.prefill_chunk < 0:
+            raise ValueError("EngineConfig.prefill_chunk must be >= 0")
         for part in self.draft.split("+"):
             kind = part.split(":", 1)[0]
             if kind not in ("none", "ngram", "eagle", "model", "suffix"):

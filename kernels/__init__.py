@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .reference import paged_tree_attention_ref, plan_paged, tree_attention_dense_ref
+from .reference import paged_tree_attention_ref, plan_paged, plan_prompt, tree_attention_dense_ref
 
 
 def backend(device: torch.device) -> str:
@@ -64,8 +64,8 @@ def paged_tree_attention(q, k_cache, v_cache, block_tables, seq_lens, query_star
         key = ("plan", sliding_window)
         plan = step_cache.get(key)
         if plan is None:
-            plan = step_cache[key] = plan_paged(block_tables, seq_lens, query_start, tree_mask, positions,
-                                                block_size, q.shape[0], sliding_window)
+            plan = step_cache[key] = _plan(block_tables, seq_lens, query_start, tree_mask, positions,
+                                           block_size, q.shape[0], sliding_window)
     return paged_tree_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, tree_mask,
                                     positions, block_size, scale, sliding_window, softcap, plan)
 
@@ -76,3 +76,13 @@ def tree_attention(q, k, v, mask, scale):
         from .train_attention import tree_attention_flex
         return tree_attention_flex(q, k, v, mask, scale)
     return tree_attention_dense_ref(q, k, v, mask, scale)
+
+
+def _plan(block_tables, seq_lens, query_start, tree_mask, positions, block_size, num_tokens, sliding_window):
+    """A fresh causal prompt of one sequence gets the mask-free plan; everything else the general one."""
+    if (seq_lens.shape[0] == 1 and int(seq_lens[0]) == num_tokens and tree_mask.shape == (num_tokens, num_tokens)
+            and (not sliding_window or num_tokens <= sliding_window) and num_tokens > 1
+            and bool(torch.equal(tree_mask, torch.ones_like(tree_mask).tril_()))):
+        return plan_prompt(block_tables, num_tokens, block_size)
+    return plan_paged(block_tables, seq_lens, query_start, tree_mask, positions, block_size, num_tokens,
+                      sliding_window)

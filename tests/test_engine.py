@@ -455,3 +455,82 @@ def test_chat_uses_the_template(llama):
     for bad in ([], [{"role": "user"}], "hi", [{"role": 1, "content": "x"}]):
         with pytest.raises(ValueError):
             llama.chat_prompt(bad)
+
+
+# ----------------------------------------------------------------------------- incremental detokenisation
+
+DETOK_TEXT = "Héllo wörld! naïve café — 日本語のテキスト 🙂🚀 done.\n\tdef f(x): return x ** 2  # ok"
+
+
+def _stream_detok(tokenizer, ids: list[int], chunk_sizes: list[int]):
+    from aurora.engine.detok import detokenize
+    from aurora.engine.sequence import Sequence
+    seq = Sequence("d", [5], SamplingParams(), None)
+    texts, i, k = [], 0, 0
+    while i < len(ids):
+        n = chunk_sizes[k % len(chunk_sizes)]
+        seq.token_ids += ids[i:i + n]
+        i, k = i + n, k + 1
+        texts.append(detokenize(tokenizer, seq, final=i >= len(ids)))
+    return texts
+
+
+@pytest.mark.parametrize("chunks", [[1], [2, 1, 3], [5]])
+def test_incremental_detokenisation_equals_full_decode_bytes(chunks):
+    """Byte-level ids split multi-byte characters: partial characters are held back, never
+    streamed as U+FFFD, and the final text equals one full decode."""
+    from aurora.models.tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    ids = tok.encode(DETOK_TEXT)
+    texts = _stream_detok(tok, ids, chunks)
+    assert texts[-1] == tok.decode(ids)
+    for a, b in zip(texts, texts[1:]):
+        assert b.startswith(a) and "\ufffd" not in a
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunks", [[1], [3, 1, 2]])
+def test_incremental_detokenisation_equals_full_decode_real_tokenizer(chunks):
+    from aurora.bench.systems import load_tokenizer
+    tok = load_tokenizer("smollm2-135m")
+    ids = tok.encode(DETOK_TEXT, add_special_tokens=False)
+    texts = _stream_detok(tok, ids, chunks)
+    assert texts[-1] == tok.decode(ids, skip_special_tokens=True)
+    for a, b in zip(texts, texts[1:]):
+        assert b.startswith(a) and "\ufffd" not in a
+
+
+# ----------------------------------------------------------------------------- chunked prefill
+
+def test_chunked_prefill_keeps_decoding_and_matches_whole_prefill(fresh_engine):
+    """A long prompt arriving while another stream decodes is prefilled in chunks, the other
+    stream decoding in the same steps, and greedy outputs equal unchunked prefill."""
+    import threading
+    prompts = [[(i * 37) % 200 + 3 for i in range(12)], [(i * 53) % 200 + 3 for i in range(150)]]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    whole = fresh_engine("tiny-llama", draft="none", prefill_chunk=0).generate_batch(prompts, params)
+    eng = fresh_engine("tiny-llama", draft="none", prefill_chunk=16)
+    chunks = []
+    orig = eng.runner.forward
+
+    def forward(batch):
+        n_new = (batch.query_start[1:] - batch.query_start[:-1]).tolist()
+        if len(n_new) == 2 and n_new[1] > 1:                  # long prompt beside the decoding stream
+            chunks.append(n_new)
+        return orig(batch)
+    eng.runner.forward = forward
+    started, done, final = threading.Event(), threading.Event(), {}
+
+    def on_short(out):
+        started.set()
+        if out.finished:
+            final["short"] = out
+            done.set()
+    eng.add_request(prompts[0], params, on_short)
+    assert started.wait(30)
+    long_out = eng.generate_batch([prompts[1]], params, timeout=60)[0]
+    assert done.wait(60)
+    assert long_out.token_ids == whole[1].token_ids
+    assert final["short"].token_ids == whole[0].token_ids
+    assert len(chunks) >= 150 // 16 - 1                        # chunked over many steps ...
+    assert all(short == 1 and chunk <= 16 for short, chunk in chunks)   # ... each with a decode row

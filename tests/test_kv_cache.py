@@ -234,3 +234,52 @@ def test_finish_releases_waiting_and_running():
     sched.finish(a)
     sched.finish(a)                                # idempotent
     assert cache.allocator.num_free == 4 and not sched.has_work
+
+
+# ----------------------------------------------------------------------------- CPU attention fast paths
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("kind", ["prompt", "decode", "tree_batch"])
+def test_attention_fast_paths_match_the_general_plan(dtype, contiguous, kind):
+    """The dispatcher's shortcuts (mask-free causal prompt, contiguous view, fp32 compute for
+    half pools) give what the general masked plan gives in fp64."""
+    from aurora.kernels import paged_tree_attention
+    from aurora.kernels.reference import paged_tree_attention_ref, plan_paged
+    g = torch.Generator().manual_seed(1)
+    bs, heads, kv_heads, dim = 4, 6, 2, 8
+    lens = {"prompt": [23], "decode": [30], "tree_batch": [30, 17]}[kind]
+    n_new = {"prompt": [23], "decode": [1], "tree_batch": [3, 1]}[kind]
+    blocks = [-(-n // bs) for n in lens]
+    order = list(range(sum(blocks) + 2)) if contiguous else torch.randperm(sum(blocks) + 2, generator=g).tolist()
+    table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
+    taken = 0
+    for i, b in enumerate(blocks):
+        table[i, :b] = torch.tensor(order[taken:taken + b])
+        taken += b
+    num_tokens = sum(n_new)
+    tree_mask = torch.zeros(num_tokens, max(n_new), dtype=torch.bool)
+    start, positions = 0, []
+    for n, length in zip(n_new, lens):
+        tree_mask[start:start + n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        positions += range(length - n, length)
+        start += n
+    args = dict(q=torch.randn(num_tokens, heads, dim, generator=g).to(dtype),
+                k_cache=torch.randn(len(order) * bs, kv_heads, dim, generator=g).to(dtype),
+                v_cache=torch.randn(len(order) * bs, kv_heads, dim, generator=g).to(dtype),
+                block_tables=table, seq_lens=torch.tensor(lens, dtype=torch.int32),
+                query_start=torch.tensor([0] + list(torch.tensor(n_new).cumsum(0)), dtype=torch.int32),
+                tree_mask=tree_mask, positions=torch.tensor(positions), block_size=bs, scale=dim ** -0.5)
+    step_cache: dict = {}
+    fast = paged_tree_attention(**args, step_cache=step_cache, impl="reference")
+    plan = step_cache[("plan", None)]
+    assert plan["causal"] == (kind == "prompt")
+    assert (plan["contiguous"] is not None) == (contiguous and len(lens) == 1)
+    general = plan_paged(args["block_tables"], args["seq_lens"], args["query_start"], tree_mask,
+                         args["positions"], bs, num_tokens)
+    general["contiguous"] = None
+    exact = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in args.items()}
+    want = paged_tree_attention_ref(**exact, plan=general)
+    assert fast.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fast.double(), want, atol=tol, rtol=tol)

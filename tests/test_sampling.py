@@ -131,3 +131,63 @@ def test_good_sampling_params_normalise():
     assert SamplingParams(stop=["a", "bc"]).stop == ("a", "bc")
     assert SamplingParams().stop == () and not SamplingParams().greedy
     assert SamplingParams(max_tokens=1, top_p=1e-9, top_k=1).max_tokens == 1
+
+
+# ----------------------------------------------------------------------------- top-p without a full sort
+
+def _sorted_top_p(logits: torch.Tensor, top_p: float, temperature: float = 1.0) -> torch.Tensor:
+    """The textbook rule: sort the vocabulary, keep the smallest prefix reaching top_p."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (sorted_probs.cumsum(-1) - sorted_probs) >= top_p)
+    probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0, 30.0])      # flat rows need the 1024 and full-vocab fallbacks
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_prefilter_equals_full_sort(spread, top_p):
+    g = torch.Generator().manual_seed(int(spread * 10) + int(top_p * 100))
+    logits = torch.randn(7, 5000, generator=g) * spread
+    logits[0] *= 0.01                                         # one nearly uniform row in every batch
+    got = processed_probs(logits, SamplingParams(temperature=0.7, top_p=top_p))
+    want = _sorted_top_p(logits, top_p, 0.7)
+    assert ((got > 0) == (want > 0)).all()
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-4)
+
+
+def test_top_p_after_top_k_uses_only_the_k_candidates():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 3000, generator=g)
+    got = processed_probs(logits, SamplingParams(top_k=200, top_p=0.95))
+    masked = logits.masked_fill(logits < logits.topk(200, -1).values[:, -1:], float("-inf"))
+    want = _sorted_top_p(masked, 0.95)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-4)
+
+
+def test_top_p_ties_at_the_cut_are_all_kept():
+    got = _probs(SamplingParams(top_p=0.5), logits=[1.0, 1.0, 1.0, 1.0, -5.0])
+    assert got == pytest.approx([0.25, 0.25, 0.25, 0.25, 0.0], abs=1e-6)
+
+
+def test_top_p_prefilter_samples_follow_the_sorted_distribution():
+    """chi-square at ALPHA=1e-3 (fixed seed): draws from the prefiltered distribution of a
+    5,000-token vocabulary follow the full-sort nucleus distribution."""
+    from scipy.stats import chisquare
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(1, 5000, generator=g) * 2.5
+    want = _sorted_top_p(logits, 0.9, 0.7)[0]
+    probs = processed_probs(logits, SamplingParams(temperature=0.7, top_p=0.9))[0]
+    gen = make_generator(3)
+    draws = torch.multinomial(probs, 20000, replacement=True, generator=gen)
+    support = want.nonzero().squeeze(-1)
+    assert 10 < support.numel() < 4000                       # a real nucleus, not the argmax alone
+    counts = torch.bincount(draws, minlength=5000).double()
+    assert counts[want == 0].sum() == 0
+    # bin the support into ~20 equal-mass groups so expected counts stay large
+    order = support[want[support].argsort(descending=True)]
+    groups = (want[order].cumsum(0) * 20).floor().clamp(max=19).long()
+    obs = torch.zeros(20, dtype=torch.float64).index_add_(0, groups, counts[order])
+    exp = torch.zeros(20, dtype=torch.float64).index_add_(0, groups, want[order] * 20000)
+    keep = exp > 0
+    assert chisquare(obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3

@@ -535,7 +535,10 @@ def test_shutdown_aborts_long_requests_after_the_timeout(engine):
             await asyncio.get_running_loop().run_in_executor(None, srv.stop)
             assert time.monotonic() - t0 < 5
             events = sse_events((await streamed.content.read()).decode())
-            assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "abort"
+            # OpenAI's reasons only: the cut-short text ends with "length", then an in-band error
+            assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "aborted"
+            assert events[-3]["choices"][0]["finish_reason"] == "length"
+            assert {e["choices"][0]["finish_reason"] for e in events[:-2]} <= {None, "length"}
             resp = await waiting
             assert resp.status == 503 and (await resp.json())["error"]["code"] == "aborted"
     asyncio.run(run())
@@ -626,3 +629,68 @@ def test_cli_serve_runs_and_shuts_down_on_sigterm(tmp_path, monkeypatch, capsys)
     assert "loading model tiny-llama" in out and f"listening on http://127.0.0.1:{port}" in out
     assert "shutting down" in out and out.rstrip().endswith("stopped")
     assert (tmp_path / "drafts").is_dir()
+
+
+# ---------------------------------------------------------------- finish reasons and fault metrics
+def test_finish_reasons_are_openai_values():
+    """Only "stop" and "length" ever reach a client as finish_reason; aborted and failed
+    generations carry an error event instead."""
+    from aurora.server import openai_api as oa
+    from aurora.types import RequestOutput
+
+    def out(reason, error=None):
+        return RequestOutput(request_id="r", prompt_token_ids=[1], token_ids=[2], text="x", delta_token_ids=[2],
+                             delta_text="x", finished=True, finish_reason=reason, error=error, stats={})
+    assert [oa.finish_reason(out(r)) for r in ("stop", "length", "abort", "error")] == ["stop", "length", "length",
+                                                                                        None]
+    assert oa.stream_error(out("stop")) is None and oa.stream_error(out("length")) is None
+    assert oa.stream_error(out("abort"))["error"]["code"] == "aborted"
+    assert oa.stream_error(out("error", "boom"))["error"]["code"] == "engine_error"
+
+
+def test_openai_client_sees_the_text_then_an_error_on_abort(engine):
+    """The official client yields the cut-short chunks (finish_reason "length"), then raises."""
+    openai = pytest.importorskip("openai")
+    srv = ServerThread(engine, ServerConfig(port=0), shutdown_timeout=0.3).start()
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    reasons, raised = [], []
+
+    def consume():
+        try:
+            for ev in client.completions.create(model=MODEL, prompt="x", max_tokens=1500, stream=True, temperature=0,
+                                                extra_body={"ignore_eos": True}):
+                reasons.append(ev.choices[0].finish_reason)
+        except openai.APIError as exc:
+            raised.append(exc)
+    t = threading.Thread(target=consume)
+    t.start()
+    while not reasons and t.is_alive():
+        time.sleep(0.01)
+    srv.stop()
+    t.join(10)
+    assert reasons and reasons[-1] == "length" and set(reasons[:-1]) <= {None}
+    assert raised and "shutting down" in str(raised[0])
+    wait_idle(engine)
+
+
+def test_fault_metrics(server, engine, monkeypatch):
+    """Draft failures, forward retries and per-reason finished generations reach /metrics."""
+    wait_idle(engine)
+    before = engine.stats()
+    inner = engine.proposer.propose
+
+    def propose(seqs, ctx):
+        if len(seqs) > 0:
+            raise RuntimeError("injected draft failure")
+        return inner(seqs, ctx)
+    monkeypatch.setattr(engine.proposer, "propose", propose)
+    status, _, data = post(server, C, {"prompt": "abc abc abc abc", "max_tokens": 6, **GREEDY})
+    assert status == 200 and data["choices"][0]["finish_reason"] == "length"
+    monkeypatch.undo()
+    text = call(server, "GET", "/metrics")[2]
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["aurora_draft_failures_total"] == engine.stats()["draft_failures"] > before["draft_failures"]
+    assert values["aurora_engine_forward_retries_total"] == engine.stats()["num_forward_retries"]
+    assert values["aurora_learned_draft_off"] == 0.0 and "aurora_draft_switch_offs_total" in values
+    assert values['aurora_http_generations_finished_total{finish_reason="length"}'] >= 1

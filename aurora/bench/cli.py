@@ -1,5 +1,6 @@
 """`aurora bench`: transformers and Aurora systems side by side on the same weights and
-prompts, in one process; writes results.json, results.md and tau.png.
+prompts, in one process; writes results.json, results.md and tau.png into a new
+directory per run (bench_out/<date-time>/), so runs never overwrite each other.
 
     aurora bench --quick
     aurora bench --systems hf,none,online --domains code,chat --per-domain 10
@@ -9,6 +10,7 @@ prompts, in one process; writes results.json, results.md and tau.png.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -36,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), checks exactness")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto = float32 on CPU (exact), bfloat16 on CUDA")
+                   help="auto (default) = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
+                        "float32 on other CPUs; float32 is needed for token-exact comparisons")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint", default=None, help="saved draft dir for `eagle` and `online-ckpt`")
     p.add_argument("--save-draft", default=None, help="save the `online` system's draft here at the end")
@@ -50,8 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve request i on every system before request i+1 (fairer on a noisy "
                         "machine; trainers pause while other systems run)")
     p.add_argument("--quick", action="store_true", help="4 requests per domain x 48 tokens (~5 min on a 2-core CPU)")
-    p.add_argument("--out", default="bench_out", help="output directory (default: bench_out/)")
+    p.add_argument("--out", default=None,
+                   help="directory for results.json, results.md and tau.png; must not hold an earlier run's "
+                        "(default: a new bench_out/<date-time>[-<run-name>]/; bench_out/latest points at it)")
+    p.add_argument("--run-name", default=None, help="suffix of the default run directory, e.g. 'quick-bf16'")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--replot", metavar="RESULTS_JSON", default=None,
+                   help="only redraw the plot of an earlier run from its JSON (into tau.png beside it)")
     return p
 
 
@@ -60,6 +68,8 @@ def config_from_args(args):
     systems = args.systems or ",".join(DEFAULT_SYSTEMS)
     per_domain = args.per_domain or (QUICK["per_domain"] if args.quick else 20)
     max_tokens = args.max_tokens or (QUICK["max_tokens"] if args.quick else 64)
+    if args.checkpoint and not os.path.isdir(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint!r} is not a directory (a draft saved with --save-draft)")
     return BenchConfig(
         model=args.model, systems=tuple(s.strip() for s in systems.split(",") if s.strip()),
         domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()), per_domain=per_domain,
@@ -71,6 +81,9 @@ def config_from_args(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.replot:
+        print(f"wrote {replot(args.replot)}")
+        return 0
     from aurora.bench.run import run_bench, write_outputs
     try:
         cfg = config_from_args(args)
@@ -80,13 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"aurora bench: {cfg.model}, systems {','.join(cfg.systems)}, domains {','.join(cfg.domains)}, "
           f"max {cfg.max_tokens} tokens", flush=True)
+    from aurora.bench.report import output_dir
+    out_dir = output_dir(args.out, "bench_out", ("results.json", "results.md", "tau.png"), args.run_name)
+    print(f"output: {out_dir}/", flush=True)
     results = run_bench(cfg, progress=not args.no_progress)
-    paths = write_outputs(results, args.out)
+    paths = write_outputs(results, out_dir)
     from aurora.bench.report import markdown_report
     print()
     print(markdown_report(results))
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def replot(json_path: str) -> str:
+    """Redraw tau.png beside an earlier run's results JSON (the plot's numbers are the run's)."""
+    import json
+    from pathlib import Path
+
+    from aurora.bench import report
+    from aurora.bench.run import _phases
+    path = Path(json_path)
+    results = json.loads(path.read_text())
+    meta = results["meta"]
+    window = max(1, min(5, meta["num_requests"] // 4 or 1))
+    return str(report.plot_tau(report.plot_series(results), meta["switches"], path.parent / "tau.png",
+                               title=f"{meta['model']}: speedup and τ per request", window=window,
+                               phases=_phases(results)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 DEFAULT_REQUESTS = 45
 DEFAULT_MAX_TOKENS = 48
@@ -32,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serving torch threads (default on CPU: CPUs minus the trainer's threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-draft", default=None, help="save the learned draft here at the end")
-    p.add_argument("--out", default="demo_out", help="where demo.json and demo_tau.png go (default: demo_out/)")
+    p.add_argument("--out", default=None,
+                   help="directory for demo.json and demo_tau.png; must not hold an earlier run's "
+                        "(default: a new demo_out/<date-time>/; demo_out/latest points at it)")
     return p
 
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from aurora.workloads import domain_shift, segments, switch_indices
 
     t_start = time.perf_counter()
+    out_dir = report.output_dir(args.out, "demo_out", ("demo.json", "demo_tau.png"))   # never overwrites a run
     quiet_transformers()
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     prompts = domain_shift(domains, math.ceil(n / len(domains)), seed=args.seed,
@@ -86,18 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"aurora demo: {args.model}, draft eagle+ngram learning online from scratch; {n} requests "
           f"({' -> '.join(domains)}), {args.max_tokens} tokens each, greedy, batch 1", flush=True)
     try:
-        online = build_system("online", opts)
+        with report.heartbeat("loading the engine (target, draft, trainer)"):
+            online = build_system("online", opts)
     except Unavailable as exc:
         print(f"aurora demo: the online draft is unavailable here: {exc}", file=sys.stderr)
         return 1
-    for ids in warm_ids:
-        online.generate(ids, params)
+    with report.heartbeat("warm-up request (not counted)"):
+        for ids in warm_ids:
+            online.generate(ids, params)
     online.mark()
     print(f"engine ready in {time.perf_counter() - t_start:.1f} s; serving\n", flush=True)
 
     rows = []
     for i, ids in enumerate(prompt_ids):
-        out = online.generate(ids, params)
+        with report.heartbeat(f"serving #{i}", announce=False):     # a line every 10 s on a slow CPU
+            out = online.generate(ids, params)
         tps = len(out.token_ids) / out.seconds
         loss = online.trainer_loss()
         rows.append({"index": i, "domain": prompts[i].domain, "tau": out.tau, "tokens": len(out.token_ids),
@@ -130,10 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra.get("saved_draft"):
         print(f"draft saved to {extra['saved_draft']}")
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     series = {"online": {"label": "eagle+ngram online", "index": [r["index"] for r in rows],
-                         "tau": [r["tau"] for r in rows], "tokens_per_s": [r["tokens_per_s"] for r in rows]}}
+                         "tau": [r["tau"] for r in rows], "tokens_per_s": [r["tokens_per_s"] for r in rows],
+                         "draft_version": [r["draft_version"] for r in rows]}}
     if base:
         series["none"] = {"label": "no draft (baseline sample)", "index": sorted(base), "tau": [],
                           "tokens_per_s": [base[i] for i in sorted(base)]}

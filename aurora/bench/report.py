@@ -1,15 +1,19 @@
-"""Benchmark reports: results.json, a Markdown table and the tau-vs-request plot.
+"""Benchmark reports: results.json, a Markdown table and the plot (final speedups as
+bars, tau per request with draft swaps marked, at most four systems per panel).
 
 Plain functions over the results dict that `aurora.bench.run` builds, so they are
 testable without a model. Every ratio in a report comes from one run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import statistics
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,6 +55,27 @@ def hardware_line(threads: int = 0) -> str:
         parts.append(f"GPU {torch.cuda.get_device_name(0)}")
     parts.append(f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
     return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every_s: float = 10.0, announce: bool = True):
+    """Print "<what> ..." now (if `announce`), "... still <what> (N s)" every `every_s` seconds
+    while the block runs, so a slow step (loading, warm-up on a busy CPU) never looks like a hang."""
+    done = threading.Event()
+    start = time.monotonic()
+    if announce:
+        print(f"{what} ...", flush=True)
+
+    def beat():
+        while not done.wait(every_s):
+            print(f"  ... still {what} ({time.monotonic() - start:.0f} s)", flush=True)
+    thread = threading.Thread(target=beat, name="aurora-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 # ---------------------------------------------------------------- formatting
@@ -144,6 +169,46 @@ def markdown_report(results: dict) -> str:
 
 # ---------------------------------------------------------------- files
 
+def run_dir(base: str | Path, name: str | None = None) -> Path:
+    """A new directory for one run, `<base>/<YYYYmmdd-HHMMSS>[-<name>]` (-2, -3... if taken),
+    so runs never overwrite each other; `<base>/latest` points at it where links work."""
+    base = Path(base)
+    stem = time.strftime("%Y%m%d-%H%M%S") + (f"-{name}" if name else "")
+    for k in range(1, 1000):
+        path = base / (stem if k == 1 else f"{stem}-{k}")
+        try:
+            path.mkdir(parents=True)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise OSError(f"no free run directory under {base}")
+    latest = base / "latest"
+    try:
+        if latest.is_symlink():
+            latest.unlink()
+        if not latest.exists():
+            latest.symlink_to(path.name, target_is_directory=True)
+    except OSError:                                   # no symlinks here (some filesystems): cosmetic
+        pass
+    return path
+
+
+def output_dir(out: str | None, default_base: str, files: Sequence[str], run_name: str | None = None) -> Path:
+    """Where one run writes `files`. Without `out`: a new `<default_base>/<date-time>[-<run_name>]/`.
+    With `out`: that directory, refused when it already holds one of `files` (an earlier
+    run's output), so runs never overwrite each other."""
+    if out is None:
+        return run_dir(default_base, run_name)
+    path = Path(out)
+    taken = [f for f in files if (path / f).exists()]
+    if taken:
+        raise ValueError(f"--out {out} already holds {', '.join(taken)} from an earlier run; choose a new "
+                         f"directory, or drop --out for a new {default_base}/<date-time>/")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_json(results: dict, path: str | Path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
@@ -158,41 +223,85 @@ def _jsonable(obj):
     return str(obj)
 
 
+MAX_PER_PANEL = 4          # more lines than this in one panel stop being readable
+
+
+def swap_indices(index: Sequence[int], versions: Sequence[int | None]) -> list[int]:
+    """Request indices served by a newer draft version than the request before (a hot swap,
+    or a rollback, landed in between)."""
+    out, prev = [], None
+    for i, v in zip(index, versions):
+        if v is not None and prev is not None and v != prev:
+            out.append(i)
+        prev = v if v is not None else prev
+    return out
+
+
+def panel_groups(names: Sequence[str], size: int = MAX_PER_PANEL) -> list[list[str]]:
+    """Split `names` (in order) into the fewest panels of at most `size`, balanced."""
+    names = list(names)
+    if not names:
+        return []
+    k = math.ceil(len(names) / size)
+    per = math.ceil(len(names) / k)
+    return [names[i:i + per] for i in range(0, len(names), per)]
+
+
+def _learns(s: dict) -> bool:
+    """A series worth a tau line: tau varies somewhere (target-only systems sit at 1)."""
+    return any(t is not None and abs(t - 1.0) > 1e-9 for t in s.get("tau") or [])
+
+
+def plot_layout(series: dict[str, dict]) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """(systems in the speedup bar chart, systems per tau panel, systems per tokens/s panel)."""
+    names = list(series)
+    with_tau = [n for n in names if any(t is not None for t in series[n].get("tau") or [])]
+    tau_groups = panel_groups([n for n in with_tau if _learns(series[n])] or with_tau)
+    bars = [n for n in names if series[n].get("speedup") is not None]
+    tps_groups = [] if bars else panel_groups([n for n in names if series[n].get("tokens_per_s")])
+    return bars, tau_groups, tps_groups
+
+
 def plot_tau(series: dict[str, dict], switches: Sequence[int], path: str | Path, title: str = "",
              window: int = 5, phases: Sequence[tuple[int, int, str]] = ()) -> Path:
-    """Two panels over request index: tau (rolling mean, raw as faint dots) and tokens/s.
-    `series`: name -> {"index": [...], "tau": [...], "tokens_per_s": [...], "label": str}."""
+    """Tau (rolling mean, raw as faint dots, draft swaps as triangles) and tokens/s over
+    request index, at most four systems per panel.
+    `series`: name -> {"index", "tau", "tokens_per_s", "label", optional "draft_version"
+    (per request: swaps are marked) and "speedup" (then one bar chart of final speedups
+    replaces the tokens/s panels)}. Systems whose tau is 1 throughout get no tau line
+    (unless no system's tau moves)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_tau, ax_tps) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    for name, s in series.items():
-        idx = s["index"]
-        label = s.get("label") or name
-        tau = s.get("tau") or []
-        if any(t is not None for t in tau):
-            pts = [(i, t) for i, t in zip(idx, tau) if t is not None]
-            line, = ax_tau.plot(idx, rolling_mean(tau, window), label=label, lw=1.8)
-            ax_tau.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, alpha=0.25, color=line.get_color())
-        tps = s.get("tokens_per_s") or []
-        sparse = len(idx) < 2 or idx[-1] - idx[0] + 1 > len(idx)    # a sample: markers, no smoothing
-        ax_tps.plot(idx, tps if sparse else rolling_mean(tps, window), label=label, lw=1.5,
-                    marker="o" if sparse else None)
-    for ax in (ax_tau, ax_tps):
-        for x in switches:
-            ax.axvline(x - 0.5, color="grey", ls="--", lw=1)
-        ax.grid(alpha=0.3)
-    top = ax_tau.get_ylim()[1]
-    for start, _, label in phases:
-        ax_tau.text(start, top, f" {label}", va="top", fontsize=9, color="dimgrey")
-    ax_tau.set_ylabel(f"τ (accepted length, rolling mean {window})")
-    ax_tps.set_ylabel(f"tokens/s (rolling mean {window})")
-    ax_tps.set_xlabel("request index")
-    ax_tau.legend(fontsize=8, loc="best")
-    ax_tps.legend(fontsize=8, loc="best")
-    if title:
-        ax_tau.set_title(title)
+    names = list(series)
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    bars, tau_groups, tps_groups = plot_layout(series)
+    heights = ([0.6 + 0.32 * len(bars)] if bars else []) + [3.0] * (len(tau_groups) + len(tps_groups))
+    fig, axes = plt.subplots(len(heights), 1, figsize=(10, sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    axes = list(axes[:, 0])
+    if bars:
+        _bar_panel(axes.pop(0), [(series[n].get("label") or n, series[n]["speedup"], colors[n]) for n in bars])
+    for k, group in enumerate(tau_groups):
+        _tau_panel(axes[k], {n: series[n] for n in group}, colors, window, phases, switches)
+    for k, group in enumerate(tps_groups):
+        ax = axes[len(tau_groups) + k]
+        for n in group:
+            s = series[n]
+            idx, tps = s["index"], s.get("tokens_per_s") or []
+            sparse = len(idx) < 2 or idx[-1] - idx[0] + 1 > len(idx)    # a sample: markers, no smoothing
+            ax.plot(idx, tps if sparse else rolling_mean(tps, window), label=s.get("label") or n, lw=1.5,
+                    marker="o" if sparse else None, color=colors[n])
+        _decorate(ax, switches, f"tokens/s (rolling mean {window})")
+    line_axes = axes[:len(tau_groups) + len(tps_groups)]
+    if line_axes:
+        from matplotlib.ticker import MaxNLocator
+        for ax in line_axes[1:]:
+            ax.sharex(line_axes[0])
+        line_axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+        line_axes[-1].set_xlabel("request index")
+    fig.suptitle(title or "τ per request")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -200,12 +309,62 @@ def plot_tau(series: dict[str, dict], switches: Sequence[int], path: str | Path,
     return path
 
 
+def _decorate(ax, switches, ylabel: str) -> None:
+    for x in switches:
+        ax.axvline(x - 0.5, color="grey", ls="--", lw=1)
+    ax.grid(alpha=0.3)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def _tau_panel(ax, group: dict[str, dict], colors, window, phases, switches) -> None:
+    swapped = False
+    for name, s in group.items():
+        idx, tau = s["index"], s.get("tau") or []
+        smooth = rolling_mean(tau, window)
+        ax.plot(idx, smooth, label=s.get("label") or name, lw=1.8, color=colors[name])
+        pts = [(i, t) for i, t in zip(idx, tau) if t is not None]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, alpha=0.25, color=colors[name])
+        swaps = set(swap_indices(idx, s.get("draft_version") or []))
+        marks = [(i, y) for i, y in zip(idx, smooth) if i in swaps and y is not None]
+        if marks:
+            swapped = True
+            ax.scatter([m[0] for m in marks], [m[1] for m in marks], marker="v", s=40, color=colors[name],
+                       edgecolors="black", linewidths=0.6, zorder=3)
+    ax.axhline(1.0, color="black", lw=0.8, alpha=0.5)
+    if swapped:
+        ax.scatter([], [], marker="v", s=40, color="white", edgecolors="black", linewidths=0.6,
+                   label="new draft version served")
+    top = max(ax.get_ylim()[1], 1.2)
+    ax.set_ylim(top=top * 1.06)
+    for start, _, label in phases:
+        ax.text(start, top * 1.05, f" {label}", va="top", fontsize=9, color="dimgrey")
+    _decorate(ax, switches, f"τ (accepted length,\nrolling mean {window})")
+
+
+def _bar_panel(ax, bars: list[tuple[str, float, str]]) -> None:
+    """Horizontal bars of final speedups, the best at the top, labelled with their value."""
+    labels, values, colors = zip(*bars)
+    ys = range(len(bars))[::-1]
+    ax.barh(list(ys), values, color=colors, alpha=0.85)
+    ax.set_yticks(list(ys), labels, fontsize=8)
+    ax.axvline(1.0, color="black", lw=0.8)
+    for y, v in zip(ys, values):
+        ax.text(v, y, f" {v:.2f}×", va="center", fontsize=8)
+    ax.set_xlim(0, max(values) * 1.15)
+    ax.set_xlabel("speedup: median tokens/s over the reference (1.0 = reference)")
+    ax.grid(alpha=0.3, axis="x")
+
+
 def plot_series(results: dict) -> dict[str, dict]:
     """Plot input from results.json: one entry per system with per-request figures."""
     out = {}
     for name, s in results["systems"].items():
         reqs = s.get("requests") or []
-        out[name] = {"label": f"{name}", "index": [r["index"] for r in reqs],
+        label = f"{name} (reference)" if name == results.get("reference") else name
+        out[name] = {"label": label, "index": [r["index"] for r in reqs],
                      "tau": [r.get("tau") for r in reqs],
-                     "tokens_per_s": [r.get("tokens_per_s") for r in reqs]}
+                     "tokens_per_s": [r.get("tokens_per_s") for r in reqs],
+                     "draft_version": [r.get("draft_version") for r in reqs],
+                     "speedup": s.get("speedup")}
     return out

@@ -18,7 +18,9 @@ import torch
 
 from aurora.config import EngineConfig
 from aurora.drafts import ProposeContext, build_proposer
-from aurora.engine.policy import SpeculationPolicy
+from aurora.engine.detok import detokenize
+from aurora.engine.isolation import ProposalIsolation
+from aurora.engine.policy import build_policy
 from aurora.engine.sampling import make_generator, processed_probs
 from aurora.engine.scheduler import Scheduler
 from aurora.engine.sequence import Sequence
@@ -43,9 +45,10 @@ class Engine:
         model, self.tokenizer = load_model(config.model, self.dtype, self.device)
         self.runner = TargetRunner(model, config.num_blocks, config.block_size)
         self.max_model_len = config.max_model_len or self.runner.max_model_len
-        self.scheduler = Scheduler(self.runner.cache, config.max_batch)
+        self.scheduler = Scheduler(self.runner.cache, config.max_batch, config.prefill_chunk)
         self.proposer = build_proposer(config.draft, self.runner, config)
-        self.policy = SpeculationPolicy(config.spec)
+        self._isolation = ProposalIsolation(self.proposer)   # rebuilt if `proposer` is replaced
+        self.policy = build_policy(config.spec, config.seed)
         self.step_hooks: list = []          # fn(StepView) after every target forward
         self.before_step: list = []         # fn() at each step boundary (weight swaps)
         self.finish_hooks: list = []        # fn(Sequence) when a request ends
@@ -56,6 +59,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
+        self._fwd_s = self._draft_s = 0.0     # last target forward / proposal seconds (cost model)
         self.flywheel = None
         if config.online and self.proposer.learnable:
             from aurora.flywheel import Flywheel
@@ -174,11 +178,14 @@ class Engine:
         if hasattr(self.proposer, "gain"):             # composed draft: learned branch gate
             s["learned_gain"] = self.proposer.gain
             s["learned_gate_open"] = self.proposer.gate_open
+        s.update({f"policy_{k}": v for k, v in self.policy.state().items()})
         s["running"] = len(self.scheduler.running)
         s["waiting"] = len(self.scheduler.waiting)
         alloc = self.runner.cache.allocator
         s["kv_blocks_free"] = alloc.num_free
         s["kv_blocks_total"] = alloc.num_blocks
+        s.update(self._isolation.stats())
+        s["num_forward_retries"] = self._stats.num_forward_retries
         for name, fn in self.stats_extra.items():
             s[name] = fn()
         return s
@@ -227,7 +234,11 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception as exc:                         # keep serving everyone else
+            except Exception as exc:
+                # Draft, target-forward and hook failures are isolated per sequence inside the
+                # step (_propose, _forward, _verify, _guarded). What reaches here (scheduling or
+                # commit bookkeeping) cannot be attributed: the step's requests end with an
+                # error, their KV is freed, and the engine keeps serving new requests.
                 log.exception("engine step failed")
                 for seq in list(self.scheduler.running):
                     self._finish(seq, "error", f"internal error: {exc}")
@@ -249,7 +260,7 @@ class Engine:
     def step(self) -> None:
         """schedule -> propose -> verify -> commit -> publish."""
         for fn in self.before_step:
-            fn()
+            _guarded(fn)
         t0 = time.perf_counter()
         seqs = self.scheduler.schedule(self.policy.budget)
         if not seqs:
@@ -257,31 +268,79 @@ class Engine:
             return
         trees = self._propose(seqs)
         t1 = time.perf_counter()
-        batch, rows = build_step(seqs, trees, self.config.block_size, self.device)
-        result = self.runner.forward(batch)
-        outcomes = self._verify(seqs, trees, result, rows)
+        self._draft_s = t1 - t0
+        settle_s = sum(self._settle(*group) for group in self._forward(seqs, trees))
         t2 = time.perf_counter()
-        view = StepView(seqs, trees, batch, result, rows, outcomes, self.proposer.version)
-        self.proposer.on_step(seqs, batch, result, rows)
-        self.proposer.observe(trees, outcomes)
-        for fn in self.step_hooks:
-            fn(view)
-        self._commit(seqs, trees, result, rows, outcomes)
         st = self._stats
         st.num_steps += 1
         st.draft_s += t1 - t0
-        st.verify_s += t2 - t1
-        st.busy_s += time.perf_counter() - t0
+        st.verify_s += t2 - t1 - settle_s
+        st.busy_s += t2 - t0
 
+    def _settle(self, seqs, trees, batch, result, rows) -> float:
+        """verify -> hooks -> commit for one forward's sequences; returns seconds after verifying."""
+        outcomes = self._verify(seqs, trees, result, rows)
+        t = time.perf_counter()
+        if all(r.num_uncached == 1 for r in rows):       # the cost model learns from decode steps
+            self.policy.observe_step(int(batch.input_ids.shape[0]), self._fwd_s,
+                                     sum(tr is not None for tr in trees), self._draft_s)
+        self.policy.observe(seqs, trees, outcomes)
+        view = StepView(seqs, trees, batch, result, rows, outcomes, self.proposer.version)
+        _guarded(self.proposer.on_step, seqs, batch, result, rows)     # a draft or trainer hook that
+        _guarded(self.proposer.observe, trees, outcomes)               # fails must not cost the tokens
+        for fn in self.step_hooks:
+            _guarded(fn, view)
+        self._commit(seqs, trees, result, rows, outcomes)
+        return time.perf_counter() - t
+
+    # -------------------------------------------------- isolation: draft and target failures
     def _propose(self, seqs: list[Sequence]) -> list[DraftTree | None]:
+        """Trees for decode-phase sequences; a failing draft costs only the sequences it fails
+        for their speculation (see `isolation.py`), never their tokens."""
         spec = self.policy.choose(seqs)
         decode = [s for s in seqs if s.num_uncached == 1]
-        trees: list[DraftTree | None] = [None] * len(seqs)
         if spec is None or not decode:
-            return trees
-        proposed = self.proposer.propose(decode, ProposeContext(spec, self.runner.vocab_size))
+            return [None] * len(seqs)
+        if self._isolation.proposer is not self.proposer:
+            self._isolation = ProposalIsolation(self.proposer)
+        proposed = self._isolation.propose(decode, ProposeContext(spec, self.runner.vocab_size))
+        proposed = self.policy.prune(decode, proposed, base_tokens=sum(s.num_step_tokens for s in seqs))
         by_id = {id(s): t for s, t in zip(decode, proposed)}
         return [by_id.get(id(s)) for s in seqs]
+
+    def _forward(self, seqs, trees):
+        """Yield (seqs, trees, batch, result, rows) groups covering `seqs`: normally one batched
+        forward. If it raises, retry once without draft trees (a bad tree cannot be the cause);
+        if that raises too, run each sequence alone: one that fails alone ends with an error,
+        the others get their tokens (a failure only the batch shows costs speed, not requests).
+        A retry rewrites the same KV slots, so a half-run forward leaves nothing behind."""
+        attempts = [trees]
+        if any(t is not None and len(t) for t in trees):
+            attempts.append([None] * len(seqs))
+        for group_trees in attempts:
+            try:
+                batch, rows = build_step(seqs, group_trees, self.config.block_size, self.device)
+                t = time.perf_counter()
+                result = self.runner.forward(batch)
+                self._fwd_s = time.perf_counter() - t
+            except Exception:
+                log.exception("target forward failed for a batch of %d sequences", len(seqs))
+                self._stats.num_forward_retries += 1
+                continue
+            yield seqs, group_trees, batch, result, rows
+            return
+        none = [None]
+        for seq in seqs:
+            try:
+                batch, rows = build_step([seq], none, self.config.block_size, self.device)
+                t = time.perf_counter()
+                result = self.runner.forward(batch)
+                self._fwd_s = time.perf_counter() - t
+            except Exception as exc:
+                log.exception("target forward failed for %s alone", seq.request_id)
+                self._finish(seq, "error", f"internal error: target forward failed: {exc}")
+                continue
+            yield [seq], none, batch, result, rows
 
     def _verify(self, seqs, trees, result, rows) -> list[tuple[list[int], int]]:
         logits = result.logits                                   # [R, V]
@@ -289,6 +348,9 @@ class Engine:
         argmax = logits.argmax(-1).tolist() if greedy_rows else None   # one transfer per step
         outcomes = []
         for seq, tree, r in zip(seqs, trees, rows):
+            if r.num_uncached < seq.num_uncached:             # a prompt chunk: nothing to sample yet
+                outcomes.append(([], -1))
+                continue
             tree = tree or DraftTree()
             sl = slice(r.logit_start, r.logit_start + 1 + r.num_nodes)
             try:
@@ -309,19 +371,20 @@ class Engine:
         for seq, tree, r, (path, bonus) in zip(seqs, trees, rows, outcomes):
             if seq.finished:
                 continue
-            decode = seq.num_cached > 0                      # prefill/recompute steps are not decode steps
+            if r.num_uncached < seq.num_uncached:             # a prompt chunk: cache it, emit nothing
+                if self._needs_features:
+                    self._keep_features(seq, result, r, [])
+                seq.num_cached += r.num_uncached
+                continue
+            decode = seq.num_cached > 0 and r.num_uncached == 1                      # prefill/recompute steps are not decode steps
             base = seq.num_cached + r.num_uncached                # first slot after the root
             if path:
                 src = cache.slots_at(seq.block_ids, [base + n for n in path])
                 dst = cache.slots(seq.block_ids, base, base + len(path))
                 if src != dst:
                     cache.move(src, dst)
-            feats = [result.features[r.start:r.start + r.num_uncached]]
-            if path:
-                idx = torch.tensor([r.start + r.num_uncached + n for n in path], device=result.features.device)
-                feats.append(result.features[idx])
-            old = seq.features if seq.features is not None else feats[0][:0]
-            seq.features = torch.cat([old, *feats])[-FEATURE_WINDOW:]
+            if self._needs_features:
+                self._keep_features(seq, result, r, path)
             seq.num_cached = base + len(path)
             new_tokens = [tree.token_ids[n] for n in path] + [bonus] if path else [bonus]
             seq.draft_version = version
@@ -335,22 +398,37 @@ class Engine:
             if not seq.finished:
                 self.scheduler.trim(seq)
 
+    @property
+    def _needs_features(self) -> bool:
+        """Only drafts that read target features (learned heads) get the per-sequence window."""
+        return getattr(self.proposer, "needs_features", self.proposer.learnable)
+
+    @staticmethod
+    def _keep_features(seq: Sequence, result, r, path: list[int]) -> None:
+        feats = [result.features[r.start:r.start + r.num_uncached]]
+        if path:
+            idx = torch.tensor([r.start + r.num_uncached + n for n in path], device=result.features.device)
+            feats.append(result.features[idx])
+        old = seq.features if seq.features is not None else feats[0][:0]
+        seq.features = torch.cat([old, *feats])[-FEATURE_WINDOW:]
+
     def _append(self, seq: Sequence, new_tokens: list[int]) -> None:
         p = seq.params
         eos = getattr(self.tokenizer, "eos_token_id", None)
         reason = None
         added = 0
+        room = min(p.max_tokens - seq.num_output, self.max_model_len - len(seq.token_ids))
         for tok in new_tokens:
             seq.token_ids.append(tok)
             added += 1
             if (not p.ignore_eos and tok == eos) or tok in p.stop_token_ids:
                 reason = "stop"
-            elif len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            elif added >= room:
                 reason = "length"
             if reason:
                 break
         self._stats.num_tokens += added
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        text = detokenize(self.tokenizer, seq, final=reason is not None)
         if p.stop:
             scan_from = max(0, len(seq.emitted_text) - max(len(s) for s in p.stop))
             hits = [i for i in (text.find(s, scan_from) for s in p.stop) if i >= 0]
@@ -370,10 +448,10 @@ class Engine:
                 text = text[:max(len(seq.emitted_text), len(text) - hold)]
                 if len(text) == len(seq.emitted_text):
                     return
-        ids = seq.output_ids
+        ids = seq.output_ids                                   # one copy per emitted step
         out = RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=list(ids), text=text,
-            delta_token_ids=list(ids[seq.num_emitted:]), delta_text=text[len(seq.emitted_text):],
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=ids, text=text,
+            delta_token_ids=ids[seq.num_emitted:], delta_text=text[len(seq.emitted_text):],
             finished=finished, finish_reason=seq.finish_reason, error=seq.error,
             stats=seq.stats() if finished else {})
         seq.emitted_text, seq.num_emitted = text, len(ids)
@@ -389,7 +467,8 @@ class Engine:
         if seq.finished:
             return
         self.scheduler.finish(seq)
-        self.proposer.release(seq)
+        _guarded(self.proposer.release, seq)
+        self.policy.release(seq)
         for fn in self.finish_hooks:
             try:
                 fn(seq)
@@ -400,7 +479,7 @@ class Engine:
         self._stats.num_errors += reason == "error"
         self._stats.num_preemptions += seq.num_preemptions
         if text is None:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            text = detokenize(self.tokenizer, seq, final=True)
         self._emit(seq, text, finished=True)
 
     def _drop_unschedulable(self) -> None:
@@ -409,6 +488,14 @@ class Engine:
             seq = self.scheduler.waiting[0]
             self._finish(seq, "length" if seq.output_ids else "error",
                          None if seq.output_ids else "request does not fit in the KV cache")
+
+
+def _guarded(fn, *args) -> None:
+    """Run a hook; log (never raise) its failure: hooks observe a step, they cannot undo it."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("hook %s failed", getattr(fn, "__qualname__", fn))
 
 
 class StepView:

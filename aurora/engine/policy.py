@@ -1,11 +1,33 @@
-"""Speculation policy hook: picks the tree shape per step, or switches speculation off.
+"""Speculation policy: how many draft nodes each sequence verifies this step, or none.
 
-The default is fixed (the configured `SpecConfig`). An adaptive controller subclasses
-`SpeculationPolicy` and overrides `choose`.
+The fixed policy proposes the configured `SpecConfig` and verifies every node. The
+adaptive one (`SpecConfig.adaptive`) estimates, per node, the probability it is accepted,
+p(node) = prod over its path of alpha(kind, depth) (conditional acceptance measured online
+by depth and draft kind, blended with the sequence's own history), and verifies the nodes
+whose p beats their marginal cost: batch tokens per second (sum_i E_i) / t(B + N) improves
+when a node is added iff p > b * (sum_i E_i) / t, with t(T) = a + b*T learned from the
+engine's own step timings (`costs.py`). Before proposing, the realised gain per proposing
+sequence (accepted tokens, including steps where the draft had nothing) is weighed against
+the draft's measured time plus the verified nodes' cost; when it does not pay, the step
+skips proposing (speculation off), re-probing now and then.
 """
 from __future__ import annotations
 
+import random
+
 from aurora.config import SpecConfig
+from aurora.engine.costs import StepCostModel
+from aurora.engine.tree import DraftTree
+
+PRIOR_ALPHA = 0.6          # conditional acceptance before any evidence (optimistic: explore)
+PRIOR_WEIGHT = 4.0         # pseudo-observations behind the prior / the global estimate
+PROBE_EVERY = 8            # when off, propose anyway one step in this many
+
+
+def node_kind(tree: DraftTree, node: int) -> str:
+    """'scored': drawn or ranked by a learned draft (has a q row or a draft logprob);
+    'lookup': copied deterministically (prompt lookup, suffix memory)."""
+    return "scored" if tree.q_rows[node] >= 0 or tree.logprobs[node] != 0.0 else "lookup"
 
 
 class SpeculationPolicy:
@@ -20,3 +42,186 @@ class SpeculationPolicy:
     def choose(self, seqs) -> SpecConfig | None:
         """Tree shape for this step; None disables speculation for the step."""
         return self.spec
+
+    def prune(self, seqs, trees: list[DraftTree], base_tokens: int = 0) -> list[DraftTree]:
+        """The nodes to verify of each proposed tree (all of them for the fixed policy).
+        `base_tokens`: rows the step runs besides tree nodes."""
+        return trees
+
+    def observe_step(self, num_tokens: int, forward_s: float, num_proposed: int, draft_s: float) -> None:
+        """Timing of one decode step (target forward over `num_tokens` rows; draft time)."""
+
+    def observe(self, seqs, trees, outcomes) -> None:
+        """Accepted paths of the verified trees."""
+
+    def release(self, seq) -> None:
+        """Forget a finished sequence."""
+
+    def state(self) -> dict:
+        return {}
+
+
+class AdaptivePolicy(SpeculationPolicy):
+    def __init__(self, spec: SpecConfig, seed: int = 0):
+        super().__init__(spec)
+        self.costs = StepCostModel()
+        self._tries: dict[tuple[str, int], float] = {}     # (kind, depth) -> attempts (parent accepted)
+        self._wins: dict[tuple[str, int], float] = {}      # ... -> accepted
+        self._seq: dict[str, dict] = {}                    # request id -> its own tries / wins
+        self._rng = random.Random(seed)
+        self._off_steps = 0
+        self._gain: dict[str | None, list[float]] = {}      # request id (None: all) -> [w, accepted, nodes]
+        self.num_steps_off = 0
+        self.num_nodes_proposed = 0
+        self.num_nodes_verified = 0
+
+    # ------------------------------------------------------------ estimates
+    def alpha(self, kind: str, depth: int, request_id: str | None = None) -> float:
+        """Conditional acceptance of a node of `kind` at `depth` given its parent was accepted."""
+        key = (kind, depth)
+        g = (self._wins.get(key, 0.0) + PRIOR_ALPHA * PRIOR_WEIGHT) / (self._tries.get(key, 0.0) + PRIOR_WEIGHT)
+        own = self._seq.get(request_id) if request_id is not None else None
+        if not own or key not in own["tries"]:
+            return g
+        return (own["wins"].get(key, 0.0) + g * PRIOR_WEIGHT) / (own["tries"][key] + PRIOR_WEIGHT)
+
+    def node_probs(self, tree: DraftTree, request_id: str | None = None) -> list[float]:
+        probs: list[float] = []
+        for i, parent in enumerate(tree.parents):
+            a = self.alpha(node_kind(tree, i), tree.depths[i], request_id)
+            probs.append(a * (probs[parent] if parent >= 0 else 1.0))
+        return probs
+
+    def realised(self, seq) -> tuple[float, float]:
+        """(accepted tokens, verified nodes) per proposing step of this sequence: its own history
+        blended with everyone's, the alpha-chain estimate standing in before any evidence."""
+        prior_gain = self.expected_tokens(seq) - 1.0
+        g = self._gain.get(None, [0.0, 0.0, 0.0])
+        acc = (g[1] + prior_gain * PRIOR_WEIGHT) / (g[0] + PRIOR_WEIGHT)
+        nodes = (g[2] + self.spec.depth * PRIOR_WEIGHT) / (g[0] + PRIOR_WEIGHT)
+        own = self._gain.get(seq.request_id)
+        if own:
+            acc = (own[1] + acc * PRIOR_WEIGHT) / (own[0] + PRIOR_WEIGHT)
+            nodes = (own[2] + nodes * PRIOR_WEIGHT) / (own[0] + PRIOR_WEIGHT)
+        return acc, nodes
+
+    def expected_tokens(self, seq) -> float:
+        """Tokens a sequence would emit per step with the full configured chain (its best case)."""
+        kinds = {k for k, _ in self._tries} or {"lookup", "scored"}     # the kinds this draft proposes
+        e, p = 1.0, 1.0
+        for d in range(1, self.spec.depth + 1):
+            p *= max(self.alpha(k, d, seq.request_id) for k in kinds)
+            e += p
+        return e
+
+    # ------------------------------------------------------------ decisions
+    def choose(self, seqs) -> SpecConfig | None:
+        if not self.costs.ready or self.costs.draft_s_per_seq is None:
+            return self.spec
+        decode = [s for s in seqs if s.num_uncached == 1]
+        if not decode:
+            return self.spec
+        B = len(seqs)
+        t_plain = self.costs.step_time(sum(s.num_step_tokens for s in seqs))
+        est = [self.realised(s) for s in decode]
+        gain = sum(acc for acc, _ in est)
+        a, b = self.costs.coefficients()
+        nodes = sum(k for _, k in est)
+        t_spec = t_plain + b * nodes + self.costs.draft_s_per_seq * len(decode)
+        if (B + gain) / t_spec >= B / t_plain:
+            self._off_steps = 0
+            return self.spec
+        self._off_steps += 1
+        self.num_steps_off += 1
+        if self._off_steps % PROBE_EVERY == 0:
+            return self.spec                               # probe: fresh acceptance and cost evidence
+        return None
+
+    def prune(self, seqs, trees: list[DraftTree], base_tokens: int = 0) -> list[DraftTree]:
+        if not self.costs.ready:
+            return trees
+        cands = []                                        # (p, seq index, node)
+        for i, (seq, tree) in enumerate(zip(seqs, trees)):
+            if tree is None:
+                continue
+            self.num_nodes_proposed += len(tree)
+            for node, p in enumerate(self.node_probs(tree, seq.request_id)):
+                cands.append((p, tree.depths[node], i, node))
+        cands.sort(key=lambda c: (-c[0], c[1]))
+        a, b = self.costs.coefficients()
+        tokens = base_tokens or len(seqs)                  # rows of the step without nodes
+        expected = float(len(seqs))
+        keep: list[set[int]] = [set() for _ in trees]
+        for p, _, i, node in cands:
+            t = a + b * tokens
+            if p * t <= b * expected:                      # adding this node lowers batch tokens/s
+                break
+            parent = trees[i].parents[node]
+            if parent >= 0 and parent not in keep[i]:
+                continue                                   # only whole root paths are verifiable
+            keep[i].add(node)
+            tokens += 1
+            expected += p
+        out = []
+        for tree, kept in zip(trees, keep):
+            if tree is None or len(kept) == len(tree):
+                out.append(tree)
+            else:
+                out.append(subtree(tree, kept))
+            self.num_nodes_verified += len(kept)
+        return out
+
+    # ------------------------------------------------------------ learning
+    def observe_step(self, num_tokens: int, forward_s: float, num_proposed: int, draft_s: float) -> None:
+        self.costs.observe(num_tokens, forward_s)
+        if num_proposed:
+            self.costs.observe_draft(num_proposed, draft_s)
+
+    def observe(self, seqs, trees, outcomes) -> None:
+        for seq, tree, (path, _) in zip(seqs, trees, outcomes):
+            if tree is None:
+                continue
+            for key in (None, seq.request_id):             # realised gain, empty proposals included
+                g = self._gain.setdefault(key, [0.0, 0.0, 0.0])
+                decay = 0.99 if key is None else 0.9
+                g[0], g[1], g[2] = decay * g[0] + 1.0, decay * g[1] + len(path), decay * g[2] + len(tree)
+            if not len(tree):
+                continue
+            own = self._seq.setdefault(seq.request_id, {"tries": {}, "wins": {}})
+            judged = {-1, *path}                            # nodes whose children the target judged
+            accepted = set(path)
+            for node, parent in enumerate(tree.parents):
+                if parent not in judged:
+                    continue
+                key = (node_kind(tree, node), tree.depths[node])
+                win = 1.0 if node in accepted else 0.0
+                for store_t, store_w in ((self._tries, self._wins), (own["tries"], own["wins"])):
+                    store_t[key] = store_t.get(key, 0.0) * 0.995 + 1.0
+                    store_w[key] = store_w.get(key, 0.0) * 0.995 + win
+
+    def release(self, seq) -> None:
+        self._seq.pop(seq.request_id, None)
+        self._gain.pop(seq.request_id, None)
+
+    def state(self) -> dict:
+        a, b = self.costs.coefficients() if self.costs.ready else (None, None)
+        return {"adaptive": True, "cost_a_ms": a and 1000 * a, "cost_b_ms": b and 1000 * b,
+                "draft_ms_per_seq": self.costs.draft_s_per_seq and 1000 * self.costs.draft_s_per_seq,
+                "steps_off": self.num_steps_off,
+                "accepted_per_proposal": self._gain[None][1] / self._gain[None][0] if None in self._gain else None, "nodes_proposed": self.num_nodes_proposed,
+                "nodes_verified": self.num_nodes_verified,
+                "alpha": {f"{k}@{d}": round(self.alpha(k, d), 3) for k, d in sorted(self._tries)}}
+
+
+def subtree(tree: DraftTree, keep: set[int]) -> DraftTree:
+    """The nodes in `keep` (closed under ancestors), re-indexed in order; q rows are shared."""
+    out = DraftTree(q_probs=tree.q_probs, draft_version=tree.draft_version)
+    remap: dict[int, int] = {}
+    for i in sorted(keep):
+        parent = tree.parents[i]
+        remap[i] = out.add(tree.token_ids[i], remap[parent] if parent >= 0 else -1, tree.logprobs[i], tree.q_rows[i])
+    return out
+
+
+def build_policy(spec: SpecConfig, seed: int = 0) -> SpeculationPolicy:
+    return AdaptivePolicy(spec, seed) if spec.adaptive else SpeculationPolicy(spec)

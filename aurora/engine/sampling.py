@@ -3,6 +3,8 @@
 `processed_probs` turns logits into exactly the distribution a token is drawn from
 (temperature, then top-k, then top-p). Verification must use these same processed
 distributions for both target (p) and draft (q); mixing raw and processed is a bug.
+Top-p never sorts the vocabulary: the nucleus is found among the top few candidates
+(`topk`), widening only for rows whose nucleus is not inside them (flat distributions).
 """
 from __future__ import annotations
 
@@ -10,22 +12,49 @@ import torch
 
 from aurora.types import SamplingParams
 
+NUCLEUS_CANDIDATES = (64, 1024)     # top-p looks for its cut among this many, widening in turn
+
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[N, V] logits -> [N, V] float32 probabilities actually sampled from (temperature > 0)."""
     logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+    vocab = logits.shape[-1]
+    top_k = params.top_k if params.top_k and params.top_k < vocab else 0
+    if top_k:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        drop_sorted = mass_before >= params.top_p         # keep the smallest prefix reaching top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+        cut = nucleus_cut(probs, params.top_p, top_k)                     # [N, 1]
+        probs = probs.masked_fill(probs < cut, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def nucleus_cut(probs: torch.Tensor,        # [N, V] normalised
+                top_p: float, support: int = 0) -> torch.Tensor:   # [N, 1]
+    """Smallest probability kept by top-p: the nucleus is the shortest prefix of tokens in
+    decreasing probability whose mass reaches `top_p` (tokens tied with its last one are kept
+    too, so the rule does not depend on how a sort orders ties). `support` > 0: at most that
+    many nonzero entries (after top-k), so that many candidates always suffice."""
+    vocab = probs.shape[-1]
+    sizes = [min(k, vocab) for k in NUCLEUS_CANDIDATES if k < vocab] + [vocab]
+    if support:
+        sizes = [min(support, vocab)]
+    cut = torch.empty(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)
+    todo = torch.arange(probs.shape[0], device=probs.device)             # rows still unresolved
+    for k in sizes:
+        rows = probs[todo]
+        top = torch.topk(rows, k, dim=-1).values if k < vocab else rows.sort(-1, descending=True).values
+        mass_before = top.cumsum(-1) - top                               # [n, k]
+        num_keep = (mass_before < top_p).sum(-1, keepdim=True)           # [n, 1] >= 1
+        # resolved: the prefix reaches top_p inside the k candidates (or k covers the support)
+        done = (num_keep < k).squeeze(-1) | (k == vocab) | (k == sizes[-1])
+        cut[todo[done]] = top[done].gather(-1, num_keep[done] - 1)
+        todo = todo[~done]
+        if todo.numel() == 0:
+            break
+    return cut
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:

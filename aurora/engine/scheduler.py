@@ -3,6 +3,8 @@
 Each step every running sequence needs blocks for its uncached tokens plus a draft
 tree budget. When blocks run out, the most recently admitted sequence is preempted:
 its KV is freed and it is recomputed later (its tokens are kept), so nothing fails.
+While some streams decode, prompts advance by at most `prefill_chunk` tokens per step
+(shared, oldest first), so a long prompt never stalls the others for its whole prefill.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from aurora.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_batch: int):
+    def __init__(self, cache: KVCache, max_batch: int, prefill_chunk: int = 0):
         self.cache = cache
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -56,7 +59,22 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-        return list(self.running)
+        return self._budget_tokens(self.running)
+
+    def _budget_tokens(self, running: list[Sequence]) -> list[Sequence]:
+        """Set each sequence's `num_scheduled`; prompts share the chunk budget when anyone decodes."""
+        decoding = any(s.num_uncached == 1 for s in running)
+        budget = self.prefill_chunk if self.prefill_chunk and decoding else None
+        out = []
+        for seq in running:
+            n = seq.num_uncached
+            if n > 1 and budget is not None:
+                n = min(n, budget)
+                budget -= n
+            seq.num_scheduled = n
+            if n > 0:
+                out.append(seq)
+        return out
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -25,6 +25,7 @@ class Sequence:
     callback: object = None                 # callable(RequestOutput) run on the engine thread
     token_ids: list[int] = field(default_factory=list)   # prompt + generated
     num_cached: int = 0                     # tokens whose KV is in the cache
+    num_scheduled: int = 0                  # uncached tokens run this step (< num_uncached: a prompt chunk)
     block_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -38,6 +39,9 @@ class Sequence:
     features: torch.Tensor | None = None    # [W, 3*hidden] target features of the last cached positions
     emitted_text: str = ""
     num_emitted: int = 0
+    text: str = ""                          # detokenised output so far (see engine/detok.py)
+    detok_prefix: int = 0                   # output offsets: decode restarts at prefix, text final to read
+    detok_read: int = 0
     draft_state: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -53,15 +57,25 @@ class Sequence:
         return self.token_ids[self.num_prompt:]
 
     @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
     def num_uncached(self) -> int:
         return len(self.token_ids) - self.num_cached
+
+    @property
+    def num_step_tokens(self) -> int:
+        """Uncached tokens the next forward runs: the scheduled chunk, else all of them."""
+        n = self.num_uncached
+        return self.num_scheduled if 0 < self.num_scheduled < n else n
 
     @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
 
     def stats(self) -> dict:
-        n = len(self.output_ids)
+        n = self.num_output
         elapsed = time.perf_counter() - self.arrival
         return {
             "num_tokens": n,

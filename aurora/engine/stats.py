@@ -17,6 +17,7 @@ class EngineStats:
         self.num_tokens = 0                 # all generated tokens (incl. the prefill one)
         self.num_prompt_tokens = 0
         self.num_preemptions = 0
+        self.num_forward_retries = 0        # target forwards retried (smaller, or without trees)
         self.attempts = [0] * (max_depth + 1)
         self.accepts = [0] * (max_depth + 1)
         self.draft_s = 0.0

@@ -1,7 +1,7 @@
 """Building one target step from scheduled sequences and their draft trees.
 
-Per sequence the step's new tokens are its uncached tokens (a prompt, a recompute after
-preemption, or the single pending token) followed by its draft-tree nodes. Uncached
+Per sequence the step's new tokens are its uncached tokens (a prompt or a chunk of it, a
+recompute after preemption, or the single pending token) followed by its draft-tree nodes. Uncached
 tokens attend causally; tree nodes see all of them plus their own ancestors.
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ def build_step(seqs: list[Sequence], trees: list[DraftTree | None], block_size: 
     masks = []
     seq_lens, query_start = [], [0]
     for seq, tree in zip(seqs, trees):
-        m = seq.num_uncached
+        m = seq.num_step_tokens
         nodes = len(tree) if tree is not None else 0
         start, base = len(input_ids), seq.num_cached
         rows.append(SeqRows(start, m, nodes, len(logits_rows)))
-        input_ids += seq.token_ids[base:]
+        input_ids += seq.token_ids[base:base + m]
         positions += range(base, base + m)
         if nodes:
             input_ids += tree.token_ids

@@ -4,6 +4,7 @@ Node parents precede children (topological order). Parent -1 means the root: the
 sequence's pending last token, whose target logits score the depth-1 nodes.
 `q_rows[i]` indexes the processed draft distribution node i was drawn from
 (`q_probs`), or is -1 when the proposal was deterministic (a point mass on the token).
+Children are indexed as nodes are added, so child lookups are O(1).
 """
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ class DraftTree:
     q_rows: list[int] = field(default_factory=list)
     q_probs: torch.Tensor | None = None          # [num_dists, vocab] float32 (CPU)
     draft_version: int = 0
+    _kids: dict = field(default_factory=dict, repr=False, compare=False)     # parent -> [child]
+    _by_token: dict = field(default_factory=dict, repr=False, compare=False)  # (parent, token) -> first child
+
+    def __post_init__(self):
+        for i, (p, t) in enumerate(zip(self.parents, self.token_ids)):
+            self._index(i, p, t)
+
+    def _index(self, node: int, parent: int, token_id: int) -> None:
+        self._kids.setdefault(parent, []).append(node)
+        self._by_token.setdefault((parent, token_id), node)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -32,16 +43,16 @@ class DraftTree:
         self.depths.append(depth)
         self.logprobs.append(float(logprob))
         self.q_rows.append(int(q_row))
-        return len(self.token_ids) - 1
+        node = len(self.token_ids) - 1
+        self._index(node, int(parent), int(token_id))
+        return node
 
     def children(self, node: int) -> list[int]:
-        return [i for i, p in enumerate(self.parents) if p == node]
+        return list(self._kids.get(node, ()))
 
     def find_child(self, parent: int, token_id: int) -> int:
-        for i, p in enumerate(self.parents):
-            if p == parent and self.token_ids[i] == token_id:
-                return i
-        return -1
+        """First child of `parent` proposing `token_id`, or -1."""
+        return self._by_token.get((parent, token_id), -1)
 
     def ancestor_mask(self) -> torch.Tensor:
         """[N, N] bool: node i sees node j iff j is i or an ancestor of i."""

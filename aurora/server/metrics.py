@@ -33,6 +33,10 @@ ENGINE_SCALARS = (
     ("num_errors", "aurora_engine_errors", "Requests the engine finished with an error", True),
     ("num_preemptions", "aurora_engine_preemptions", "Sequence preemptions (KV pressure)", True),
     ("num_steps", "aurora_engine_steps", "Target forward passes", True),
+    ("num_forward_retries", "aurora_engine_forward_retries", "Target forwards retried after a failure", True),
+    ("draft_failures", "aurora_draft_failures", "Draft proposals that failed (that sequence went on without it)", True),
+    ("draft_switch_offs", "aurora_draft_switch_offs", "Drafts switched off for failing repeatedly", True),
+    ("learned_draft_off", "aurora_learned_draft_off", "1 while a failing learned draft is switched off", False),
     ("tokens_per_s", "aurora_tokens_per_second", "Generated tokens per busy second of the engine", False),
     ("accepted_length", "aurora_accepted_length", "Mean tokens per decode step (tau)", False),
     ("accepted_length_recent", "aurora_accepted_length_recent", "tau over the recent window", False),
@@ -124,6 +128,9 @@ class ServerMetrics:
                              buckets=ITL_BUCKETS, registry=r)
         self.cancelled = Counter("aurora_http_generations_cancelled",
                                  "Generations cancelled before finishing (client disconnect or shutdown)", registry=r)
+        self.finished = Counter("aurora_http_generations_finished",
+                                "Generations that ran to their end, by the engine's finish reason "
+                                "(stop, length, error, abort)", ["finish_reason"], registry=r)
         r.register(EngineCollector(engine))
 
     def observe_request(self, route: str, method: str, status: int | str, seconds: float) -> None:

@@ -4,6 +4,12 @@ Validation is strict and happens before anything reaches the engine: every bad f
 raises `APIError(4xx)` naming the field. Fields that would change the meaning of a
 request but are not implemented (n > 1, logprobs, tools, penalties) are rejected, not
 silently ignored; unknown extra fields are ignored, as OpenAI clients send many.
+
+Finish reasons are only OpenAI's own: "stop" and "length". A stream the engine cut short
+(shutdown abort) ends with finish_reason "length" (the text is truncated, as for a token
+limit) followed by an in-band error event (code "aborted"); a stream whose generation failed
+ends with an error event and no finish reason. Clients that switch on finish_reason never
+see an unknown value; the official clients raise on the error event after the text.
 """
 from __future__ import annotations
 
@@ -13,14 +19,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from aurora.server.errors import APIError, bad_request
+from aurora.server.errors import APIError, bad_request, error_body
 from aurora.types import MAX_TOKENS_LIMIT, RequestOutput, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
 MIN_TEMPERATURE = 1e-5                  # below this, sample greedily (1/T would overflow)
 MAX_STOP_STRINGS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "length"}   # engine reason -> OpenAI's
 
 
 @dataclass
@@ -266,7 +272,17 @@ def usage(num_prompt: int, num_completion: int) -> dict:
 
 
 def finish_reason(out: RequestOutput) -> str | None:
-    return FINISH_REASONS.get(out.finish_reason, out.finish_reason) if out.finished else None
+    """OpenAI's finish reason of a finished output; None while running or when it failed."""
+    return FINISH_REASONS.get(out.finish_reason) if out.finished else None
+
+
+def stream_error(out: RequestOutput) -> dict | None:
+    """The in-band error event that ends a stream the engine did not complete, else None."""
+    if out.finish_reason == "error":
+        return error_body(500, f"generation failed: {out.error or 'engine error'}", code="engine_error")
+    if out.finish_reason == "abort":
+        return error_body(503, "the generation was cut short: the server is shutting down", code="aborted")
+    return None
 
 
 def response(req: GenerationRequest, out: RequestOutput, created: int) -> dict:

@@ -16,6 +16,7 @@ import threading
 from aiohttp import web
 
 from aurora.config import ServerConfig
+from aurora.server.access_log import banner_lines, log_banner
 from aurora.server.app import create_app
 from aurora.server.state import ENGINE, STATE
 
@@ -32,10 +33,10 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def start(app: web.Application, host: str, port: int, access_log: bool = False) -> tuple[web.AppRunner, str]:
-    """Listen on host:port (0 = ephemeral); returns the runner and the base URL."""
-    kwargs = {} if access_log else {"access_log": None}
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=CANCEL_WAIT_S, **kwargs)
+async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Listen on host:port (0 = ephemeral); returns the runner and the base URL. aiohttp's
+    own access log is off: our line per request (access_log.py) carries tokens and tau."""
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=CANCEL_WAIT_S, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -49,7 +50,7 @@ async def start(app: web.Application, host: str, port: int, access_log: bool = F
 
 async def stop(runner: web.AppRunner, timeout: float) -> None:
     """Stop listening; give in-flight generations `timeout` seconds, then abort the rest
-    in the engine (streams end with finish_reason "abort", others get 503); close connections."""
+    in the engine (streams end with finish_reason "length" and an "aborted" error event, others get 503)."""
     state, engine = runner.app[STATE], runner.app[ENGINE]
     state.draining = True
     for site in list(runner.sites):
@@ -81,18 +82,21 @@ def save_draft(engine, save_dir: str | None) -> None:
 
 
 # ---------------------------------------------------------------- the `aurora serve` process
-def serve(engine, config: ServerConfig, shutdown_timeout: float = 10.0, access_log: bool = False) -> int:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully and close `engine`."""
+def serve(engine, config: ServerConfig, shutdown_timeout: float = 10.0, access_log: bool = True) -> int:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully and close `engine`.
+    `access_log`: one INFO line per request on the `aurora.access` logger."""
+    if not access_log:
+        logging.getLogger("aurora.access").setLevel(logging.WARNING)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_serve(engine, config, shutdown_timeout, access_log))
+        return loop.run_until_complete(_serve(engine, config, shutdown_timeout))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
 
-async def _serve(engine, config: ServerConfig, shutdown_timeout: float, access_log: bool) -> int:
+async def _serve(engine, config: ServerConfig, shutdown_timeout: float) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -110,12 +114,13 @@ async def _serve(engine, config: ServerConfig, shutdown_timeout: float, access_l
             pass
     app = create_app(engine, config)
     try:
-        runner, url = await start(app, config.host, config.port, access_log)
+        runner, url = await start(app, config.host, config.port)
     except OSError as exc:
         print(f"error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr, flush=True)
         await loop.run_in_executor(None, engine.close)
         return 1
-    print(f"listening on {url} (model {app[STATE].model_ids[0]!r}; OpenAI API at {url}/v1)", flush=True)
+    for line in banner_lines(engine, config, url):  # stdout, like the other lifecycle lines
+        print(line, flush=True)
     await stopping.wait()
     in_flight = app[STATE].in_flight
     if in_flight:
@@ -171,6 +176,7 @@ class ServerThread:
         try:
             self.app = create_app(self.engine, self.config)
             self._runner, self.url = loop.run_until_complete(start(self.app, self.config.host, self.config.port))
+            log_banner(self.engine, self.config, self.url)
         except Exception as exc:  # noqa: BLE001 -- re-raised by start() in the caller's thread
             self._error = exc
             self._ready.set()

