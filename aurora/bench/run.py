@@ -31,6 +31,7 @@ log = logging.getLogger("aurora.bench")
 
 REFERENCE = "hf"
 DEFAULT_SYSTEMS = ("hf", "hf-lookup", "none", "ngram", "eagle", "online", "online-ckpt")
+SUFFIX_SYSTEMS = ("hf", "hf-lookup", "none", "ngram", "suffix", "suffix+ngram", "eagle+suffix+ngram")
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,11 @@ def warmup_prompts(n: int, seed: int = 0):
 def encode(tokenizer, prompt) -> list[int]:
     """Chat prompts through the chat template (as a chat user sends them), others as text."""
     if prompt.messages and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=True)
+        messages = prompt.messages
+        if any(m["content"] is None for m in messages):     # multi-turn placeholders: empty replies
+            from aurora.workloads import fill_history
+            messages = fill_history(prompt, {})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
@@ -186,7 +191,7 @@ class _Bench:
         self.opts = BuildOptions(model=cfg.model, dtype=cfg.dtype, device=cfg.device, checkpoint=cfg.checkpoint,
                                  lookup_tokens=cfg.lookup_tokens, kv_tokens=cfg.kv_tokens,
                                  threads=resolve_threads(cfg.threads, cfg.device), seed=cfg.seed)
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = self.tokenizer = load_tokenizer(cfg.model)
         self.prompts = load_prompts(cfg)
         self.prompt_ids = [encode(tokenizer, p) for p in self.prompts]
         self.warm_ids = [encode(tokenizer, p) for p in warmup_prompts(cfg.warmup, cfg.seed)]
@@ -252,9 +257,26 @@ class _Bench:
         self.runs[name]["wall_s"] += time.perf_counter() - t0
         return True
 
+    def prompt_for(self, name: str, i: int) -> list[int]:
+        """Token ids of request i for this system: a multi-turn request carries the replies this
+        system produced for the conversation's earlier turns (as a chat client sends them)."""
+        prompt = self.prompts[i]
+        if not prompt.conversation or not prompt.turn:
+            return self.prompt_ids[i]
+        from dataclasses import replace
+
+        from aurora.workloads import fill_history
+        replies = self.runs[name].setdefault("replies", {})
+        return encode(self.tokenizer, replace(prompt, messages=fill_history(prompt, replies)))
+
     def serve(self, name: str, i: int) -> None:
         run = self.runs[name]
-        out = run["system"].generate(self.prompt_ids[i], self.params)
+        ids = self.prompt_for(name, i)
+        out = run["system"].generate(ids, self.params)
+        run.setdefault("prompt_lens", {})[i] = len(ids)
+        if self.prompts[i].conversation:
+            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            run.setdefault("replies", {})[(self.prompts[i].conversation, self.prompts[i].turn)] = text
         run["outputs"].append(out)
         run["wall_s"] += out.seconds
         self.bar.set_description(name)
@@ -303,7 +325,8 @@ def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
             "num_tokens": sum(len(o.token_ids) for o in outs),
             **{k: v for k, v in run.get("extra", {}).items() if k not in ("acceptance_by_depth",)},
             "requests": [{"index": i, "domain": prompts[i].domain, "source": prompts[i].source,
-                          "prompt_tokens": len(prompt_ids[i]), "tau": o.tau, "tokens": len(o.token_ids),
+                          "prompt_tokens": run.get("prompt_lens", {}).get(i, len(prompt_ids[i])),
+                          "tau": o.tau, "tokens": len(o.token_ids),
                           "seconds": o.seconds, "tokens_per_s": tps[i], "draft_version": o.draft_version,
                           "finish_reason": o.finish_reason}
                          for i, o in enumerate(outs)],

@@ -46,6 +46,14 @@ SYSTEMS: dict[str, SystemSpec] = {
                                    "aurora", "eagle+ngram", online=True, discard=False),
     "online-ckpt": SystemSpec("Aurora, eagle+ngram online from checkpoint", "aurora", "eagle:{ckpt}+ngram",
                               online=True, needs_checkpoint=True),
+    # the suffix draft (memory of all traffic) alone and composed by tree union
+    "suffix": SystemSpec("Aurora, suffix draft (memory of all traffic)", "aurora", "suffix"),
+    "suffix+ngram": SystemSpec("Aurora, suffix+ngram", "aurora", "suffix+ngram"),
+    "eagle+suffix": SystemSpec("Aurora, eagle+suffix online from scratch", "aurora", "eagle+suffix", online=True),
+    "eagle+suffix+ngram": SystemSpec("Aurora, eagle+suffix+ngram online from scratch", "aurora",
+                                     "eagle+suffix+ngram", online=True),
+    "eagle+suffix+ngram-ckpt": SystemSpec("Aurora, eagle+suffix+ngram online from checkpoint", "aurora",
+                                          "eagle:{ckpt}+suffix+ngram", online=True, needs_checkpoint=True),
 }
 
 

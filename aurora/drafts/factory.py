@@ -17,6 +17,9 @@ def build_proposer(spec: str, runner, config) -> Proposer:
         elif kind == "eagle":
             from aurora.drafts.eagle import EagleProposer
             parts.append(EagleProposer.create(runner, config, checkpoint=arg or None))
+        elif kind == "suffix":
+            from aurora.drafts.suffix import SuffixProposer
+            parts.append(SuffixProposer(config.spec, path=arg or None))
         elif kind == "model":
             from aurora.drafts.model import ModelProposer
             if not arg:

@@ -18,6 +18,7 @@ import torch
 
 from aurora.config import EngineConfig
 from aurora.drafts import ProposeContext, build_proposer
+from aurora.drafts.suffix import find_suffix
 from aurora.engine.detok import detokenize
 from aurora.engine.isolation import ProposalIsolation
 from aurora.engine.policy import build_policy
@@ -53,6 +54,9 @@ class Engine:
         self.before_step: list = []         # fn() at each step boundary (weight swaps)
         self.finish_hooks: list = []        # fn(Sequence) when a request ends
         self.stats_extra: dict = {}         # name -> fn() merged into stats()
+        suffix = find_suffix(self.proposer)
+        if suffix is not None:
+            self.stats_extra["suffix"] = suffix.stats
         self._stats = EngineStats()
         self._ids = itertools.count()
         self._inbox: list = []

@@ -2,7 +2,8 @@
 
 POST {"action": "pause" | "resume" | "save" | "export"}. `save` writes only into the
 directory the operator gave at startup (`--save-dir`); a client never chooses a path:
-`export` ({"dir": NAME, "format": "eagle3" | "speculators"}) writes `<save-dir>/exports/NAME`. The
+`export` ({"dir": NAME, "format": "eagle3" | "speculators"}) writes `<save-dir>/exports/NAME`. With a
+`suffix` draft, `save` also writes its index there (user text; off with SpecConfig.suffix_persist=False). The
 flywheel is optional and its API may be partial, so every call goes through getattr.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 
 from aiohttp import web
 
+from aurora.drafts.suffix import find_suffix
 from aurora.server.errors import APIError, bad_request
 from aurora.server.openai_api import parse_body
 from aurora.server.state import CONFIG, ENGINE
@@ -59,18 +61,22 @@ async def post_speculator(request: web.Request) -> web.Response:
     if action == "export":
         return await _export(engine, save_dir, body)
     flywheel = getattr(engine, "flywheel", None)
-    if flywheel is None:
+    suffix = find_suffix(engine.proposer) if action == "save" else None   # the memory of traffic
+    if flywheel is None and suffix is None:
         raise APIError(409, "online training is off on this server (no flywheel); start it with --online "
                             "and a learnable draft", "action", "no_flywheel")
     if action == "save" and save_dir is None:
         raise APIError(409, "saving is disabled: the server was started without --save-dir", "action",
                        "no_save_dir")
-    fn = getattr(flywheel, action, None)
-    if not callable(fn):
+    fn = getattr(flywheel, action, None) if flywheel is not None else None
+    if flywheel is not None and not callable(fn):
         raise APIError(501, f"this flywheel does not support '{action}'", "action", "unsupported")
     args = (save_dir,) if action == "save" else ()
-    result = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(None, fn, *args) if fn is not None else None
     reply = {"action": action, "ok": True, "status": speculator_status(engine, save_dir is not None)}
+    if suffix is not None:                 # None when SpecConfig.suffix_persist is off
+        reply["suffix_index"] = await loop.run_in_executor(None, suffix.save, save_dir)
     if result is not None:
         reply["result"] = result
     return _json(reply)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CHARS = 2000
 SHAREGPT_DOMAINS = ("code", "finance", "math", "chat")
 DOMAINS = ("code", "humaneval", "stdlib", "chat", "finance", "math")
+MEMORY_DOMAINS = ("multiturn", "templated", "related-code")   # see aurora/workloads/memory.py
 
 HUMANEVAL_FILE = "HumanEval.jsonl.gz"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -36,12 +37,16 @@ SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 class Prompt:
     """One request's text. `domain` is the coarse domain ("code", "chat", "finance",
     "math"); `source` the corpus ("humaneval", "stdlib", "sharegpt"); `messages` the
-    chat form where the corpus is a conversation; `ref` names the record it came from."""
+    chat form where the corpus is a conversation; `ref` names the record it came from.
+    Multi-turn requests name their `conversation` and `turn` (0-based); their assistant
+    messages are placeholders (content None) for the replies the system itself produced."""
     text: str
     domain: str
     source: str
     messages: list[dict] | None = None
     ref: str = ""
+    conversation: str = ""
+    turn: int = 0
 
 
 class CorpusUnavailable(RuntimeError):
@@ -398,8 +403,9 @@ def load_domain(domain: str, n: int, seed: int = 0,
                 max_chars: int = DEFAULT_MAX_CHARS) -> list[Prompt]:
     """`n` distinct prompts of one domain, in a seeded random order.
 
-    Domains: "humaneval", "stdlib", "chat", "finance", "math" (ShareGPT subsets), and
-    "code" = HumanEval + stdlib + ShareGPT-code mixed. Raises ValueError when the
+    Domains: "humaneval", "stdlib", "chat", "finance", "math" (ShareGPT subsets),
+    "code" = HumanEval + stdlib + ShareGPT-code mixed, and the memory workloads
+    "multiturn", "templated", "related-code" (in their own order: turns stay in sequence). Raises ValueError when the
     domain holds fewer than `n` prompts, CorpusUnavailable when its package is missing."""
     if n < 0:
         raise ValueError("n must be >= 0")
@@ -413,4 +419,7 @@ def load_domain(domain: str, n: int, seed: int = 0,
         return _sample(pool, n, rng, domain)
     if domain in SHAREGPT_DOMAINS:
         return _sample(sharegpt_subsets(max_chars)[domain], n, rng, domain)
-    raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+    if domain in MEMORY_DOMAINS:
+        from aurora.workloads.memory import load_memory_domain
+        return load_memory_domain(domain, n, seed, max_chars)
+    raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS + MEMORY_DOMAINS}")

@@ -1,0 +1,110 @@
+"""`suffix`: a draft that remembers all traffic. Every token of every request served (prompt
+and output, finished and in flight) goes into one bounded `SuffixIndex`; a sequence's draft is
+the frequency-ranked tree of what followed its current context anywhere in that memory.
+
+Visibility: tokens are indexed when the engine hands the sequence over (on_step after each
+target forward, propose before drafting, release when it ends), so what one request commits is
+visible to every request at the next step. Proposals are point masses (q_rows -1): greedy stays
+exact and recursive rejection over point-mass siblings stays lossless under sampling.
+Persistence (`save`/`load`, `draft="suffix:<dir>"`) writes user text (token ids) to disk;
+`SpecConfig.suffix_persist=False` turns it off.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from pathlib import Path
+
+from aurora.config import SpecConfig
+from aurora.drafts.base import Proposer
+from aurora.drafts.suffix_index import Cursor, SuffixIndex
+from aurora.engine.tree import DraftTree
+
+log = logging.getLogger("aurora.drafts.suffix")
+
+
+class SuffixProposer(Proposer):
+    name = "suffix"
+
+    def __init__(self, spec: SpecConfig | None = None, path: str | None = None):
+        self.spec = spec or SpecConfig()
+        self.path = path
+        self.lock = threading.Lock()                 # save() runs off the engine thread
+        if path and SuffixIndex.exists(path):
+            self.index = SuffixIndex.load(path)
+            log.info("suffix index loaded from %s: %d tokens", path, self.index.num_tokens)
+        else:
+            self.index = SuffixIndex(self.spec.suffix_bytes)
+        self._cursors: dict[int, tuple[object, Cursor]] = {}   # id(seq) -> (seq, its write cursor)
+
+    # ---------------------------------------------------------------- indexing
+    def _sync(self, seq) -> Cursor:
+        """Index the sequence's tokens not indexed yet (all of token_ids are final)."""
+        entry = self._cursors.get(id(seq))
+        if entry is None:
+            entry = (seq, self.index.open())
+            self._cursors[id(seq)] = entry
+        cur = entry[1]
+        ids = seq.token_ids
+        if cur.num_tokens < len(ids):
+            self.index.extend(cur, ids[cur.num_tokens:])
+        return cur
+
+    def on_step(self, seqs, batch, result, rows) -> None:
+        with self.lock:
+            for seq in seqs:
+                self._sync(seq)
+
+    def release(self, seq) -> None:
+        with self.lock:
+            if id(seq) in self._cursors:
+                self._sync(seq)
+                del self._cursors[id(seq)]
+
+    # ---------------------------------------------------------------- drafting
+    def propose(self, seqs, ctx):
+        spec = ctx.spec
+        with self.lock:
+            cursors = [self._sync(seq) for seq in seqs]      # everyone's newest tokens first
+            trees = []
+            for cur in cursors:
+                max_depth = min(self.spec.suffix_max_depth, spec.max_nodes)
+                tokens, parents, probs, _ = self.index.speculate(
+                    cur, spec.max_nodes, max_depth, self.spec.suffix_min_prob, self.spec.suffix_spec_factor)
+                tree = DraftTree()
+                for tok, parent, prob in zip(tokens, parents, probs):
+                    tree.add(tok, parent, math.log(prob))
+                trees.append(tree)
+        return trees
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path | None = None) -> str | None:
+        """Write the index beside the draft checkpoint (None when persistence is off)."""
+        if not self.spec.suffix_persist:
+            return None
+        path = path or self.path
+        if path is None:
+            raise ValueError("no directory to save the suffix index in")
+        with self.lock:
+            return str(self.index.save(path))
+
+    def load(self, path: str | Path) -> None:
+        if not self.spec.suffix_persist:
+            raise ValueError("suffix index persistence is off (SpecConfig.suffix_persist=False)")
+        index = SuffixIndex.load(path)
+        with self.lock:
+            self.index = index
+            self._cursors.clear()
+
+    def stats(self) -> dict:
+        idx = self.index
+        return {"tokens": idx.num_tokens, "bytes": idx.nbytes, "max_bytes": idx.max_bytes,
+                "requests": idx.num_requests, "in_flight": len(self._cursors)}
+
+
+def find_suffix(proposer: Proposer) -> SuffixProposer | None:
+    """The suffix part of a (possibly composed) proposer, if any."""
+    if isinstance(proposer, SuffixProposer):
+        return proposer
+    return next((p for p in getattr(proposer, "parts", ()) if isinstance(p, SuffixProposer)), None)

@@ -1,0 +1,87 @@
+"""The suffix draft and its compositions (tree union, one verification pass) keep the target's
+output: fp32 speculative greedy equals plain greedy alone, batched, in mixed batches with
+requests joining mid-flight, and after the index has memorised the traffic (deep trees get
+accepted); speculative sampling follows the target distribution (chi-square, point-mass q)."""
+from __future__ import annotations
+
+import pytest
+
+from aurora import SamplingParams, SpecConfig
+from test_exactness import (                    # noqa: E402 -- the shared references and helpers
+    PROMPTS,
+    SAMPLING_MODEL,
+    greedy,
+    self_repeating_prompt,
+    test_spec_sampling_matches_target_distribution as _chi_square,
+)
+
+TINY_MODELS = ["tiny-llama", "tiny-qwen3", "tiny-gemma2"]
+SUFFIX_DRAFTS = ["suffix", "suffix+ngram", "eagle+suffix", "eagle+suffix+ngram"]
+SMALL = {"suffix_bytes": 4 << 20}
+
+
+def engine(engines, model, draft, shape="chain", **options):
+    return engines.get(model, draft, SpecConfig(shape=shape, **SMALL), **options)
+
+
+@pytest.mark.parametrize("draft", SUFFIX_DRAFTS)
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_suffix_greedy_equals_plain(engines, model, draft):
+    plain = engines.get(model)
+    spec = engine(engines, model, draft)
+    prompts = PROMPTS + [self_repeating_prompt(plain)]
+    want = [o.token_ids for o in plain.generate_batch(prompts, greedy())]
+    for _ in range(2):                              # the second pass drafts from the memorised first
+        assert [o.token_ids for o in spec.generate_batch(prompts, greedy())] == want
+    for prompt, ids in zip(prompts, want):          # batch 1
+        assert spec.generate_batch([prompt], greedy())[0].token_ids == ids
+    assert spec.stats()["accepted_length"] > 1.5, "the memory was hardly ever accepted"
+
+
+@pytest.mark.parametrize("shape", ["static", "dynamic"])
+def test_suffix_composed_with_eagle_trees_greedy_equals_plain(engines, shape):
+    plain = engines.get("tiny-llama")
+    spec = engine(engines, "tiny-llama", "eagle+suffix+ngram", shape)
+    prompts = PROMPTS + [self_repeating_prompt(plain)]
+    want = [o.token_ids for o in plain.generate_batch(prompts, greedy())]
+    for _ in range(2):
+        assert [o.token_ids for o in spec.generate_batch(prompts, greedy())] == want
+
+
+@pytest.mark.parametrize("draft", SUFFIX_DRAFTS)
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_suffix_mixed_batch_joining_mid_flight(engines, staggered, model, draft):
+    """Greedy and seeded sampled requests share batches, half join while the others run (their
+    tokens enter the shared index as they are committed); greedy outputs equal plain greedy."""
+    plain = engines.get(model)
+    spec = engine(engines, model, draft)
+    prompts = [self_repeating_prompt(plain)] + PROMPTS + PROMPTS[:3]
+    params = []
+    for i in range(len(prompts)):
+        if i % 3 == 2:
+            params.append(SamplingParams(max_tokens=20 + i, temperature=0.9, top_p=0.9, seed=i, ignore_eos=True))
+        else:
+            params.append(greedy(40 - 2 * i))
+    want = {i: plain.generate_batch([p], params[i])[0].token_ids
+            for i, p in enumerate(prompts) if params[i].greedy}
+    outs, _ = staggered(spec, prompts, params, num_first=3)
+    for i, out in enumerate(outs):
+        assert out.finish_reason == "length" and len(out.token_ids) == params[i].max_tokens
+        if i in want:
+            assert out.token_ids == want[i], (i, prompts[i])
+
+
+@pytest.mark.parametrize("draft", ["suffix", "suffix+ngram", "eagle+suffix+ngram"])
+def test_suffix_sampling_matches_target_distribution(engines, spec_engine, draft):
+    """The shared chi-square test (ALPHA 1e-3, 1500 seeded requests, temperature 3, top-k 3) with
+    the suffix draft: point-mass proposals from every earlier request's sampled tokens."""
+    _chi_square(engines, spec_engine, draft, "chain")
+    tau = spec_engine(SAMPLING_MODEL, draft, max_batch=64).stats()["accepted_length"]
+    assert tau > 1.2, f"the suffix draft was hardly ever accepted (tau {tau:.2f}): the test proves little"
+
+
+@pytest.fixture(scope="module")
+def spec_engine(engines):
+    def get(model, draft, shape="chain", **options):
+        return engine(engines, model, draft, shape, **options)
+    return get
