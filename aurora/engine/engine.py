@@ -7,6 +7,7 @@ The engine knows nothing about HTTP; the flywheel attaches through step hooks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import itertools
 import logging
@@ -50,6 +51,7 @@ class Engine:
         self.before_step: list = []         # fn() at each step boundary (weight swaps)
         self.finish_hooks: list = []        # fn(Sequence) when a request ends
         self.stats_extra: dict = {}         # name -> fn() merged into stats()
+        self.step_gate = contextlib.nullcontext()   # entered around each step (the flywheel's CPU share)
         self._stats = EngineStats()
         self._ids = itertools.count()
         self._inbox: list = []
@@ -206,16 +208,14 @@ class Engine:
 
     # ---------------------------------------------------------------- worker loop
     def serve_threads(self) -> int:
-        """Torch threads of the engine worker (thread-local). CPU default: every core but the
-        trainer's, so serving and training never oversubscribe the machine."""
+        """Torch threads of the engine worker (thread-local). CPU default: every core — serving
+        keeps them all while it has work; the flywheel's trainer takes a bounded share of time
+        (TrainerConfig.busy_share) while serving is busy and the whole machine when it is idle."""
         if self.config.threads:
             return self.config.threads
         if self.device.type != "cpu":
             return torch.get_num_threads()
-        n = os.cpu_count() or 1
-        if self.flywheel is not None:
-            n -= self.config.trainer.threads
-        return max(1, n)
+        return max(1, os.cpu_count() or 1)
 
     def _run(self) -> None:
         torch.set_num_threads(self.serve_threads())
@@ -226,7 +226,8 @@ class Engine:
                 self._wake.clear()
                 continue
             try:
-                self.step()
+                with self.step_gate:                         # CPU + flywheel: turns with the trainer
+                    self.step()
             except Exception as exc:                         # keep serving everyone else
                 log.exception("engine step failed")
                 for seq in list(self.scheduler.running):
