@@ -47,10 +47,10 @@ class TrainerConfig:
     unroll: int = 3                    # training-time-test steps (EAGLE-3)
     unroll_decay: float = 0.8
     w_imitation: float = 1.0           # forward KL(p || q) on committed positions
-    w_discard: float = 0.5             # unlikelihood of rejected proposals (see losses.py)
+    w_discard: float = 0.5             # log-space hinge on rejected proposals (see losses.py)
     w_counterfactual: float = 0.5      # KL(p || q) at rejected nodes
     w_accept_len: float = 0.0          # expected accepted length objective
-    discard: str = "unlikelihood"      # "unlikelihood" (log space) | "hinge" (old, for A/B)
+    discard: str = "log"               # "log" (log-space hinge) | "hinge" (old probability-space, for A/B)
     init_from_target: bool = True      # draft LM head + final norm from the target's rows
     top_k: int = 16                    # target distribution kept per traced position
     publish_every_steps: int = 20
@@ -79,8 +79,8 @@ class TrainerConfig:
             raise ValueError("TrainerConfig.busy_share must be in (0, 1]")
         if not 0 < self.guard_share <= 1:
             raise ValueError("TrainerConfig.guard_share must be in (0, 1]")
-        if self.discard not in ("unlikelihood", "hinge"):
-            raise ValueError("TrainerConfig.discard must be 'unlikelihood' or 'hinge'")
+        if self.discard not in ("log", "hinge"):
+            raise ValueError("TrainerConfig.discard must be 'log' or 'hinge'")
         if self.top_k < 1 or self.span < 1 or self.batch_tokens < 1 or self.replay_records < 1:
             raise ValueError("TrainerConfig.top_k, span, batch_tokens and replay_records must be >= 1")
         if self.max_passes <= 0:

@@ -176,6 +176,9 @@ class Engine:
         if hasattr(self.proposer, "gain"):             # composed draft: learned branch gate
             s["learned_gain"] = self.proposer.gain
             s["learned_gate_open"] = self.proposer.gate_open
+        if hasattr(self.proposer, "source_stats"):     # per-source marginal gain and cost
+            s["draft_sources"] = self.proposer.source_stats()
+            s["learned_cost"] = s["draft_sources"]["learned_cost"]
         s["running"] = len(self.scheduler.running)
         s["waiting"] = len(self.scheduler.waiting)
         alloc = self.runner.cache.allocator

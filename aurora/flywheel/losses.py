@@ -3,10 +3,10 @@
 p: the target's stored top-k distribution, scattered onto the draft vocabulary (mass on
 tokens outside it is dropped); q: the draft's distribution over its vocabulary.
 * imitation      — forward KL(p || q) (as cross-entropy -sum p log q) on chain rows;
-* discard        — unlikelihood at a rejected proposal x, in log space: -log(1 - q(x)),
+* discard        — at a rejected proposal x, a hinge in log space, max(0, log q(x) - log p(x)),
                    weighted by (1 - p(x)/q(x))+ (the probability speculative sampling rejects
-                   x); its gradient on x's logit is q(x) * weight, not the vanishing
-                   q(x)(1 - q(x)) of a probability-space hinge;
+                   x); its gradient on x's logit is weight * (1 - q(x)), not the vanishing
+                   q(x)(1 - q(x)) of the probability-space hinge max(0, q(x) - p(x));
 * counterfactual — KL(p || q) at rejected nodes (the target's view under the rejected prefix);
 * accept_len     — minus the expected accepted length of a chain, sum_k prod_{i<=k} alpha_i,
                    alpha_i = sum_v min(p_i(v), q_i(v)) (`acceptance`).
@@ -30,13 +30,14 @@ def cross_entropy(p: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return -(p * logq).sum(-1)
 
 
-def discard(logq: torch.Tensor, p: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    """Unlikelihood of rejected draft ids x: logq, p [N, Vd], tok [N] -> [N]."""
+def discard(logq: torch.Tensor, p: torch.Tensor, tok: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """Log-space hinge at rejected draft ids x: w * max(0, log q(x) - log p(x)), with
+    w = (1 - p(x)/q(x))+ the rejection probability (detached). d/dlogit_x = w * (1 - q(x)):
+    it does not vanish when q(x) is small. logq, p: [N, Vd]; tok: [N] -> [N]."""
     logq_x = logq.gather(1, tok[:, None])[:, 0]
-    q_x = logq_x.exp()
     p_x = p.gather(1, tok[:, None])[:, 0]
-    weight = (1 - p_x / q_x.clamp(min=1e-12)).clamp(min=0).detach()
-    return -weight * torch.log1p(-q_x.clamp(max=1 - 1e-6))
+    weight = (1 - p_x / logq_x.exp().clamp(min=1e-12)).clamp(min=0).detach()
+    return weight * (logq_x - torch.log(p_x.clamp(min=floor))).clamp(min=0)
 
 
 def hinge(q: torch.Tensor, p: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ class Trainer:
         self.replay: deque = deque(maxlen=config.replay_records)    # recent records used for training
         self.holdout: deque = deque(maxlen=config.holdout_records)  # recent records held back for guarding
         self.num_records = 0
+        self._replay_rows = 0
         self.steps = 0
         self.tokens_trained = 0
         self.rows_since_new = 0        # loss rows trained since the last new record arrived
@@ -62,11 +63,15 @@ class Trainer:
             if self.config.holdout_every and (self.num_records - 2) % self.config.holdout_every == 0:
                 self.holdout.append(rec)
             else:
+                if len(self.replay) == self.replay.maxlen:
+                    self._replay_rows -= int(self.replay[0].has_target.sum())
                 self.replay.append(rec)
+                self._replay_rows += int(rec.has_target.sum())
                 self.rows_since_new = 0
 
     def replay_rows(self) -> int:
-        return sum(int(r.has_target.sum()) for r in self.replay)
+        """Positions with a target in the replay (kept as a count: stats() reads it from other threads)."""
+        return self._replay_rows
 
     @property
     def passes(self) -> float:
