@@ -81,6 +81,7 @@ class ComposedProposer(Proposer):
         self._t_verify = None
         self._num_nodes = 0
         self._learned_only: dict[int, set[int]] = {}   # id(tree) -> nodes only the learned draft proposed
+        self.clock = time.perf_counter                  # injectable for tests
 
     @property
     def version(self) -> int:
@@ -93,8 +94,8 @@ class ComposedProposer(Proposer):
     # ------------------------------------------------------------ the accounting
     @property
     def gain(self) -> float:
-        """Learned-only accepted tokens per step (while it runs)."""
-        return sum(g.value for g in self._gain_by_depth)
+        """Learned-only accepted tokens per step at its current depth (while it runs)."""
+        return sum(g.value for g in self._gain_by_depth[:max(1, self.depth_limit)])
 
     def _depth_cost(self, d: int) -> float:
         return self._draft_units.value + self._node_cost.per_node() * self._nodes_by_depth[d].value
@@ -141,12 +142,12 @@ class ComposedProposer(Proposer):
         trees = None
         for part in parts:
             pctx = ctx
-            t0 = time.perf_counter()
+            t0 = self.clock()
             if part.learnable:
                 pctx = ProposeContext(replace(ctx.spec, depth=depth), ctx.vocab_size)
             extra = part.propose(seqs, pctx)
             if part.learnable:
-                self._learned_s += time.perf_counter() - t0
+                self._learned_s += self.clock() - t0
                 self._ran_learned, self._learned_depth = True, depth
             if trees is None:
                 trees, learned_base = extra, part.learnable
@@ -158,12 +159,12 @@ class ComposedProposer(Proposer):
                 if learned_base:
                     self._learned_only[id(tree)] = set(range(n_before)) - shared
         self._num_nodes = sum(len(t) for t in trees)
-        self._t_verify = time.perf_counter()
+        self._t_verify = self.clock()
         return trees
 
     def on_step(self, seqs, batch, result, rows):
         if self._t_verify is not None:                 # target forward + verification of this step
-            step_s = time.perf_counter() - self._t_verify
+            step_s = self.clock() - self._t_verify
             self._node_cost.add(self._num_nodes, step_s)
             if self._ran_learned and step_s > 0:
                 self._draft_units.add(self._learned_s / max(step_s, 1e-9) / max(1, self._learned_depth))
