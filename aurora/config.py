@@ -43,7 +43,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     batch_tokens: int = 1024           # loss rows packed per optimizer step (several windows)
     span: int = 128                    # positions with stored targets per packed window
-    window: int = 64                   # context positions packed before each span
+    window: int = 32                   # context positions packed before each span
     unroll: int = 3                    # training-time-test steps (EAGLE-3)
     unroll_decay: float = 0.8
     w_imitation: float = 1.0           # forward KL(p || q) on committed positions
@@ -53,6 +53,7 @@ class TrainerConfig:
     discard: str = "log"               # "log" (log-space hinge) | "hinge" (old probability-space, for A/B)
     init_from_target: bool = True      # draft LM head + final norm from the target's rows
     top_k: int = 16                    # target distribution kept per traced position
+    autocast: str = "auto"             # trainer matmuls: "auto" (bf16 on CUDA / CPUs with native bf16) | "bf16" | "off"
     publish_every_steps: int = 20
     publish_every_s: float = 30.0
     guard: bool = True                 # score candidate vs active on recent held-back traces
@@ -83,6 +84,8 @@ class TrainerConfig:
             raise ValueError("TrainerConfig.discard must be 'log' or 'hinge'")
         if self.top_k < 1 or self.span < 1 or self.batch_tokens < 1 or self.replay_records < 1:
             raise ValueError("TrainerConfig.top_k, span, batch_tokens and replay_records must be >= 1")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError("TrainerConfig.autocast must be auto|bf16|off")
         if self.max_passes <= 0:
             raise ValueError("TrainerConfig.max_passes must be > 0")
         if self.buffer_bytes < 1 << 16:

@@ -25,6 +25,15 @@ log = logging.getLogger("aurora.flywheel")
 EVAL_POSITIONS = 128      # last positions of each held-back record scored by the guard
 
 
+def _use_autocast(mode: str, device: torch.device) -> bool:
+    if mode == "off":
+        return False
+    if mode == "bf16" or device.type == "cuda":
+        return True
+    from aurora.models.loader import cpu_has_fast_bf16
+    return cpu_has_fast_bf16()
+
+
 class Trainer:
     def __init__(self, head, runner, config: TrainerConfig):
         self.config = config
@@ -46,6 +55,7 @@ class Trainer:
         self.train_s = 0.0
         self.last_losses: dict[str, float] = {}
         self._t2d_key, self._t2d = None, None
+        self.autocast = _use_autocast(config.autocast, self.device)
 
     def _make_opt(self):
         params = [p for p in self.head.parameters() if p.requires_grad]
@@ -115,7 +125,12 @@ class Trainer:
         return self._t2d
 
     def _forward(self, head, packed: Packed) -> torch.Tensor:
-        """Run the head over the packed levels; returns h [R, hidden] in level order."""
+        """Run the head over the packed levels; returns h [R, hidden] in level order (fp32 master
+        weights; matmuls in bf16 under autocast where the hardware has it)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self._forward_levels(head, packed).float()
+
+    def _forward_levels(self, head, packed: Packed) -> torch.Tensor:
         dev, levels = self.device, packed.levels
         embed = self.runner.embed_tokens
         outs, K, V = [], None, None
@@ -137,7 +152,8 @@ class Trainer:
         has = target >= 0
         chain = torch.tensor([c for lv in levels for c in lv.chain], device=dev)
         lvl = torch.tensor([i for i, lv in enumerate(levels) for _ in lv.pos], device=dev)
-        logits = head.logits(h[has])                                  # [N, Vd] rows with a target only
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = head.logits(h[has]).float()                      # [N, Vd] rows with a target only
         logq = torch.log_softmax(logits, -1)
         t2d = self._t2d_map(head)
         p_all = losses.dense_targets(packed.target_ids.to(dev), packed.target_probs.to(dev), t2d, len(head.d2t))
