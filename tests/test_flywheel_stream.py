@@ -105,3 +105,25 @@ def test_gate_trims_depth_to_what_pays():
     _run(comp, accepted_depths=1, steps=60 * EXPLORE_EVERY)
     regular = learned.depths[-4 * EXPLORE_EVERY:]
     assert comp.gate_open and min(regular) == 1                   # depth 1 pays, deeper does not
+
+
+def test_demo_reports_speedup_over_ngram_and_why(tmp_path, capsys):
+    from aurora.bench.demo import main
+    rc = main(["--model", "tiny-llama", "--requests", "3", "--max-tokens", "8", "--baseline", "2",
+               "--domains", "code,chat", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "speedup over the n-gram draft alone" in text and "τ first third" in text
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data["speedup_over_ngram"] is not None and data["baseline_ngram_tokens_per_s"]
+    if not (data["speedup"] > 1.0 and data["speedup_over_ngram"] >= 1.0):
+        assert "learning has not paid yet" in text
+
+
+def test_demo_verdict_lines():
+    from aurora.bench.demo import verdict
+    assert verdict(1.2, 1.05, 1.5, 1.9, {"steps": 500}, None) is None
+    assert "only 3 optimizer steps" in verdict(0.8, 0.9, 1.5, 1.9, {"steps": 3}, None)
+    assert "did not rise" in verdict(0.8, 0.9, 1.9, 1.5, {"steps": 500}, None)
+    line = verdict(0.9, 0.95, 1.5, 1.9, {"steps": 500}, {"learned_gain": 0.1, "learned_cost": 0.3})
+    assert "gate mostly closed" in line
