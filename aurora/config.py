@@ -56,20 +56,31 @@ class TrainerConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    batch_tokens: int = 1024           # packed tokens per optimizer step
+    batch_tokens: int = 1024           # loss rows packed per optimizer step (several windows)
+    span: int = 128                    # positions with stored targets per packed window
+    window: int = 32                   # context positions packed before each span
     unroll: int = 3                    # training-time-test steps (EAGLE-3)
     unroll_decay: float = 0.8
-    w_imitation: float = 1.0           # forward KL(p || q) on accepted positions
-    w_discard: float = 0.5             # push rejected proposals down toward p
+    w_imitation: float = 1.0           # forward KL(p || q) on committed positions
+    w_discard: float = 0.5             # log-space hinge on rejected proposals (see losses.py)
+    w_counterfactual: float = 0.5      # KL(p || q) at rejected nodes
     w_accept_len: float = 0.0          # expected accepted length objective
+    discard: str = "log"               # "log" (log-space hinge) | "hinge" (old probability-space, for A/B)
+    init_from_target: bool = True      # draft LM head + final norm from the target's rows
+    top_k: int = 16                    # target distribution kept per traced position
+    autocast: str = "auto"             # trainer matmuls: "auto" (bf16 on CUDA / CPUs with native bf16) | "bf16" | "off"
     publish_every_steps: int = 20
     publish_every_s: float = 30.0
-    guard: bool = True                 # score a candidate before publishing
-    rollback_drop: float = 0.25        # roll back if live tau falls this fraction below pre-swap
+    guard: bool = True                 # score candidate vs active on recent held-back traces
+    guard_share: float = 0.1           # max fraction of trainer time spent guarding
+    rollback_drop: float = 0.05        # roll back if the active draft scores this fraction below its predecessor
+    replay_records: int = 96           # recent records trained on
+    holdout_records: int = 4           # recent records held back for the guard
+    holdout_every: int = 8             # every n-th record is held back
+    max_passes: float = 4.0            # passes over the replay without new traffic, then sleep
     buffer_bytes: int = 256 << 20
-    threads: int = 1                   # CPU: torch threads of the trainer worker
-    duty: float = 0.5                  # CPU: max fraction of wall time the trainer computes (GIL share)
-    window: int = 64                   # context positions packed before each tree
+    threads: int = 0                   # CPU: torch threads of the trainer (0 = every core; it takes turns with serving)
+    busy_share: float = 0.15           # CPU: max fraction of wall time the trainer computes while serving is busy
     draft_vocab: int = 8192            # 0 = full target vocabulary
     seed: int = 0
 
@@ -78,10 +89,20 @@ class TrainerConfig:
             raise ValueError("TrainerConfig.lr and grad_clip must be > 0")
         if self.unroll < 1:
             raise ValueError("TrainerConfig.unroll must be >= 1")
-        if min(self.w_imitation, self.w_discard, self.w_accept_len) < 0:
+        if min(self.w_imitation, self.w_discard, self.w_counterfactual, self.w_accept_len) < 0:
             raise ValueError("TrainerConfig loss weights must be >= 0")
-        if not 0 < self.duty <= 1:
-            raise ValueError("TrainerConfig.duty must be in (0, 1]")
+        if not 0 < self.busy_share <= 1:
+            raise ValueError("TrainerConfig.busy_share must be in (0, 1]")
+        if not 0 < self.guard_share <= 1:
+            raise ValueError("TrainerConfig.guard_share must be in (0, 1]")
+        if self.discard not in ("log", "hinge"):
+            raise ValueError("TrainerConfig.discard must be 'log' or 'hinge'")
+        if self.top_k < 1 or self.span < 1 or self.batch_tokens < 1 or self.replay_records < 1:
+            raise ValueError("TrainerConfig.top_k, span, batch_tokens and replay_records must be >= 1")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError("TrainerConfig.autocast must be auto|bf16|off")
+        if self.max_passes <= 0:
+            raise ValueError("TrainerConfig.max_passes must be > 0")
         if self.buffer_bytes < 1 << 16:
             raise ValueError("TrainerConfig.buffer_bytes must be at least 64 KiB")
 

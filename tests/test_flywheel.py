@@ -15,9 +15,9 @@ PROMPTS = ["the cat sat on ", "def f(x): return", "hello hello ", "1, 2, 3, 4"]
 FAST = TrainerConfig(publish_every_steps=3, publish_every_s=0.2, guard=False, lr=3e-4)
 
 
-def _record(n: int, hidden: int = 8) -> TraceRecord:
-    return TraceRecord("r", list(range(n + 1)), torch.zeros(n, 3 * hidden, dtype=torch.float16),
-                       torch.zeros(n, hidden, dtype=torch.float16), [], None)
+def _record(n: int, hidden: int = 8, k: int = 16) -> TraceRecord:
+    return TraceRecord("r", list(range(n + 1)), torch.zeros(n, 3 * hidden, dtype=torch.bfloat16),
+                       torch.zeros(n, k, dtype=torch.int32), torch.zeros(n, k, dtype=torch.float16), [])
 
 
 def test_ring_buffer_bounded_and_counts_drops():

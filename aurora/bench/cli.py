@@ -3,6 +3,7 @@ prompts, in one process; writes results.json, results.md and tau.png into a new
 directory per run (bench_out/<date-time>/), so runs never overwrite each other.
 
     aurora bench --quick
+    aurora bench --stream --per-domain 100        (long real stream, see aurora/bench/stream.py)
     aurora bench --systems hf,none,online --domains code,chat --per-domain 10
     aurora bench --systems hf,hf-lookup,none,ngram,suffix,suffix+ngram,eagle+suffix+ngram --domains multiturn
     python -m aurora.bench.cli --model tiny-llama --requests 6 --max-tokens 16
@@ -80,7 +81,11 @@ def config_from_args(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--stream" in argv:                        # the long domain-shift stream (aurora/bench/stream.py)
+        from aurora.bench.stream import main as stream_main
+        return stream_main([a for a in argv if a != "--stream"])
+    args = build_parser().parse_args(argv)
     if args.replot:
         print(f"wrote {replot(args.replot)}")
         return 0

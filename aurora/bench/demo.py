@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     del online
 
     base = baseline(build_system, opts, prompt_ids, warm_ids, params, args.baseline) if args.baseline else {}
+    base_ngram = (baseline(build_system, opts, prompt_ids, warm_ids, params, args.baseline, "ngram")
+                  if args.baseline else {})
     phases = segments(prompts)
     summary = phase_summary(rows, phases)
     print()
@@ -129,9 +131,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{report.fmt_depths(extra.get('acceptance_by_depth'))}; trainer: {trainer.get('steps', 0)} steps, "
           f"{trainer.get('swaps', 0)} swaps, {trainer.get('rollbacks', 0)} rollbacks, "
           f"loss {report.fmt(trainer.get('loss'))}")
+    third = max(1, len(rows) // 3)
+    tau_early = report.mean([r["tau"] for r in rows[:third]])
+    tau_late = report.mean([r["tau"] for r in rows[-third:]])
+    print(f"τ first third {report.fmt(tau_early)} → last third {report.fmt(tau_late)}")
+    speedup_ngram = report.median([rows[i]["tokens_per_s"] / tps for i, tps in base_ngram.items()])
     if base:
         print(f"speedup over plain decoding (no draft, same engine, same {len(base)} prompts, trainer's CPU "
               f"cost included): {report.fmt(speedup)}× median (requests {sorted(base)})")
+    if base_ngram:
+        print(f"speedup over the n-gram draft alone (same prompts): {report.fmt(speedup_ngram)}× median")
+        why = verdict(speedup, speedup_ngram, tau_early, tau_late, trainer, extra.get("draft_sources"))
+        if why:
+            print(why)
     if extra.get("saved_draft"):
         print(f"draft saved to {extra['saved_draft']}")
 
@@ -147,17 +159,35 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "demo.json").write_text(json.dumps(
         {"model": args.model, "hardware": report.hardware_line(threads), "max_tokens": args.max_tokens,
          "requests": rows, "phases": [list(p) for p in phases], "baseline_tokens_per_s": base,
-         "speedup": speedup, "stats": extra, "wall_s": wall}, indent=2, default=str) + "\n")
+         "speedup": speedup, "speedup_over_ngram": speedup_ngram, "baseline_ngram_tokens_per_s": base_ngram,
+         "tau_first_third": tau_early, "tau_last_third": tau_late, "stats": extra, "wall_s": wall}, indent=2, default=str) + "\n")
     print(f"plot: {png.resolve()}\ndone in {wall:.0f} s")
     return 0
 
 
-def baseline(build_system, opts, prompt_ids, warm_ids, params, k: int) -> dict[int, float]:
-    """tokens/s of `k` evenly spaced requests re-served by the same engine with no draft."""
+def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources: dict | None) -> str | None:
+    """One line saying why learning has not paid yet (None when it has)."""
+    if speedup is not None and speedup_ngram is not None and speedup > 1.0 and speedup_ngram >= 1.0:
+        return None
+    steps = trainer.get("steps", 0) or 0
+    if steps < 50:
+        return (f"learning has not paid yet: the trainer made only {steps} optimizer steps in this demo "
+                "(too little traffic and idle time to learn from)")
+    if tau_early is not None and tau_late is not None and tau_late <= tau_early:
+        return f"learning has not paid yet: τ did not rise ({tau_early:.2f} → {tau_late:.2f}) after {steps} steps"
+    if sources and sources.get("learned_gain", 0) <= sources.get("learned_cost", 0):
+        return (f"learning has not paid yet: the learned branch adds {sources['learned_gain']:.2f} accepted "
+                f"tokens/step but costs {sources['learned_cost']:.2f} (gate mostly closed; n-gram carries it)")
+    return (f"learning has not paid yet: τ rose ({tau_early:.2f} → {tau_late:.2f}) but not enough to beat "
+            "the draft's own cost on this CPU")
+
+
+def baseline(build_system, opts, prompt_ids, warm_ids, params, k: int, system: str = "none") -> dict[int, float]:
+    """tokens/s of `k` evenly spaced requests re-served by the same engine with `system`'s draft."""
     n = len(prompt_ids)
     idx = sorted({round(j * (n - 1) / max(1, k - 1)) for j in range(min(k, n))})
-    print(f"\nbaseline: re-serving requests {idx} without a draft ...", flush=True)
-    plain = build_system("none", opts)
+    print(f"\nbaseline: re-serving requests {idx} with draft {system!r} ...", flush=True)
+    plain = build_system(system, opts)
     try:
         for ids in warm_ids:
             plain.generate(ids, params)

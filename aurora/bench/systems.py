@@ -253,6 +253,8 @@ class AuroraSystem(System):
             by_depth = stats.get("acceptance_by_depth", {})
         out = {"acceptance_by_depth": {int(d): float(v) for d, v in by_depth.items()},
                "draft_s": stats.get("draft_s"), "verify_s": stats.get("verify_s")}
+        if isinstance(stats.get("draft_sources"), dict):
+            out["draft_sources"] = stats["draft_sources"]
         if isinstance(stats.get("trainer"), dict):
             t = stats["trainer"]
             out["trainer"] = {k: t.get(k) for k in ("steps", "loss", "losses", "swaps", "rollbacks",

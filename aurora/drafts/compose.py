@@ -2,17 +2,64 @@
 so a learned draft never loses the cases where copying from context wins. Shared
 prefixes are merged under greedy; under sampling siblings stay separate draws.
 
-Gate: a learned draft's branch costs verify compute. Its *gain* is the number of accepted
-tokens only it proposed; while the running mean gain is below `MIN_GAIN` the learned branch
-is proposed on every `EXPLORE_EVERY`-th step only (to keep measuring it as it trains)."""
+Cost-aware gate for the learned branch, re-estimated online (exponential averages):
+* gain g: accepted tokens per step that only the learned branch proposed, per depth;
+* cost c, in target-step units: its draft time / the target step time, plus the verify
+  cost of its extra nodes (c_node per node, from a running fit of step time vs nodes);
+* the branch pays when g > tau_base * c (a step of tau_base tokens costing 1 + c must
+  yield more than tau_base tokens per unit of time). It then drafts as deep as the depths
+  whose own gain exceeds their own cost; otherwise it runs only every `EXPLORE_EVERY`-th
+  step (shallow, `EXPLORE_DEPTH`) so it can earn its way back as it trains.
+"""
 from __future__ import annotations
 
-from aurora.drafts.base import Proposer
+import time
+from dataclasses import replace
+
+from aurora.drafts.base import ProposeContext, Proposer
 from aurora.engine.tree import DraftTree
 
-MIN_GAIN = 0.08          # accepted learned-only tokens per step worth the extra nodes
-EXPLORE_EVERY = 4
-GAIN_DECAY = 0.98
+EXPLORE_EVERY = 8
+EXPLORE_DEPTH = 2
+DECAY = 0.97            # exponential averaging of gains and costs (per observed step)
+PRIOR_NODE_COST = 0.03  # verify cost of one extra node in target steps, until measured
+MAX_DEPTH = 32
+PRIOR_GAIN = 0.3        # learned-only accepted tokens at depth 1 assumed before any measurement
+
+
+class _Ema:
+    def __init__(self, value: float = 0.0):
+        self.value = value
+
+    def add(self, x: float, decay: float = DECAY) -> None:
+        self.value = decay * self.value + (1 - decay) * x
+
+
+class _NodeCost:
+    """Running least-squares fit of target step seconds = a + b * nodes; c_node = b / a."""
+
+    def __init__(self):
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, nodes: float, seconds: float, decay: float = 0.995) -> None:
+        self.n = decay * self.n + 1
+        self.sx = decay * self.sx + nodes
+        self.sy = decay * self.sy + seconds
+        self.sxx = decay * self.sxx + nodes * nodes
+        self.sxy = decay * self.sxy + nodes * seconds
+
+    def per_node(self) -> float:
+        if self.n < 8:
+            return PRIOR_NODE_COST
+        var = self.sxx / self.n - (self.sx / self.n) ** 2
+        if var < 1e-6:
+            return PRIOR_NODE_COST
+        b = (self.sxy / self.n - self.sx * self.sy / self.n ** 2) / var
+        a = self.sy / self.n - b * self.sx / self.n
+        return min(1.0, max(0.0, b / a)) if a > 0 else PRIOR_NODE_COST
+
+    def base_seconds(self) -> float:
+        return self.sy / self.n if self.n else 0.0
 
 
 class ComposedProposer(Proposer):
@@ -20,10 +67,21 @@ class ComposedProposer(Proposer):
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
         self.learnable = any(p.learnable for p in parts)
-        self.gain = MIN_GAIN        # running mean of learned-only accepted tokens per step
         self.num_steps = 0
         self.gate_open = True
+        self.depth_limit = 0                  # learned depth of the latest step that ran it
+        self._gain_by_depth = [_Ema(PRIOR_GAIN * 0.7 ** d) for d in range(MAX_DEPTH)]  # optimistic: explore first
+        self._nodes_by_depth = [_Ema() for _ in range(MAX_DEPTH)]
+        self._draft_units = _Ema()            # learned draft seconds / target step seconds, per depth drafted
+        self._tokens = _Ema(1.0)              # committed tokens per step (all sequences)
+        self._node_cost = _NodeCost()
+        self._learned_s = 0.0
+        self._learned_depth = 0
+        self._ran_learned = False
+        self._t_verify = None
+        self._num_nodes = 0
         self._learned_only: dict[int, set[int]] = {}   # id(tree) -> nodes only the learned draft proposed
+        self.clock = time.perf_counter                  # injectable for tests
 
     @property
     def version(self) -> int:
@@ -33,35 +91,108 @@ class ComposedProposer(Proposer):
     def learned(self):
         return next((p for p in self.parts if p.learnable), None)
 
+    # ------------------------------------------------------------ the accounting
+    @property
+    def gain(self) -> float:
+        """Learned-only accepted tokens per step at its current depth (while it runs)."""
+        return sum(g.value for g in self._gain_by_depth[:max(1, self.depth_limit)])
+
+    def _depth_cost(self, d: int) -> float:
+        return self._draft_units.value + self._node_cost.per_node() * self._nodes_by_depth[d].value
+
+    @property
+    def cost(self) -> float:
+        """Its cost at its current depth, in target-step units times the tokens a step yields
+        without it (the gain it must exceed)."""
+        return self.tau_base * sum(self._depth_cost(d) for d in range(max(1, self.depth_limit)))
+
+    @property
+    def tau_base(self) -> float:
+        return max(1.0, self._tokens.value - self.gain)
+
+    def _choose_depth(self, spec_depth: int) -> int:
+        """Deepest depth up to which every depth's own gain pays its own cost (0: none)."""
+        tau = self.tau_base
+        depth = 0
+        for d in range(min(spec_depth, MAX_DEPTH)):
+            if self._gain_by_depth[d].value > tau * self._depth_cost(d):
+                depth = d + 1
+            else:
+                break
+        return depth
+
+    def source_stats(self) -> dict:
+        return {"learned_gain": self.gain, "learned_cost": self.cost, "tau_base": self.tau_base,
+                "gate_open": self.gate_open, "learned_depth": self.depth_limit,
+                "node_cost": self._node_cost.per_node(), "draft_cost": self._draft_units.value,
+                "gain_by_depth": [round(g.value, 4) for g in self._gain_by_depth[:8]]}
+
+    # ------------------------------------------------------------ proposing
     def propose(self, seqs, ctx):
         self.num_steps += 1
-        use_learned = self.gain >= MIN_GAIN or self.num_steps % EXPLORE_EVERY == 0
-        self.gate_open = use_learned
+        depth = self._choose_depth(ctx.spec.depth)
+        self.gate_open = depth > 0
+        if self.num_steps % EXPLORE_EVERY == 0:          # probe one level deeper (or shallow, if closed)
+            depth = min(ctx.spec.depth, depth + 1 if depth else EXPLORE_DEPTH)
+        use_learned = depth > 0
+        if use_learned:
+            self.depth_limit = depth
         parts = [p for p in self.parts if use_learned or not p.learnable] or self.parts[:1]
-        trees = parts[0].propose(seqs, ctx)
-        learned_base = parts[0].learnable
-        self._learned_only = {}
-        for part in parts[1:]:
-            extra = part.propose(seqs, ctx)
+        self._learned_only, self._ran_learned, self._learned_s = {}, False, 0.0
+        trees = None
+        for part in parts:
+            pctx = ctx
+            t0 = self.clock()
+            if part.learnable:
+                pctx = ProposeContext(replace(ctx.spec, depth=depth), ctx.vocab_size)
+            extra = part.propose(seqs, pctx)
+            if part.learnable:
+                self._learned_s += self.clock() - t0
+                self._ran_learned, self._learned_depth = True, depth
+            if trees is None:
+                trees, learned_base = extra, part.learnable
+                continue
             for seq, tree, other in zip(seqs, trees, extra):
                 budget = ctx.spec.max_nodes + ctx.spec.depth   # room for one extra chain
                 n_before = len(tree)
                 shared = tree.merge(other, dedupe=seq.params.greedy, max_nodes=budget)
                 if learned_base:
                     self._learned_only[id(tree)] = set(range(n_before)) - shared
+        self._num_nodes = sum(len(t) for t in trees)
+        self._t_verify = self.clock()
         return trees
 
     def on_step(self, seqs, batch, result, rows):
+        if self._t_verify is not None:                 # target forward + verification of this step
+            step_s = self.clock() - self._t_verify
+            self._node_cost.add(self._num_nodes, step_s)
+            if self._ran_learned and step_s > 0:
+                self._draft_units.add(self._learned_s / max(step_s, 1e-9) / max(1, self._learned_depth))
+            self._t_verify = None
         for p in self.parts:
             p.on_step(seqs, batch, result, rows)
 
     def observe(self, trees: list[DraftTree | None], outcomes) -> None:
-        """Update the learned branch's gain from this step's accepted paths."""
+        """Update gains (per depth), node counts and tokens per step from this step's outcomes."""
+        tokens = sum(len(path) + 1 for tree, (path, _) in zip(trees, outcomes) if tree is not None)
+        if any(t is not None for t in trees):
+            self._tokens.add(tokens)
+        if not self._ran_learned:
+            return
+        gains = [0] * MAX_DEPTH
+        nodes = [0] * MAX_DEPTH
         for tree, (path, _) in zip(trees, outcomes):
             only = self._learned_only.get(id(tree)) if tree is not None else None
-            if only is not None:
-                gain = sum(1 for n in path if n in only)
-                self.gain = GAIN_DECAY * self.gain + (1 - GAIN_DECAY) * gain
+            if only is None:
+                continue
+            for n in only:
+                nodes[tree.depths[n] - 1] += 1
+            for n in path:
+                if n in only:
+                    gains[tree.depths[n] - 1] += 1
+        for d in range(min(self._learned_depth, MAX_DEPTH)):
+            self._gain_by_depth[d].add(gains[d])
+            self._nodes_by_depth[d].add(nodes[d])
 
     def release(self, seq):
         for p in self.parts:

@@ -7,6 +7,7 @@ The engine knows nothing about HTTP; the flywheel attaches through step hooks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import itertools
 import logging
@@ -57,6 +58,7 @@ class Engine:
         suffix = find_suffix(self.proposer)
         if suffix is not None:
             self.stats_extra["suffix"] = suffix.stats
+        self.step_gate = contextlib.nullcontext()   # entered around each step (the flywheel's CPU share)
         self._stats = EngineStats()
         self._ids = itertools.count()
         self._inbox: list = []
@@ -183,6 +185,9 @@ class Engine:
             s["learned_gain"] = self.proposer.gain
             s["learned_gate_open"] = self.proposer.gate_open
         s.update({f"policy_{k}": v for k, v in self.policy.state().items()})
+        if hasattr(self.proposer, "source_stats"):     # per-source marginal gain and cost
+            s["draft_sources"] = self.proposer.source_stats()
+            s["learned_cost"] = s["draft_sources"]["learned_cost"]
         s["running"] = len(self.scheduler.running)
         s["waiting"] = len(self.scheduler.waiting)
         alloc = self.runner.cache.allocator
@@ -217,16 +222,14 @@ class Engine:
 
     # ---------------------------------------------------------------- worker loop
     def serve_threads(self) -> int:
-        """Torch threads of the engine worker (thread-local). CPU default: every core but the
-        trainer's, so serving and training never oversubscribe the machine."""
+        """Torch threads of the engine worker (thread-local). CPU default: every core — serving
+        keeps them all while it has work; the flywheel's trainer takes a bounded share of time
+        (TrainerConfig.busy_share) while serving is busy and the whole machine when it is idle."""
         if self.config.threads:
             return self.config.threads
         if self.device.type != "cpu":
             return torch.get_num_threads()
-        n = os.cpu_count() or 1
-        if self.flywheel is not None:
-            n -= self.config.trainer.threads
-        return max(1, n)
+        return max(1, os.cpu_count() or 1)
 
     def _run(self) -> None:
         torch.set_num_threads(self.serve_threads())
@@ -237,7 +240,8 @@ class Engine:
                 self._wake.clear()
                 continue
             try:
-                self.step()
+                with self.step_gate:                         # CPU + flywheel: turns with the trainer
+                    self.step()
             except Exception as exc:
                 # Draft, target-forward and hook failures are isolated per sequence inside the
                 # step (_propose, _forward, _verify, _guarded). What reaches here (scheduling or

@@ -132,17 +132,22 @@ def load_any(path: str | Path, runner) -> tuple[EagleHead, dict]:
 
 # ---------------------------------------------------------------- training state
 def _record_dict(rec) -> dict:
-    return {"request_id": rec.request_id, "token_ids": list(rec.token_ids), "features": rec.features.cpu(),
-            "hidden": rec.hidden.cpu(), "rejected": [list(r) for r in rec.rejected],
-            "rejected_hidden": rec.rejected_hidden.cpu() if rec.rejected_hidden is not None else None,
-            "num_steps": rec.num_steps, "num_accepted": rec.num_accepted, "draft_version": rec.draft_version}
+    """A TraceRecord as plain data (tensors on CPU); every field but its creation time."""
+    from dataclasses import fields
+    out = {}
+    for f in fields(rec):
+        if f.name == "created":
+            continue
+        v = getattr(rec, f.name)
+        out[f.name] = v.cpu() if torch.is_tensor(v) else [list(r) for r in v] if f.name == "rejected" else v
+    return out
 
 
 def _record(d: dict):
     from aurora.flywheel.traces import TraceRecord
-    return TraceRecord(d["request_id"], list(d["token_ids"]), d["features"], d["hidden"],
-                       [tuple(r) for r in d["rejected"]], d["rejected_hidden"], d["num_steps"],
-                       d["num_accepted"], d["draft_version"])
+    d = dict(d)
+    d["rejected"] = [tuple(r) for r in d.get("rejected", [])]
+    return TraceRecord(**d)
 
 
 def bounded_sample(records: list, max_bytes: int = REPLAY_BYTES) -> list:

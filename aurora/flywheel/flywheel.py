@@ -1,14 +1,20 @@
 """The flywheel: traces -> ring buffer -> background trainer -> guarded hot swap.
 
 Attaches to an `Engine` through its hooks: a step hook collects traces, a finish hook
-seals them into the ring buffer, and a step-boundary hook flips weight slots and
-watches live acceptance for rollbacks. Training runs in its own thread (CPU: its own
-torch thread budget; GPU: its own CUDA stream). A trainer crash stops training only.
+seals them into the ring buffer, and a step-boundary hook flips weight slots. Training
+runs in its own thread. CPU: serving and training take turns with all cores (`share.py`);
+while serving has work the trainer computes at most `busy_share` of wall time, when the
+engine is idle it trains back to back, and after `max_passes` passes over its replay with
+nothing new it sleeps. GPU: its own
+CUDA stream. Guard and rollback score drafts on the same recent held-back traces (with
+the stored target distribution), within `guard_share` of trainer time. A trainer crash
+stops training only.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import time
 
@@ -16,14 +22,15 @@ import torch
 
 from aurora.config import TrainerConfig
 from aurora.flywheel import checkpoint
+from aurora.flywheel.share import ComputeShare
 from aurora.flywheel.traces import RingBuffer, TraceCollector
 from aurora.flywheel.trainer import Trainer
-from aurora.flywheel.vocab import VocabCounter, remap_head
+from aurora.flywheel.vocab import VocabCounter, init_from_target, remap_head
 from aurora.flywheel.weights import all_finite, copy_into, publish
 
 log = logging.getLogger("aurora.flywheel")
-MIN_LIVE_STEPS = 128         # decode steps observed per version before judging a swap
 VOCAB_REBUILD_EVERY = 100    # optimizer steps
+VOCAB_FIRST_RECORDS = 4      # first rebuild once this many records were seen
 
 
 class Flywheel:
@@ -32,27 +39,36 @@ class Flywheel:
         self.config = config
         proposer = engine.proposer
         self.proposer = getattr(proposer, "learned", None) or proposer
+        if config.init_from_target and self.proposer.version == 0:      # a draft from scratch
+            for slot in getattr(self.proposer, "slots", [self.proposer.head]):
+                init_from_target(slot, engine.runner)
         self.buffer = RingBuffer(config.buffer_bytes)
-        self.collector = TraceCollector(self.buffer)
+        self.collector = TraceCollector(self.buffer, top_k=config.top_k)
         self.trainer = Trainer(self.proposer.head, engine.runner, config)
         self.published = copy.deepcopy(self.trainer.head).eval().requires_grad_(False)
-        self.previous = None                       # weights before the latest swap (for rollback)
-        self._rollback_to = None                   # set by the engine thread, applied by the trainer
+        self.previous = None                       # (version, weights, swap time) before the latest swap
         self.vocab = VocabCounter(engine.runner.vocab_size)
         self.version = self.proposer.version
         self.swaps = self.rollbacks = self.rejected_candidates = self.nonfinite_restores = 0
-        self.live: dict[int, list[int]] = {}       # version -> [decode steps, tokens]
+        self.vocab_rebuilds = self.num_requests = 0
+        self.live: dict[int, list[int]] = {}       # version -> [decode steps, tokens] (reported, not judged)
         self.guard_scores: dict[str, float] = {}
+        self.guard_s = self.busy_s = 0.0
         self.error: str | None = None
         self.paused = False
+        self.sleeping = False
         self._closed = False
+        self._started = time.monotonic()
         self._last_publish = time.monotonic()
         self._steps_at_publish = 0
         self._vocab_built_at = -1
         self._state_lock = threading.Lock()        # held by the trainer per unit of work; save/load take it
         self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
+        self.share = ComputeShare() if engine.device.type == "cpu" else None
+        if self.share is not None:
+            engine.step_gate = self.share
         engine.step_hooks.append(self._on_step)
-        engine.finish_hooks.append(self.collector.on_finish)
+        engine.finish_hooks.append(self._on_finish)
         engine.before_step.append(self._at_boundary)
         engine.stats_extra["trainer"] = self.stats
         engine.stats_extra["buffer"] = self.buffer.stats
@@ -63,75 +79,72 @@ class Flywheel:
     def _on_step(self, view) -> None:
         self.collector.on_step(view)
         live = self.live.setdefault(view.draft_version, [0, 0])
-        for tree, r, (path, _) in zip(view.trees, view.rows, view.outcomes):
+        for tree, (path, _) in zip(view.trees, view.outcomes):
             if tree is not None:
                 live[0] += 1
                 live[1] += len(path) + 1
 
+    def _on_finish(self, seq) -> None:
+        self.num_requests += 1
+        self.collector.on_finish(seq)
+
     def _at_boundary(self) -> None:
         if self.proposer.flip():
             self.swaps += 1
-        self._check_rollback()
-
-    def _check_rollback(self) -> None:
-        v, prev = self.proposer.version, self.previous
-        if prev is None or self.config.rollback_drop <= 0:
-            return
-        now, before = self.live.get(v), self.live.get(prev[0])
-        if not now or not before or now[0] < MIN_LIVE_STEPS or before[0] < MIN_LIVE_STEPS:
-            return
-        tau_now, tau_before = now[1] / now[0], before[1] / before[0]
-        self.previous = None                       # judge each swap once
-        if tau_now < tau_before * (1 - self.config.rollback_drop):
-            log.warning("flywheel: live tau fell %.2f -> %.2f after swap to v%d; rolling back",
-                        tau_before, tau_now, v)
-            self._rollback_to = prev[1]            # applied by the trainer thread, the only slot writer
 
     # ------------------------------------------------------------ trainer thread
+    def _serving_busy(self) -> bool:
+        return self.engine.scheduler.has_work
+
     def _run(self) -> None:
-        if self.engine.device.type == "cpu":
-            torch.set_num_threads(max(1, self.config.threads))
+        share = self.share
         try:
+            if share is not None:
+                torch.set_num_threads(self.config.threads or os.cpu_count() or 1)
             ctx = torch.cuda.stream(self.stream) if self.stream is not None else _Null()
             with ctx:
                 while not self._closed:
-                    t0 = time.perf_counter()
-                    if self.paused or not self._locked_work():
+                    if self.paused:
                         time.sleep(0.05)
-                    elif self.stream is None and self.config.duty < 1:
-                        # Python parts of training hold the GIL; leave serving its share.
-                        time.sleep((time.perf_counter() - t0) * (1 / self.config.duty - 1))
+                        continue
+                    busy = self._serving_busy()
+                    t0 = time.perf_counter()
+                    with share.train_turn() if share is not None else _Null():
+                        worked = self._locked_work()
+                    dt = time.perf_counter() - t0
+                    self.sleeping = not worked
+                    if not worked:
+                        time.sleep(0.05)
+                        continue
+                    self.busy_s += dt
+                    if share is not None and busy and self.config.busy_share < 1:
+                        self._yield_to_serving(dt * (1 / self.config.busy_share - 1))
         except Exception as exc:                    # serving continues with the last good draft
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("flywheel trainer crashed; training stopped, serving continues")
 
-    def _apply_rollback(self) -> None:
-        """Republish the pre-swap weights and restart training from them."""
-        restored, self._rollback_to = self._rollback_to, None
-        self.published.load_state_dict(restored.state_dict())
-        self.trainer.head.load_state_dict(restored.state_dict())
-        self.trainer.opt = self.trainer._make_opt()
-        self.version += 1
-        publish(self.proposer, self.published, self.version, self.stream)
-        self.rollbacks += 1
+    def _yield_to_serving(self, seconds: float) -> None:
+        """Sleep up to `seconds` while serving has work; return early when the engine goes idle."""
+        end = time.perf_counter() + seconds
+        while not self._closed and time.perf_counter() < end and self._serving_busy():
+            time.sleep(min(0.02, max(0.0, end - time.perf_counter())))
 
     def _work(self) -> bool:
-        if self._rollback_to is not None:
-            self._apply_rollback()
         records = self.buffer.drain()
         if records:
             for rec in records:
                 self.vocab.update(rec.token_ids)
             self.trainer.add_records(records)
         t = self.trainer
-        if t.steps - self._vocab_built_at >= VOCAB_REBUILD_EVERY or (self._vocab_built_at < 0 and len(t.replay) >= 4):
+        if t.num_records >= VOCAB_FIRST_RECORDS and (
+                self._vocab_built_at < 0 or t.steps - self._vocab_built_at >= VOCAB_REBUILD_EVERY):
             self._rebuild_vocab()
         stepped = t.train_step()
         if not t.weights_finite():
             self.nonfinite_restores += 1
             log.warning("flywheel: non-finite trainer weights; restoring last published draft")
             t.head.load_state_dict(self.published.state_dict())
-            t.opt = t._make_opt()
+            t.reset_optimizer()
             return True
         if not stepped:
             return bool(records)
@@ -143,28 +156,74 @@ class Flywheel:
 
     def _rebuild_vocab(self) -> None:
         head = self.trainer.head
+        self._vocab_built_at = self.trainer.steps
         if len(head.d2t) >= self.engine.runner.vocab_size:
-            self._vocab_built_at = self.trainer.steps
             return
         new = self.vocab.top(len(head.d2t), head.d2t.cpu())
-        kept = remap_head(head, new)
-        self.trainer.opt = self.trainer._make_opt()
-        self._vocab_built_at = self.trainer.steps
+        if torch.equal(new, head.d2t.cpu()):
+            return
+        source = self.engine.runner.lm_head.weight if self.config.init_from_target else None
+        kept = remap_head(head, new, source)
+        self.trainer.reset_optimizer()
+        self.vocab_rebuilds += 1
         log.info("flywheel: draft vocabulary rebuilt (%.0f%% rows kept)", 100 * kept)
+
+    # ------------------------------------------------------------ guard, publish, rollback
+    def _guard_affordable(self) -> bool:
+        spent = self.guard_s
+        return spent <= self.config.guard_share * (self.trainer.train_s + spent)
 
     def _maybe_publish(self) -> None:
         t = self.trainer
         self._steps_at_publish, self._last_publish = t.steps, time.monotonic()
         if not all_finite(t.head):
             return
-        if self.config.guard and t.holdout and self.version > 0:
-            cand, active = t.evaluate(t.head), t.evaluate(self.published)
-            self.guard_scores = {"candidate": cand, "active": active}
+        if self.config.guard:
+            if not t.holdout or not self._guard_affordable():
+                return                                         # publish later, once it can be judged
+            g0 = time.perf_counter()
+            try:
+                windows = t.eval_windows()
+                cand, active = t.evaluate(t.head, windows), t.evaluate(self.published, windows)
+                self.guard_scores = {"candidate": cand, "active": active}
+                restored = self._rollback_target(windows, cand, active)
+                if restored is not None:
+                    self._roll_back(restored)
+                    return
+            finally:
+                self.guard_s += time.perf_counter() - g0
             if cand < active - 1e-3:
                 self.rejected_candidates += 1
                 return
-        self.previous = (self.version, copy.deepcopy(self.published))
-        self.published.load_state_dict(t.head.state_dict())
+        self._publish(t.head)
+
+    def _rollback_target(self, windows, cand: float, active: float):
+        """The weights to roll back to, or None. Rolls back when the active draft scores below
+        the one it replaced on held-back traces served since the swap, and the candidate does
+        not fix it. Judged once per swap, on the same traces as the guard (not live tau)."""
+        prev = self.previous
+        if prev is None or self.config.rollback_drop <= 0:
+            return None
+        if not any(rec.created > prev[2] for rec, _, _ in windows):
+            return None                                        # no traffic since the swap yet
+        before = self.trainer.evaluate(prev[1], windows)
+        self.guard_scores["previous"] = before
+        self.previous = None
+        floor = before * (1 - self.config.rollback_drop)
+        return prev[1] if active < floor and cand < floor else None
+
+    def _roll_back(self, restored) -> None:
+        """Republish the pre-swap weights and restart training from them."""
+        log.warning("flywheel: v%d scores below its predecessor on recent traces; rolling back", self.version)
+        self.trainer.head.load_state_dict(restored.state_dict())
+        self.trainer.reset_optimizer()
+        self._publish(restored, keep_previous=False)
+        self.rollbacks += 1
+
+    def _publish(self, head, keep_previous: bool = True) -> None:
+        prev = copy.deepcopy(self.published)
+        self.previous = (self.version, prev, time.monotonic()) if keep_previous else None
+        self.published.load_state_dict(head.state_dict())
         self.version += 1
         publish(self.proposer, self.published, self.version, self.stream)
 
@@ -209,7 +268,7 @@ class Flywheel:
                 t.steps = state["steps"]
                 t.tokens_trained = int(state["extra"].get("tokens_trained", 0))
                 self._vocab_built_at = int(state["extra"].get("vocab_built_at", -1))
-                t.replay, t.holdout = state["replay"], state["holdout"]
+                t.restore_records(state["replay"], state["holdout"])
             else:
                 t.steps = int(meta.get("trainer_steps", 0))
             self._steps_at_publish = t.steps
@@ -229,12 +288,19 @@ class Flywheel:
 
     def stats(self) -> dict:
         t = self.trainer
+        wall = max(1e-9, time.monotonic() - self._started)
         return {
             "steps": t.steps, "losses": dict(t.last_losses), "loss": t.last_losses.get("total"),
-            "tokens_trained": t.tokens_trained, "swaps": self.swaps, "rollbacks": self.rollbacks,
+            "tokens_trained": t.tokens_trained, "requests": self.num_requests,
+            "tokens_trained_per_request": t.tokens_trained / max(1, self.num_requests),
+            "busy_fraction": self.busy_s / wall, "train_s": t.train_s, "guard_s": self.guard_s,
+            "guard_fraction": self.guard_s / max(1e-9, t.train_s + self.guard_s),
+            "passes": t.passes, "sleeping": self.sleeping,
+            "swaps": self.swaps, "rollbacks": self.rollbacks,
             "version": self.version, "serving_version": self.proposer.version,
             "rejected_candidates": self.rejected_candidates, "nonfinite_skips": t.skipped_nonfinite,
             "nonfinite_restores": self.nonfinite_restores, "guard": dict(self.guard_scores),
+            "vocab_rebuilds": self.vocab_rebuilds, "open_traces": self.collector.open_requests(),
             "live_tau": {v: s[1] / s[0] for v, s in self.live.items() if s[0]},
             "staleness": self.version - self.proposer.version,
             "replay": len(t.replay), "holdout": len(t.holdout),

@@ -1,9 +1,11 @@
 """Traces: what verification already computed, collected per request, in a byte-bounded ring.
 
-A `TraceRecord` holds a finished request's tokens, the target features and last hidden
-state of every cached position, and the first rejected nodes of each verified tree
-(their parent position, token and the target's hidden state at the node). Nothing is
-recomputed on the serving path: rows are sliced and copied (fp16, CPU).
+A `TraceRecord` holds a window of a request (the last `max_positions` positions; long
+requests are windowed, never dropped): its tokens, the target features of each position
+(bf16: fp16 overflows at ~6.5e4, hidden-state outliers go beyond), the target's next-token
+distribution at every position verification produced logits for (top-k ids + probs,
+computed once per step from the logits the engine already has), and the first-rejected
+tree nodes with the target's distribution at each. Training never recomputes the LM head.
 """
 from __future__ import annotations
 
@@ -14,26 +16,38 @@ from dataclasses import dataclass, field
 
 import torch
 
-STORE_DTYPE = torch.float16
+STORE_DTYPE = torch.bfloat16       # features: fp16's 6.5e4 range is too small for hidden outliers
+PROB_DTYPE = torch.float16         # probabilities in [0, 1]: fp16 keeps 3 significant digits
+TOP_K = 16                         # target distribution kept per position (ids + probs)
 
 
 @dataclass
 class TraceRecord:
     request_id: str
-    token_ids: list[int]                  # prompt + generated
-    features: torch.Tensor                # [n, 3*hidden] target features of positions 0..n-1
-    hidden: torch.Tensor                  # [n, hidden] target last hidden of positions 0..n-1
-    rejected: list[tuple[int, int, int]]  # (depth, parent position, token) of first-rejected nodes
-    rejected_hidden: torch.Tensor | None  # [R, hidden] target hidden at those nodes
+    token_ids: list[int]                  # tokens of window positions 0..n (row i's next token is i + 1)
+    features: torch.Tensor                # [n, 3*hidden] bf16 target features of window positions 0..n-1
+    target_ids: torch.Tensor              # [n, K] int32 target top-k ids predicting token i + 1 (-1: none)
+    target_probs: torch.Tensor            # [n, K] fp16 their probabilities (0 where no logits were kept)
+    rejected: list[tuple[int, int, int]]  # (depth, parent window position, token) of first-rejected nodes
+    rejected_ids: torch.Tensor | None = None    # [R, K] int32 target top-k at those nodes
+    rejected_probs: torch.Tensor | None = None  # [R, K] fp16
+    start: int = 0                        # absolute position of window row 0
     num_steps: int = 0
     num_accepted: int = 0
     draft_version: int = 0
     created: float = field(default_factory=time.monotonic)
 
     @property
+    def has_target(self) -> torch.Tensor:
+        """[n] bool: positions with a stored target distribution (decode roots and accepted nodes)."""
+        return self.target_ids[:, 0] >= 0
+
+    @property
     def nbytes(self) -> int:
-        n = self.features.nbytes + self.hidden.nbytes + 16 * len(self.token_ids)
-        return n + (self.rejected_hidden.nbytes if self.rejected_hidden is not None else 0)
+        n = self.features.nbytes + self.target_ids.nbytes + self.target_probs.nbytes + 16 * len(self.token_ids)
+        if self.rejected_ids is not None:
+            n += self.rejected_ids.nbytes + self.rejected_probs.nbytes + 24 * len(self.rejected)
+        return n
 
 
 class RingBuffer:
@@ -79,52 +93,118 @@ class RingBuffer:
                     "dropped": self.num_dropped, "mean_age_s": sum(ages) / len(ages) if ages else 0.0}
 
 
+def top_k_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [R, V] -> (ids [R, k] int32, probs [R, k] fp16) of softmax(logits) on CPU."""
+    probs = torch.softmax(logits.float(), -1)
+    top = probs.topk(min(k, probs.shape[-1]), -1)
+    return top.indices.to("cpu", torch.int32), top.values.to("cpu", PROB_DTYPE)
+
+
+class _Open:
+    """Per-request collection state: chunks of consecutive committed positions."""
+    __slots__ = ("chunks", "start", "next", "rej", "steps", "acc", "ver")
+
+    def __init__(self, version: int):
+        self.chunks: deque = deque()   # (features [c, 3h], ids [c, K], probs [c, K])
+        self.start = 0                 # absolute position of the first kept row
+        self.next = 0                  # absolute position of the next row to come
+        self.rej: list = []            # (depth, parent position, token, ids [K], probs [K])
+        self.steps = self.acc = 0
+        self.ver = version
+
+    def rows(self) -> int:
+        return self.next - self.start
+
+    def trim(self, cap: int) -> None:
+        """Keep the last `cap` positions (a bounded window over long requests)."""
+        while self.rows() > cap:
+            f, i, p = self.chunks[0]
+            cut = min(len(f), self.rows() - cap)
+            if cut == len(f):
+                self.chunks.popleft()
+            else:
+                self.chunks[0] = (f[cut:], i[cut:], p[cut:])
+            self.start += cut
+        self.rej = [r for r in self.rej if r[1] - 1 >= self.start]
+
+
 class TraceCollector:
     """Step hook: accumulates per-request rows from each StepView; emits a record at finish."""
 
-    def __init__(self, buffer: RingBuffer, max_positions: int = 1024):
+    def __init__(self, buffer: RingBuffer, max_positions: int = 1024, top_k: int = TOP_K):
         self.buffer = buffer
         self.max_positions = max_positions
-        self._open: dict[str, dict] = {}
+        self.top_k = top_k
+        self._open: dict[str, _Open] = {}
+
+    def open_requests(self) -> int:
+        return len(self._open)
 
     def on_step(self, view) -> None:
-        feats_all, hidden_all = view.result.features, view.result.hidden
+        res = view.result
+        feat_rows, logit_rows, plans = [], [], []
         for seq, tree, r, (path, _) in zip(view.seqs, view.trees, view.rows, view.outcomes):
-            st = self._open.setdefault(seq.request_id, {"f": [], "h": [], "n": 0, "rej": [], "rej_h": [],
-                                                         "steps": 0, "acc": 0, "ver": view.draft_version})
-            if seq.num_cached != st["n"]:                # preempted and recomputed: restart
-                st.update(f=[], h=[], n=0, rej=[], rej_h=[])
-                if seq.num_cached != 0:
-                    continue
-            if st["n"] >= self.max_positions:
+            if seq.finished:                              # failed in verification: nothing to keep
+                self._open.pop(seq.request_id, None)
                 continue
-            rows = list(range(r.start, r.start + r.num_uncached))
-            rows += [r.start + r.num_uncached + n for n in path]
-            idx = torch.tensor(rows, device=feats_all.device)
-            st["f"].append(feats_all[idx].to("cpu", STORE_DTYPE))
-            st["h"].append(hidden_all[idx].to("cpu", STORE_DTYPE))
-            root_pos = seq.num_cached + r.num_uncached - 1
-            st["n"] = seq.num_cached + len(rows)
+            st = self._open.get(seq.request_id)
+            if st is None or seq.num_cached != st.next:  # new, or preempted and recomputed: restart
+                if seq.num_cached != 0:
+                    self._open.pop(seq.request_id, None)
+                    continue
+                st = self._open[seq.request_id] = _Open(view.draft_version)
+            m, base = r.num_uncached, r.start + r.num_uncached
+            f0 = len(feat_rows)
+            feat_rows += range(r.start, base)
+            feat_rows += [base + n for n in path]
+            l0 = len(logit_rows)
+            logit_rows.append(r.logit_start)                              # the root
+            logit_rows += [r.logit_start + 1 + n for n in path]           # accepted nodes
+            rej = []
             if tree is not None and len(tree):
-                st["steps"] += 1
-                st["acc"] += len(path)
-                on_path = set(path)
-                frontier = [-1] + path                   # nodes whose children were judged
+                on_path, frontier = set(path), set([-1] + path)          # nodes whose children were judged
                 rej = [n for n in range(len(tree)) if n not in on_path and tree.parents[n] in frontier]
-                for n in rej:
+                logit_rows += [r.logit_start + 1 + n for n in rej]
+            plans.append((seq, st, tree, path, rej, f0, len(feat_rows), l0))
+        if not plans:
+            return
+        feats = res.features[torch.tensor(feat_rows, device=res.features.device)].to("cpu", STORE_DTYPE)
+        ids, probs = top_k_probs(res.logits[torch.tensor(logit_rows, device=res.logits.device)], self.top_k)
+        for seq, st, tree, path, rej, f0, f1, l0 in plans:
+            c = f1 - f0
+            n_dist = 1 + len(path)                        # root + accepted nodes are the last rows
+            cid = torch.full((c, ids.shape[1]), -1, dtype=torch.int32)
+            cpr = torch.zeros(c, ids.shape[1], dtype=PROB_DTYPE)
+            cid[c - n_dist:] = ids[l0:l0 + n_dist]
+            cpr[c - n_dist:] = probs[l0:l0 + n_dist]
+            root_pos = st.next + c - n_dist
+            st.chunks.append((feats[f0:f1], cid, cpr))
+            st.next += c
+            if tree is not None and len(tree):
+                st.steps += 1
+                st.acc += len(path)
+                for j, n in enumerate(rej):
                     depth = tree.depths[n]
-                    st["rej"].append((depth, root_pos + depth - 1, tree.token_ids[n]))
-                if rej:
-                    ridx = torch.tensor([r.start + r.num_uncached + n for n in rej], device=hidden_all.device)
-                    st["rej_h"].append(hidden_all[ridx].to("cpu", STORE_DTYPE))
+                    k = l0 + n_dist + j
+                    st.rej.append((depth, root_pos + depth - 1, tree.token_ids[n], ids[k], probs[k]))
+            st.trim(self.max_positions)
 
     def on_finish(self, seq) -> None:
         st = self._open.pop(seq.request_id, None)
-        if st is None or not st["f"] or seq.finish_reason in ("abort", "error"):
+        if st is None or not st.chunks:
             return
-        n = min(sum(len(f) for f in st["f"]), len(seq.token_ids) - 1)   # stop may cut an accepted path
-        feats, hidden = torch.cat(st["f"])[:n], torch.cat(st["h"])[:n]
-        self.buffer.put(TraceRecord(
-            request_id=seq.request_id, token_ids=list(seq.token_ids[:n + 1]), features=feats, hidden=hidden,
-            rejected=st["rej"], rejected_hidden=torch.cat(st["rej_h"]) if st["rej_h"] else None,
-            num_steps=st["steps"], num_accepted=st["acc"], draft_version=st["ver"]))
+        n = min(st.rows(), len(seq.token_ids) - 1 - st.start)   # a stop may cut an accepted path
+        if n < 2:
+            return
+        feats = torch.cat([c[0] for c in st.chunks])[:n]
+        ids = torch.cat([c[1] for c in st.chunks])[:n]
+        probs = torch.cat([c[2] for c in st.chunks])[:n]
+        rej = [r for r in st.rej if r[1] - st.start < n]
+        rec = TraceRecord(
+            request_id=seq.request_id, token_ids=list(seq.token_ids[st.start:st.start + n + 1]), features=feats,
+            target_ids=ids, target_probs=probs,
+            rejected=[(d, pos - st.start, tok) for d, pos, tok, _, _ in rej],
+            rejected_ids=torch.stack([r[3] for r in rej]) if rej else None,
+            rejected_probs=torch.stack([r[4] for r in rej]) if rej else None,
+            start=st.start, num_steps=st.steps, num_accepted=st.acc, draft_version=st.ver)
+        self.buffer.put(rec)

@@ -1,22 +1,37 @@
-"""The online trainer: drain traces, pack trees, optimise a private fp32 copy of the head.
+"""The online trainer: pack trace windows, optimise a private fp32 copy of the draft head.
 
-Runs in a background thread (with its own torch thread budget on CPU, on a second
-CUDA stream on GPU). It never touches the serving slot: publishing goes through
-`weights.publish`, which writes the inactive slot and lets the engine flip.
+The target's distribution comes from the traces (kept from verification), so a step costs
+the draft's forward/backward only — never the target's 49k-wide LM head. Several windows
+are packed per optimizer step up to `batch_tokens` rows. The trainer keeps a bounded
+replay of recent records, makes at most `max_passes` passes over it without new traffic
+(then reports nothing to do, so the flywheel sleeps), and holds back a few *recent*
+records on which the guard scores drafts (simulated greedy accepted length).
 """
 from __future__ import annotations
 
 import copy
 import logging
 import random
+import time
+from collections import deque
 
 import torch
 
 from aurora.config import TrainerConfig
 from aurora.flywheel import losses
-from aurora.flywheel.packing import pack, visibility
+from aurora.flywheel.packing import Packed, pack, visibility
 
 log = logging.getLogger("aurora.flywheel")
+EVAL_POSITIONS = 128      # last positions of each held-back record scored by the guard
+
+
+def _use_autocast(mode: str, device: torch.device) -> bool:
+    if mode == "off":
+        return False
+    if mode == "bf16" or device.type == "cuda":
+        return True
+    from aurora.models.loader import cpu_has_fast_bf16
+    return cpu_has_fast_bf16()
 
 
 class Trainer:
@@ -24,158 +39,236 @@ class Trainer:
         self.config = config
         self.runner = runner
         self.device = runner.device
+        self.vocab_size = runner.vocab_size
         self.head = copy.deepcopy(head).to(self.device, torch.float32).train().requires_grad_(True)
         self.head.d2t.requires_grad_(False)
         self.opt = self._make_opt()
         self.rng = random.Random(config.seed)
-        self.replay: list = []                    # recent records used for training
-        self.holdout: list = []                   # recent records held back for guarding
+        self.replay: deque = deque(maxlen=config.replay_records)    # recent records used for training
+        self.holdout: deque = deque(maxlen=config.holdout_records)  # recent records held back for guarding
+        self.num_records = 0
+        self._replay_rows = 0
         self.steps = 0
         self.tokens_trained = 0
+        self.rows_since_new = 0        # loss rows trained since the last new record arrived
         self.skipped_nonfinite = 0
+        self.train_s = 0.0
         self.last_losses: dict[str, float] = {}
+        self._t2d_key, self._t2d = None, None
+        self.autocast = _use_autocast(config.autocast, self.device)
 
     def _make_opt(self):
         params = [p for p in self.head.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
+    def reset_optimizer(self) -> None:
+        self.opt = self._make_opt()
+
+    # ------------------------------------------------------------------ data
     def add_records(self, records) -> None:
         for rec in records:
-            if len(rec.features) < 3:
+            if int(rec.has_target.sum()) < 2:
                 continue
-            if len(self.holdout) < 4 or self.rng.random() < 0.1:
+            self.num_records += 1
+            if self.config.holdout_every and (self.num_records - 2) % self.config.holdout_every == 0:
                 self.holdout.append(rec)
-                self.holdout = self.holdout[-8:]
             else:
+                if len(self.replay) == self.replay.maxlen:
+                    self._replay_rows -= int(self.replay[0].has_target.sum())
                 self.replay.append(rec)
-        self.replay = self.replay[-256:]
+                self._replay_rows += int(rec.has_target.sum())
+                self.rows_since_new = 0
+
+    def restore_records(self, replay, holdout) -> None:
+        """Replace replay and holdout with records from a saved training state (resume)."""
+        self.replay.clear()
+        self.holdout.clear()
+        self.holdout.extend(holdout)
+        self.replay.extend(replay)
+        self._replay_rows = sum(int(r.has_target.sum()) for r in self.replay)
+        self.rows_since_new = 0
+
+    def replay_rows(self) -> int:
+        """Positions with a target in the replay (kept as a count: stats() reads it from other threads)."""
+        return self._replay_rows
+
+    @property
+    def passes(self) -> float:
+        """Passes over the replay since new traffic last arrived."""
+        return self.rows_since_new / max(1, self.replay_rows() * self.config.unroll)
+
+    def has_work(self) -> bool:
+        return bool(self.replay) and self.passes < self.config.max_passes
+
+    def _window(self, rec) -> tuple[int, int, int]:
+        """(start, end, loss rows): a span of positions with stored targets plus context before it."""
+        n = len(rec.features)
+        has = rec.has_target
+        first = int(has.nonzero()[0, 0])
+        span, ctx = self.config.span, self.config.window
+        if n - first <= span:
+            lo, end = first, n
+        else:
+            lo = self.rng.randrange(first, n - span + 1)
+            end = lo + span
+        return max(0, lo - ctx), end, int(has[lo:end].sum())
+
+    def sample_windows(self) -> list[tuple]:
+        budget = self.config.batch_tokens
+        windows, rows = [], 0
+        recs = list(self.replay)
+        while rows < budget and len(windows) < 64:
+            rec = self.rng.choice(recs)
+            start, end, n_loss = self._window(rec)
+            windows.append((rec, start, end))
+            rows += n_loss * self.config.unroll + len(rec.rejected) * (end - start) // max(1, len(rec.features))
+        return windows
 
     # ------------------------------------------------------------------ forward
-    def _target_probs(self, hidden: torch.Tensor, d2t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, h] stored target hidden -> (p on draft ids [N, Vd], target argmax [N])."""
-        with torch.no_grad():
-            logits = self.runner.logits_from_hidden(hidden.to(self.device, self.runner.dtype))
-            p = torch.softmax(logits, -1)
-            return p[:, d2t].float(), logits.argmax(-1)
+    def _t2d_map(self, head) -> torch.Tensor:
+        key = (id(head), head.d2t.data_ptr(), int(head.d2t[:16].sum()), int(head.d2t[-16:].sum()))
+        if key != self._t2d_key:
+            t2d = torch.full((self.vocab_size,), -1, dtype=torch.long, device=self.device)
+            t2d[head.d2t.to(self.device)] = torch.arange(len(head.d2t), device=self.device)
+            self._t2d_key, self._t2d = key, t2d
+        return self._t2d
 
-    def _forward(self, head, record, start: int, end: int):
-        cfg = self.config
-        levels, feats, tgt_hidden = pack(record, start, end, cfg.unroll, max_tree_depth=cfg.unroll)
-        dev = self.device
-        p, tgt_argmax = self._target_probs(tgt_hidden, head.d2t)
+    def _forward(self, head, packed: Packed) -> torch.Tensor:
+        """Run the head over the packed levels; returns h [R, hidden] in level order (fp32 master
+        weights; matmuls in bf16 under autocast where the hardware has it)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self._forward_levels(head, packed).float()
+
+    def _forward_levels(self, head, packed: Packed) -> torch.Tensor:
+        dev, levels = self.device, packed.levels
         embed = self.runner.embed_tokens
         outs, K, V = [], None, None
         for L, lv in enumerate(levels):
-            toks = torch.tensor(lv.tok, device=dev)
             with torch.no_grad():
-                emb = embed(toks).float()
+                emb = embed(torch.tensor(lv.tok, device=dev)).float()
             if L == 0:
-                g = head.fc(feats.to(dev, torch.float32))
+                g = head.fc(packed.features.to(dev, torch.float32))
             else:
-                allh = torch.cat(outs)
-                g = allh[torch.tensor(lv.parent, device=dev)]
-            mask = visibility(levels, L, dev)
-            h, K, V = head.rows_step(emb, g, torch.tensor(lv.pos, device=dev), K, V, mask)
+                g = torch.cat(outs)[torch.tensor(lv.parent, device=dev)]
+            h, K, V = head.rows_step(emb, g, torch.tensor(lv.pos, device=dev), K, V, visibility(levels, L, dev))
             outs.append(h)
-        return levels, torch.cat(outs), p, tgt_argmax
+        return torch.cat(outs)
 
-    def _loss(self, head, record, start, end):
-        cfg = self.config
-        levels, h, p, tgt_argmax = self._forward(head, record, start, end)
-        logits = head.logits(h)                                        # [R, Vd]
+    def _loss(self, head, packed: Packed, with_grad_terms: bool = True):
+        cfg, dev, levels = self.config, self.device, packed.levels
+        h = self._forward(head, packed)
+        target = torch.tensor([t for lv in levels for t in lv.target], device=dev)
+        has = target >= 0
+        chain = torch.tensor([c for lv in levels for c in lv.chain], device=dev)
+        lvl = torch.tensor([i for i, lv in enumerate(levels) for _ in lv.pos], device=dev)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = head.logits(h[has]).float()                      # [N, Vd] rows with a target only
         logq = torch.log_softmax(logits, -1)
-        tgt = torch.tensor([t for lv in levels for t in lv.target], device=self.device)
-        chain = torch.tensor([c for lv in levels for c in lv.chain], device=self.device)
-        lvl = torch.tensor([i for i, lv in enumerate(levels) for _ in lv.pos], device=self.device)
-        pr = p[tgt]
-        ce = losses.cross_entropy(pr, logq)                            # [R]
-        decay = cfg.unroll_decay ** lvl.float()
-        terms = {}
-        total = torch.zeros((), device=self.device)
-        if cfg.w_imitation > 0:
-            terms["imitation"] = (ce * decay)[chain].sum() / decay[chain].sum()
-            total = total + cfg.w_imitation * terms["imitation"]
-        if cfg.w_discard > 0 and (~chain).any():
-            parents = torch.tensor([pa for lv in levels for pa in lv.parent], device=self.device)[~chain]
-            tok_t = torch.tensor([t for lv in levels for t in lv.discard_tok], device=self.device)[~chain]
-            t2d = torch.full((self.runner.vocab_size,), -1, dtype=torch.long, device=self.device)
-            t2d[head.d2t] = torch.arange(len(head.d2t), device=self.device)
-            dtok = t2d[tok_t]
-            ok = dtok >= 0
-            q_par = logq[parents].exp()
-            excess = losses.discard_excess(q_par[ok], p[tgt[parents]][ok], dtok[ok]) if ok.any() else ce.new_zeros(1)
-            terms["discard"] = excess.mean() + ce[~chain].mean()
-            total = total + cfg.w_discard * terms["discard"]
-        if cfg.w_accept_len > 0:
-            alpha = losses.acceptance(pr, logq.exp())
-            terms["accept_len"] = -self._chain_tau(levels, alpha, chain).mean()
-            total = total + cfg.w_accept_len * terms["accept_len"]
+        t2d = self._t2d_map(head)
+        p_all = losses.dense_targets(packed.target_ids.to(dev), packed.target_probs.to(dev), t2d, len(head.d2t))
+        tgt = target[has]
+        p = p_all[tgt]                                                # [N, Vd]
+        ce = losses.cross_entropy(p, logq)
+        ch, lv_has = chain[has], lvl[has]
+        decay = cfg.unroll_decay ** lv_has.float()
+        terms, total = {}, torch.zeros((), device=dev)
+        if with_grad_terms:
+            if cfg.w_imitation > 0 and ch.any():
+                terms["imitation"] = (ce * decay)[ch].sum() / decay[ch].sum()
+                total = total + cfg.w_imitation * terms["imitation"]
+            tree = ~ch
+            if tree.any() and (cfg.w_discard > 0 or cfg.w_counterfactual > 0):
+                terms["counterfactual"] = ce[tree].mean()
+                total = total + cfg.w_counterfactual * terms["counterfactual"]
+                row_in_has = torch.cumsum(has.long(), 0) - 1           # global row -> row of `logq`
+                parents = torch.tensor([pa for lv in levels for pa in lv.parent], device=dev)[has][tree]
+                toks = torch.tensor([t for lv in levels for t in lv.discard_tok], device=dev)[has][tree]
+                dtok = t2d[toks]
+                ok = (dtok >= 0) & (target[parents] >= 0)
+                if ok.any():
+                    pr = row_in_has[parents[ok]]
+                    args = (logq[pr], p_all[target[parents[ok]]], dtok[ok])
+                    if cfg.discard == "hinge":
+                        terms["discard"] = losses.hinge(args[0].exp(), args[1], args[2]).mean()
+                    else:
+                        terms["discard"] = losses.discard(*args).mean()
+                    total = total + cfg.w_discard * terms["discard"]
+            if cfg.w_accept_len > 0:
+                alpha = losses.acceptance(p, logq.exp())
+                terms["accept_len"] = -self._chain_tau(packed, alpha, has).mean()
+                total = total + cfg.w_accept_len * terms["accept_len"]
         with torch.no_grad():
-            match = (head.d2t[logits.argmax(-1)] == tgt_argmax[tgt])
-            sim_tau = self._chain_tau(levels, match.float(), chain)
-        return total, terms, int(h.shape[0]), float(sim_tau.mean())
+            match = head.d2t[logits.argmax(-1)] == packed.target_ids.to(dev)[tgt, 0]
+            sim_tau = self._chain_tau(packed, match.float(), has)
+        return total, terms, int(has.sum()), sim_tau
 
     @staticmethod
-    def _chain_tau(levels, alpha: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
-        """Per root position r: 1 + sum_k prod_{j<=k} alpha(level j, pos r + j - 1)."""
-        index, off = {}, 0
-        for L, lv in enumerate(levels):
-            for k, (pos, c) in enumerate(zip(lv.pos, lv.chain)):
-                if c:
-                    index[(L, pos)] = off + k
-            off += len(lv.pos)
+    def _chain_tau(packed: Packed, alpha: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+        """Per level-1 row with a target: 1 + sum_k prod_{j<=k} alpha(level j, pos + j - 1).
+        alpha: [N] values of the rows with a target (`has`)."""
+        index, row = {}, 0
+        has_l = has.tolist()
+        k = 0
+        for L, lv in enumerate(packed.levels):
+            for s, pos, c in zip(lv.seg, lv.pos, lv.chain):
+                if has_l[row]:
+                    if c:
+                        index[(s, L, pos)] = k
+                    k += 1
+                row += 1
         taus = []
-        for pos in levels[0].pos:
+        for s, pos in zip(packed.levels[0].seg, packed.levels[0].pos):
+            if (s, 0, pos) not in index:
+                continue
             run, tau = 1.0, 1.0
-            for L in range(len(levels)):
-                row = index.get((L, pos + L))
-                if row is None:
+            for L in range(len(packed.levels)):
+                r = index.get((s, L, pos + L))
+                if r is None:
                     break
-                run = run * alpha[row]
+                run = run * alpha[r]
                 tau = tau + run
             taus.append(tau if torch.is_tensor(tau) else alpha.new_tensor(tau))
-        return torch.stack(taus)
-
-    def _window(self, record) -> tuple[int, int]:
-        n = len(record.features) - 1
-        span = max(8, self.config.batch_tokens // max(1, self.config.unroll + 1))
-        if n <= span:
-            return 0, n
-        start = self.rng.randrange(0, n - span + 1)
-        return start, start + span
+        return torch.stack(taus) if taus else alpha.new_ones(1)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> bool:
-        if not self.replay:
+        if not self.has_work():
             return False
-        recent = self.replay[-64:]
-        record = self.rng.choice(recent)
-        start, end = self._window(record)
-        loss, terms, rows, _ = self._loss(self.head, record, start, end)
+        t0 = time.perf_counter()
+        packed = pack(self.sample_windows(), self.config.unroll)
+        loss, terms, rows, _ = self._loss(self.head, packed)
+        self.opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             self.skipped_nonfinite += 1
-            self.opt.zero_grad(set_to_none=True)
             return False
-        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.config.grad_clip)
         self.opt.step()
         self.steps += 1
         self.tokens_trained += rows
+        self.rows_since_new += rows
         self.last_losses = {k: v.item() for k, v in terms.items()} | {"total": loss.item()}
+        self.train_s += time.perf_counter() - t0
         return True
 
+    def eval_windows(self, records=None) -> list[tuple]:
+        records = list(self.holdout) if records is None else records
+        out = []
+        for rec in records:
+            n = len(rec.features)
+            first = int(rec.has_target.nonzero()[0, 0])
+            lo = max(first, n - EVAL_POSITIONS)
+            out.append((rec, max(0, lo - self.config.window), n))
+        return out
+
     @torch.no_grad()
-    def evaluate(self, head) -> float:
-        """Simulated greedy chain accepted length of `head` on held-back traces."""
-        if not self.holdout:
+    def evaluate(self, head, windows: list[tuple] | None = None) -> float:
+        """Simulated greedy chain accepted length of `head` on held-back traces (one packed pass)."""
+        windows = self.eval_windows() if windows is None else windows
+        if not windows:
             return float("nan")
-        taus = []
-        for rec in self.holdout:
-            n = len(rec.features) - 1
-            _, _, _, tau = self._loss(head, rec, max(0, n - 128), n)
-            taus.append(tau)
-        return sum(taus) / len(taus)
+        _, _, _, tau = self._loss(head, pack(windows, self.config.unroll), with_grad_terms=False)
+        return float(tau.mean())
 
     def weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.head.parameters())

@@ -1,0 +1,183 @@
+"""`aurora bench --stream`: a long stream of real requests with abrupt domain shifts.
+
+Each system serves the whole stream alone (one at a time, so no system's trainer takes
+the CPU from another's serving), at batch 1, with idle gaps that hold utilisation at
+`--utilization` (an open-loop arrival approximation: after a request of d seconds the
+system waits d * (1/u - 1)). Systems: none, ngram, eagle+ngram online from scratch, eagle
+online alone, eagle static (online on the first domain, then frozen). Reports per-window
+tau and tok/s, trainer steps and swaps; the last third of each domain; requests until
+eagle+ngram online beats ngram in tok/s and until eagle alone beats ngram in tau; and a
+plot of tau and tok/s vs request index with swaps marked.
+
+    aurora bench --stream --per-domain 100
+    python -m aurora.bench.stream --model tiny-llama --per-domain 4 --max-tokens 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+STREAM_SYSTEMS = {
+    "none": ("Aurora, no draft", "none", False),
+    "ngram": ("Aurora, n-gram draft", "ngram", False),
+    "online": ("eagle+ngram online from scratch", "eagle+ngram", True),
+    "eagle-online": ("eagle online alone", "eagle", True),
+    "eagle-static": ("eagle trained on the first domain, then frozen", "eagle", True),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aurora bench --stream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--systems", default=",".join(STREAM_SYSTEMS))
+    p.add_argument("--domains", default="code,finance,chat")
+    p.add_argument("--per-domain", type=int, default=100, help="requests per domain (default 100: 300 in all)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--utilization", type=float, default=0.6, help="fraction of wall time serving (0, 1]")
+    p.add_argument("--window", type=int, default=10, help="requests per reported window")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-prompt-chars", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="stream_out")
+    return p
+
+
+def serve_stream(name: str, prompts, args, shift_at: list[int], progress=print) -> list[dict]:
+    """Serve every prompt on one system; one row per request."""
+    from aurora import Engine, EngineConfig, SamplingParams
+    label, draft, online = STREAM_SYSTEMS[name]
+    eng = Engine(EngineConfig(model=args.model, draft=draft, online=online, dtype=args.dtype, max_batch=1,
+                              seed=args.seed))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    rows = []
+    try:
+        for i, prompt in enumerate(prompts):
+            if name == "eagle-static" and shift_at and i == shift_at[0] and eng.flywheel is not None:
+                eng.flywheel.pause()                              # frozen after the first domain
+            text = prompt.text[:args.max_prompt_chars]
+            t0 = time.perf_counter()
+            out = eng.generate_batch([text], params)[0]
+            dt = time.perf_counter() - t0
+            tr = eng.stats().get("trainer") or {}
+            rows.append({"i": i, "domain": prompt.domain, "tokens": len(out.token_ids), "seconds": dt,
+                         "tau": out.stats.get("accepted_length"), "draft_version": out.stats.get("draft_version"),
+                         "steps": tr.get("steps", 0), "swaps": tr.get("swaps", 0),
+                         "tokens_trained": tr.get("tokens_trained", 0)})
+            if args.utilization < 1:
+                time.sleep(dt * (1 / args.utilization - 1))
+            if progress and (i + 1) % args.window == 0:
+                progress(f"  {name}: {i + 1}/{len(prompts)} requests, tau {rows[-1]['tau']}, "
+                         f"steps {rows[-1]['steps']}, swaps {rows[-1]['swaps']}")
+    finally:
+        eng.close()
+    return rows
+
+
+def windows(rows: list[dict], size: int) -> list[dict]:
+    out = []
+    for s in range(0, len(rows), size):
+        w = rows[s:s + size]
+        taus = [r["tau"] for r in w if r["tau"] is not None]
+        out.append({"start": s, "end": s + len(w), "domain": w[0]["domain"],
+                     "tau": sum(taus) / len(taus) if taus else None,
+                     "tok_s": sum(r["tokens"] for r in w) / max(1e-9, sum(r["seconds"] for r in w)),
+                     "steps": w[-1]["steps"], "swaps": w[-1]["swaps"]})
+    return out
+
+
+def summarize(runs: dict[str, list[dict]], shift_at: list[int], n: int, window: int) -> dict:
+    bounds = [0] + shift_at + [n]
+    domains = []
+    for a, b in zip(bounds, bounds[1:]):
+        last = range(a + 2 * (b - a) // 3, b)
+        d = {"domain": next(iter(runs.values()))[a]["domain"], "requests": [a, b]}
+        for name, rows in runs.items():
+            sel = [rows[i] for i in last]
+            d[name] = {"tok_s": sum(r["tokens"] for r in sel) / max(1e-9, sum(r["seconds"] for r in sel)),
+                       "tau": _mean(r["tau"] for r in sel),
+                       "tau_start": _mean(r["tau"] for r in rows[a:a + max(1, (b - a) // 3)]),
+                       "steps_end": rows[b - 1]["steps"]}
+        if "online" in d and "ngram" in d:
+            d["online_over_ngram_tok_s"] = d["online"]["tok_s"] / max(1e-9, d["ngram"]["tok_s"])
+        domains.append(d)
+    out = {"domains": domains}
+    if "ngram" in runs:
+        ng = windows(runs["ngram"], window)
+        if "online" in runs:
+            on = windows(runs["online"], window)
+            out["requests_until_online_beats_ngram_tok_s"] = next(
+                (w["end"] for w, g in zip(on, ng) if w["tok_s"] > g["tok_s"]), None)
+        if "eagle-online" in runs:
+            eo = windows(runs["eagle-online"], window)
+            out["requests_until_eagle_beats_ngram_tau"] = next(
+                (w["end"] for w, g in zip(eo, ng) if (w["tau"] or 0) > (g["tau"] or 0)), None)
+    return out
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def plot(runs: dict[str, list[dict]], window: int, shift_at: list[int], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_tau, ax_tps) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    for name, rows in runs.items():
+        ws = windows(rows, window)
+        xs = [(w["start"] + w["end"]) / 2 for w in ws]
+        line, = ax_tau.plot(xs, [w["tau"] for w in ws], label=name)
+        ax_tps.plot(xs, [w["tok_s"] for w in ws], label=name, color=line.get_color())
+        swaps = [r["i"] for a, r in zip(rows, rows[1:]) if r["swaps"] > a["swaps"]]
+        ax_tau.plot(swaps, [ax_tau.get_ylim()[0]] * len(swaps), "|", color=line.get_color(), markersize=8)
+    for ax in (ax_tau, ax_tps):
+        for s in shift_at:
+            ax.axvline(s, color="gray", linestyle="--", linewidth=0.8)
+    ax_tau.set_ylabel("tau (tokens / step)")
+    ax_tps.set_ylabel("tok/s")
+    ax_tps.set_xlabel("request index (| = draft swap, dashed = domain shift)")
+    ax_tau.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if not 0 < args.utilization <= 1 or args.per_domain < 1 or args.window < 1:
+        print("aurora bench --stream: error: need 0 < utilization <= 1, per-domain >= 1, window >= 1",
+              file=sys.stderr)
+        return 2
+    from aurora.workloads import domain_shift
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in STREAM_SYSTEMS]
+    if unknown:
+        print(f"aurora bench --stream: error: unknown systems {unknown}; choose from {list(STREAM_SYSTEMS)}",
+              file=sys.stderr)
+        return 2
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    prompts = domain_shift(domains, args.per_domain, seed=args.seed)
+    shift_at = [i for i in range(1, len(prompts)) if prompts[i].domain != prompts[i - 1].domain]
+    print(f"aurora bench --stream: {len(prompts)} requests ({' -> '.join(domains)}), systems {systems}, "
+          f"utilization {args.utilization}", flush=True)
+    runs = {}
+    for name in systems:
+        runs[name] = serve_stream(name, prompts, args, shift_at, progress=lambda m: print(m, flush=True))
+    results = {"config": vars(args), "shift_at": shift_at,
+               "windows": {k: windows(v, args.window) for k, v in runs.items()},
+               "summary": summarize(runs, shift_at, len(prompts), args.window), "rows": runs}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stream.json").write_text(json.dumps(results, indent=1))
+    plot(runs, args.window, shift_at, out / "stream.png")
+    print(json.dumps(results["summary"], indent=1))
+    print(f"wrote {out / 'stream.json'}, {out / 'stream.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The long-stream benchmark (tiny preset smoke run) and the cost-aware composed draft gate."""
+from __future__ import annotations
+
+import json
+
+from aurora.bench import stream
+from aurora.config import SpecConfig
+from aurora.drafts import ProposeContext
+from aurora.drafts.base import Proposer
+from aurora.drafts.compose import EXPLORE_EVERY, ComposedProposer
+from aurora.engine.tree import DraftTree
+
+
+def test_stream_bench_smoke(tmp_path):
+    rc = stream.main(["--model", "tiny-llama", "--per-domain", "2", "--domains", "code,chat", "--max-tokens", "8",
+                      "--utilization", "1", "--window", "2", "--dtype", "float32", "--max-prompt-chars", "80",
+                      "--systems", "ngram,online,eagle-online,eagle-static", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "stream.json").read_text())
+    assert res["shift_at"] == [2]
+    assert set(res["rows"]) == {"ngram", "online", "eagle-online", "eagle-static"}
+    assert all(len(rows) == 4 for rows in res["rows"].values())
+    assert len(res["summary"]["domains"]) == 2 and "online_over_ngram_tok_s" in res["summary"]["domains"][0]
+    assert (tmp_path / "stream.png").stat().st_size > 0
+    static = res["rows"]["eagle-static"]
+    assert static[-1]["steps"] == static[2]["steps"] or static[-1]["steps"] - static[2]["steps"] <= 1
+
+
+def test_stream_rejects_bad_arguments():
+    assert stream.main(["--utilization", "0"]) == 2
+    assert stream.main(["--systems", "nope", "--per-domain", "1"]) == 2
+
+
+class _Clock:
+    t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+CLOCK = _Clock()
+STEP_S, DRAFT_S = 0.05, 0.001          # target step; learned draft per depth (c = 0.02 per depth)
+
+
+class _Fixed(Proposer):
+    def __init__(self, tokens, learnable):
+        self.tokens, self.learnable, self.calls, self.depths = tokens, learnable, 0, []
+
+    def propose(self, seqs, ctx):
+        self.calls += 1
+        self.depths.append(ctx.spec.depth if self.learnable else None)
+        if self.learnable:
+            CLOCK.t += DRAFT_S * ctx.spec.depth
+        return [DraftTree.chain(self.tokens[:ctx.spec.depth]) for _ in seqs]
+
+
+def _composed(learned, ngram):
+    comp = ComposedProposer([learned, ngram])
+    comp.clock = CLOCK
+    return comp
+
+
+class _Seq:
+    class params:
+        greedy = True
+
+
+CTX = ProposeContext(SpecConfig(depth=4), vocab_size=100)
+
+
+def _run(comp, accepted_depths: int, steps: int):
+    for _ in range(steps):
+        tree = comp.propose([_Seq()], CTX)[0]
+        CLOCK.t += STEP_S
+        comp.on_step(None, None, None, None)
+        learned_ran = comp._ran_learned
+        path = list(range(min(accepted_depths, len(tree)))) if learned_ran else []
+        comp.observe([tree], [(path, 0)])
+
+
+def test_gate_closes_when_gain_is_below_cost():
+    learned, ngram = _Fixed([7, 8, 9, 10], True), _Fixed([1], False)
+    comp = _composed(learned, ngram)
+    _run(comp, accepted_depths=0, steps=20 * EXPLORE_EVERY)       # the optimistic prior decays
+    before = learned.calls
+    _run(comp, accepted_depths=0, steps=20 * EXPLORE_EVERY)
+    assert not comp.gate_open
+    assert learned.calls - before <= 20                             # exploration only, shallow
+    assert max(learned.depths[before:]) <= 2
+    stats = comp.source_stats()
+    assert stats["learned_gain"] < stats["learned_cost"] or stats["learned_gain"] < 0.05
+
+
+def test_gate_opens_and_deepens_when_learned_tokens_pay():
+    learned, ngram = _Fixed([7, 8, 9, 10], True), _Fixed([1], False)
+    comp = _composed(learned, ngram)
+    _run(comp, accepted_depths=3, steps=30 * EXPLORE_EVERY)
+    assert comp.gate_open and max(learned.depths[-EXPLORE_EVERY:]) >= 3
+    assert comp.gain > comp.cost
+
+
+def test_gate_trims_depth_to_what_pays():
+    learned, ngram = _Fixed([7, 8, 9, 10], True), _Fixed([1], False)
+    comp = _composed(learned, ngram)
+    _run(comp, accepted_depths=1, steps=60 * EXPLORE_EVERY)
+    regular = learned.depths[-4 * EXPLORE_EVERY:]
+    assert comp.gate_open and min(regular) == 1                   # depth 1 pays, deeper does not
+
+
+def test_demo_reports_speedup_over_ngram_and_why(tmp_path, capsys):
+    from aurora.bench.demo import main
+    rc = main(["--model", "tiny-llama", "--requests", "3", "--max-tokens", "8", "--baseline", "2",
+               "--domains", "code,chat", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "speedup over the n-gram draft alone" in text and "τ first third" in text
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data["speedup_over_ngram"] is not None and data["baseline_ngram_tokens_per_s"]
+    if not (data["speedup"] > 1.0 and data["speedup_over_ngram"] >= 1.0):
+        assert "learning has not paid yet" in text
+
+
+def test_demo_verdict_lines():
+    from aurora.bench.demo import verdict
+    assert verdict(1.2, 1.05, 1.5, 1.9, {"steps": 500}, None) is None
+    assert "only 3 optimizer steps" in verdict(0.8, 0.9, 1.5, 1.9, {"steps": 3}, None)
+    assert "did not rise" in verdict(0.8, 0.9, 1.9, 1.5, {"steps": 500}, None)
+    line = verdict(0.9, 0.95, 1.5, 1.9, {"steps": 500}, {"learned_gain": 0.1, "learned_cost": 0.3})
+    assert "gate mostly closed" in line

@@ -1,0 +1,245 @@
+"""Flywheel traces and training data: stored target distribution, bf16 features, windows for
+long requests, no leaked collector state, packed windows that never see each other, a discard
+gradient that does not vanish, trainer passes, and serving/trainer CPU turns."""
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from aurora import Engine, EngineConfig, SamplingParams, TrainerConfig
+from aurora.engine.step import SeqRows
+from aurora.flywheel import losses
+from aurora.flywheel.packing import pack, visibility
+from aurora.flywheel.share import ComputeShare
+from aurora.flywheel.traces import RingBuffer, TraceCollector, TraceRecord
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0)
+PROMPTS = ["the cat sat on ", "def f(x): return", "hello hello ", "1, 2, 3, 4"]
+
+
+def _paused_engine(**trainer):
+    eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32",
+                              trainer=TrainerConfig(**trainer)))
+    eng.flywheel.pause()
+    return eng
+
+
+def _records(eng, prompts=PROMPTS, params=GREEDY):
+    eng.generate_batch(prompts, params)
+    return eng.flywheel.buffer.drain()
+
+
+def test_trace_keeps_target_distribution_from_verification():
+    """Greedy: the stored target top-1 at every generated position is the next committed token,
+    probabilities are sorted and sum to <= 1; prompt positions (no logits kept) are marked."""
+    eng = _paused_engine()
+    try:
+        recs = _records(eng)
+        assert len(recs) == len(PROMPTS)
+        for rec, prompt in zip(recs, PROMPTS):
+            has = rec.has_target
+            n_prompt = len(prompt.encode())
+            assert not has[:n_prompt - 1].any() and has[n_prompt - 1:].all()
+            top1 = rec.target_ids[:, 0].tolist()
+            for i in has.nonzero()[:, 0].tolist():
+                assert top1[i] == rec.token_ids[i + 1]
+            p = rec.target_probs[has].float()
+            assert (p[:, :-1] >= p[:, 1:]).all() and (p.sum(-1) <= 1.001).all()
+            assert rec.features.dtype == torch.bfloat16
+    finally:
+        eng.close()
+
+
+def _fake_view(seq, feats, logits, rows, trees=None, outcomes=None):
+    res = SimpleNamespace(features=feats, logits=logits)
+    return SimpleNamespace(seqs=[seq], trees=trees or [None], rows=rows, outcomes=outcomes or [([], 0)],
+                           result=res, draft_version=0)
+
+
+def test_features_stored_in_bf16_keep_large_values():
+    """A hidden-state outlier of 1e5 (fp16 max is 65504) survives the trace."""
+    buf = RingBuffer(1 << 20)
+    col = TraceCollector(buf)
+    seq = SimpleNamespace(request_id="r", num_cached=0, finished=False, token_ids=[1, 2, 3, 4])
+    feats = torch.full((3, 6), 1e5)
+    view = _fake_view(seq, feats, torch.randn(1, 10), [SeqRows(0, 3, 0, 0)])
+    col.on_step(view)
+    seq.num_cached = 3
+    col.on_finish(seq)
+    rec = buf.drain()[0]
+    assert torch.isfinite(rec.features.float()).all()
+    assert torch.allclose(rec.features.float(), feats[:3], rtol=1e-2)
+
+
+def test_long_request_keeps_a_bounded_window():
+    """More positions than the collector's cap: a trace of the last `cap` positions, aligned."""
+    eng = _paused_engine()
+    try:
+        eng.flywheel.collector.max_positions = 24
+        out = eng.generate_batch(["a b c d e f g h "], SamplingParams(max_tokens=60, temperature=0))[0]
+        recs = eng.flywheel.buffer.drain()
+        assert len(recs) == 1
+        rec = recs[0]
+        full = out.prompt_token_ids + out.token_ids
+        assert len(rec.features) <= 24 and rec.start > 0
+        assert rec.token_ids == full[rec.start:rec.start + len(rec.features) + 1]
+        for i in rec.has_target.nonzero()[:, 0].tolist():
+            assert rec.target_ids[i, 0] == rec.token_ids[i + 1]
+        assert eng.flywheel.collector.open_requests() == 0
+    finally:
+        eng.close()
+
+
+def test_no_collector_state_survives_an_errored_request(monkeypatch):
+    eng = _paused_engine()
+    try:
+        import aurora.engine.engine as engine_mod
+
+        def boom(tree, argmax):
+            raise RuntimeError("injected")
+        monkeypatch.setattr(engine_mod, "verify_greedy", boom)
+        outs = eng.generate_batch(PROMPTS, GREEDY)
+        assert all(o.finish_reason == "error" for o in outs)
+        assert eng.flywheel.collector.open_requests() == 0
+    finally:
+        eng.close()
+
+
+def _rec(n, seed, hidden=8, k=4):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (n, k), generator=g, dtype=torch.int32)
+    ids[: n // 3] = -1                                   # a prompt part without targets
+    probs = torch.rand(n, k, generator=g).half() * (ids >= 0)
+    return TraceRecord("r", torch.randint(0, 50, (n + 1,), generator=g).tolist(),
+                       torch.randn(n, 3 * hidden, generator=g).bfloat16(), ids, probs,
+                       [(1, n // 2, 7)], torch.randint(0, 50, (1, k), generator=g, dtype=torch.int32),
+                       torch.rand(1, k, generator=g).half())
+
+
+def test_packed_windows_never_see_each_other():
+    from aurora.models.eagle import EagleHead
+    torch.manual_seed(0)
+    head = EagleHead(8, 2, 4, 16, 50).float()
+    runner = SimpleNamespace(embed_tokens=torch.nn.Embedding(50, 8), device=torch.device("cpu"), vocab_size=50)
+    from aurora.flywheel.trainer import Trainer
+    tr = Trainer(head, runner, TrainerConfig(unroll=3))
+    a, b = _rec(30, 1), _rec(20, 2)
+    both = pack([(a, 0, 30), (b, 0, 20)], 3)
+    alone = pack([(a, 0, 30)], 3)
+    h_both, h_alone = tr._forward(tr.head, both), tr._forward(tr.head, alone)
+    rows_a = [k for k, s in enumerate(s for lv in both.levels for s in lv.seg) if s == 0]
+    assert len(rows_a) == h_alone.shape[0]
+    assert torch.allclose(h_both[rows_a], h_alone, atol=1e-5)
+    vis = visibility(both.levels, 1, "cpu")
+    assert vis.shape[0] == len(both.levels[1].pos)
+    assert any(not c for lv in both.levels for c in lv.chain)          # the rejected node was packed
+
+
+def test_trainer_never_calls_the_target_lm_head():
+    eng = _paused_engine(publish_every_steps=10**6, guard=False)
+    try:
+        fw = eng.flywheel
+        fw.trainer.add_records(_records(eng))
+
+        class NoHead:
+            def __getattr__(self, name):
+                if name in ("lm_head", "logits_from_hidden"):
+                    raise AssertionError("the trainer recomputed the target LM head")
+                return getattr(eng.runner, name)
+        fw.trainer.runner = NoHead()
+        assert fw.trainer.train_step()
+        assert fw.trainer.tokens_trained > 0 and fw.trainer.last_losses["imitation"] > 0
+    finally:
+        eng.close()
+
+
+def test_several_windows_per_step_and_bounded_passes():
+    eng = _paused_engine(publish_every_steps=10**6, guard=False, batch_tokens=256, span=16, max_passes=2)
+    try:
+        tr = eng.flywheel.trainer
+        tr.add_records(_records(eng))
+        assert len(tr.sample_windows()) > 1
+        steps = 0
+        while tr.train_step():
+            steps += 1
+            assert steps < 500
+        assert tr.passes >= 2 and not tr.has_work()
+        tr.add_records(_records(eng, PROMPTS[:2]))               # new traffic wakes it
+        assert tr.train_step()
+    finally:
+        eng.close()
+
+
+def test_log_space_discard_gradient_does_not_vanish():
+    logits = torch.tensor([[-4.6, 0.0, 0.0]], requires_grad=True)       # q(x=0) ~ 0.005
+    p = torch.tensor([[0.0, 0.5, 0.5]])
+    tok = torch.tensor([0])
+    losses.discard(torch.log_softmax(logits, -1), p, tok).sum().backward()
+    g_log = logits.grad[0, 0].item()
+    logits.grad = None
+    losses.hinge(torch.softmax(logits, -1), p, tok).sum().backward()
+    g_hinge = logits.grad[0, 0].item()
+    assert g_log > 0.9 and g_hinge < 0.01
+
+
+def test_discard_is_zero_where_target_wants_more():
+    logq = torch.log(torch.tensor([[0.2, 0.8]]))
+    p = torch.tensor([[0.5, 0.5]])
+    assert losses.discard(logq, p, torch.tensor([0])).item() == 0.0
+
+
+def test_compute_share_takes_turns():
+    share, order = ComputeShare(), []
+    entered = threading.Event()
+
+    def serve():
+        for i in range(3):
+            with share:
+                order.append(f"s{i}")
+                entered.set()
+                time.sleep(0.05)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    entered.wait()
+    with share.train_turn():                 # waits for the running step, then runs before the next
+        order.append("t")
+    t.join()
+    assert order.index("t") in (1, 2) and len(order) == 4
+
+
+def test_serving_keeps_every_core(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32"))
+    try:
+        assert eng.serve_threads() == 4
+        assert isinstance(eng.step_gate, ComputeShare)
+    finally:
+        eng.close()
+
+
+def test_idle_trainer_sleeps_after_bounded_passes():
+    eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32",
+                              trainer=TrainerConfig(max_passes=1, span=16, batch_tokens=128, guard=False)))
+    try:
+        eng.generate_batch(PROMPTS, GREEDY)
+        fw = eng.flywheel
+        end = time.time() + 60
+        while time.time() < end and not (fw.sleeping and fw.trainer.steps > 0):
+            time.sleep(0.05)
+        steps = fw.trainer.steps
+        assert fw.sleeping and steps > 0
+        time.sleep(0.5)
+        assert fw.trainer.steps == steps                        # asleep: no more steps without traffic
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("bad", [dict(busy_share=0), dict(discard="x"), dict(max_passes=0), dict(top_k=0)])
+def test_trainer_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        TrainerConfig(**bad)
