@@ -287,7 +287,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=320)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--kv-tokens", type=int, default=1536, help="KV pool (tokens); small = pressure")
+    ap.add_argument("--kv-tokens", type=int, default=512, help="KV pool (tokens); small = pressure")
     args = ap.parse_args()
     reqs = make_requests(args.requests, args.max_tokens)
     reference = greedy_reference(args.model, reqs)
