@@ -98,7 +98,10 @@ def main() -> None:
     train = [r for i, r in enumerate(records) if i % 6]
     eng = Engine(EngineConfig(model=args.model, draft="none", online=False))
     torch.set_num_threads(torch.get_num_threads())
-    results = [run_arm(name, eng, train, held, args) for name in args.arms.split(",")]
+    results = []
+    for name in args.arms.split(","):                 # each arm printed as it finishes
+        results.append(run_arm(name, eng, train, held, args))
+        print(json.dumps(results[-1]), flush=True)
     eng.close()
     print(json.dumps({"train_records": len(train), "held_records": len(held), "arms": results}, indent=1))
 
