@@ -55,8 +55,9 @@ def banner_lines(engine, config, url: str) -> list[str]:
     threads = serve_threads() if callable(serve_threads) else ec.threads
     trainer = "off"
     if getattr(engine, "flywheel", None) is not None:
-        trainer = f"on ({ec.trainer.threads} thread(s), its own CUDA stream)" if engine.device.type == "cuda" \
-            else f"on ({ec.trainer.threads} thread(s), duty {ec.trainer.duty:g})"
+        trainer = "on (its own thread and CUDA stream)" if engine.device.type == "cuda" \
+            else (f"on (takes turns with serving: at most {ec.trainer.busy_share:.0%} of wall time while "
+                  f"requests run, every core when idle)")
     if config.save_dir:
         saved = f"learned drafts are saved to {os.path.abspath(config.save_dir)} (on shutdown and on " \
                 f"POST /v1/speculator {{\"action\": \"save\"}})"
