@@ -88,6 +88,8 @@ class EngineConfig:
     max_model_len: int = 0             # 0 = the model's own limit
     threads: int = 0                   # CPU torch threads for serving (0 = torch default)
     seed: int = 0
+    compile: str = "off"               # target step: off (eager reference) | on (inductor / CUDA graphs) | static
+    quantize: str = "none"             # target linear weights: none | int8 | int4 (CPU, weight-only)
     spec: SpecConfig = field(default_factory=SpecConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -100,6 +102,10 @@ class EngineConfig:
             raise ValueError("EngineConfig needs block_size >= 1 and kv_tokens >= block_size")
         if self.max_batch < 1:
             raise ValueError("EngineConfig.max_batch must be >= 1")
+        if self.compile not in ("off", "on", "static"):
+            raise ValueError(f"EngineConfig.compile must be off|on|static, got {self.compile!r}")
+        if self.quantize not in ("none", "int8", "int4"):
+            raise ValueError(f"EngineConfig.quantize must be none|int8|int4, got {self.quantize!r}")
         for part in self.draft.split("+"):
             kind = part.split(":", 1)[0]
             if kind not in ("none", "ngram", "eagle", "model"):
