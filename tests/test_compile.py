@@ -216,3 +216,13 @@ def test_cuda_graphs_greedy_exact(fresh_engine, model):
     before = num_graphs()
     assert tokens(spec) == eager
     assert num_graphs() == before
+
+
+def test_llamacpp_peer_is_skipped_with_a_clear_reason():
+    import importlib.util
+
+    from aurora.bench.systems import BuildOptions, Unavailable, build_system
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed: the bench runs the peer")
+    with pytest.raises(Unavailable, match="llama-cpp-python is not installed"):
+        build_system("llamacpp", BuildOptions(model="tiny-llama"))
