@@ -115,12 +115,14 @@ def compiled_plain(engines):
     return engines.get(COMPILED, compile="on")
 
 
+@pytest.mark.slow                  # inductor compiles 4 graphs per engine: minutes on a busy 2-core CPU
 def test_compiled_greedy_equals_eager(engines, compiled_plain):
     assert tokens(compiled_plain) == tokens(engines.get(COMPILED))
 
 
 @pytest.mark.parametrize("draft,shape", [("ngram", "chain"), ("eagle", "chain"), ("eagle", "dynamic"),
                                          ("eagle+ngram", "static")])
+@pytest.mark.slow
 def test_compiled_spec_greedy_equals_plain(engines, compiled_plain, draft, shape):
     """Speculative greedy == plain greedy, both compiled; no graph compiled after warm-up."""
     ref = tokens(compiled_plain)
@@ -132,6 +134,7 @@ def test_compiled_spec_greedy_equals_plain(engines, compiled_plain, draft, shape
     assert st["num_tokens"] > st["num_steps"], "nothing was accepted: the test proves little"
 
 
+@pytest.mark.slow
 def test_compiled_sampling_matches_target_distribution(engines):
     """chi-square at 1e-3 over the first 3 sampled tokens of 1000 seeded requests (ngram draft,
     compiled), against exact probabilities from the eager engine's own forward."""

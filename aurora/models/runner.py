@@ -4,6 +4,8 @@ We register an attention function with transformers' `AttentionInterface`; each 
 hands it only the new tokens' q/k/v (RoPE applied from our position ids). It writes
 K/V into the paged pool and attends over cached prefix + the new tokens under the
 step's tree mask. Any decoder family transformers supports runs unchanged.
+`compile="on"` swaps in the compiled static path (compiled.py); this eager path stays the
+reference. `quantize="int8"|"int4"` swaps the linear layers for weight-only ones (quant.py).
 """
 from __future__ import annotations
 
