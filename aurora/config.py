@@ -126,6 +126,8 @@ class EngineConfig:
     threads: int = 0                   # CPU torch threads for serving (0 = torch default)
     prefill_chunk: int = 512           # prompt tokens per step while other streams decode (0 = whole prompts)
     seed: int = 0
+    compile: str = "off"               # target step: off (eager reference) | on (inductor / CUDA graphs) | static
+    quantize: str = "none"             # target linear weights: none | int8 | int4 (CPU, weight-only)
     spec: SpecConfig = field(default_factory=SpecConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -140,6 +142,10 @@ class EngineConfig:
             raise ValueError("EngineConfig.max_batch must be >= 1")
         if self.prefill_chunk < 0:
             raise ValueError("EngineConfig.prefill_chunk must be >= 0")
+        if self.compile not in ("off", "on", "static"):
+            raise ValueError(f"EngineConfig.compile must be off|on|static, got {self.compile!r}")
+        if self.quantize not in ("none", "int8", "int4"):
+            raise ValueError(f"EngineConfig.quantize must be none|int8|int4, got {self.quantize!r}")
         for part in self.draft.split("+"):
             kind = part.split(":", 1)[0]
             if kind not in ("none", "ngram", "eagle", "model", "suffix"):

@@ -5,6 +5,7 @@ one plain decode forward; c = time of one draft proposal step (eagle head, chain
 / one plain decode forward. Medians of interleaved repeats after warm-up, one process.
 
     python examples/spec_costs.py [--model smollm2-135m] [--prefix 200] [--repeats 15]
+                                  [--compile on] [--quantize int4]   # the compiled / quantized target
 """
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--ks", default="1,2,4,8,16")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--compile", default="off", help="EngineConfig.compile: off | on | static")
+    ap.add_argument("--quantize", default="none", help="EngineConfig.quantize: none | int8 | int4")
     args = ap.parse_args()
-    eng = Engine(EngineConfig(model=args.model, draft="eagle", online=False, dtype="auto"))
+    eng = Engine(EngineConfig(model=args.model, draft="eagle", online=False, dtype="auto", compile=args.compile,
+                              quantize=args.quantize, max_batch=1, threads=args.threads))
     torch.set_num_threads(args.threads or eng.serve_threads())
     runner, cache = eng.runner, eng.runner.cache
     ids = [(i * 7919) % 5000 + 100 for i in range(args.prefix)]
@@ -76,7 +80,7 @@ def main() -> None:
             draft.append(d)
             draft_step.append(s)
     base = statistics.median(samples[0])
-    out = {"model": args.model, "prefix": args.prefix, "threads": torch.get_num_threads(),
+    out = {"model": args.model, "compile": args.compile, "quantize": args.quantize, "prefix": args.prefix, "threads": torch.get_num_threads(),
            "decode_ms": 1000 * base,
            "beta": {k: statistics.median(samples[k]) / base for k in ks},
            "c_draft_step": statistics.median(draft_step) / base,

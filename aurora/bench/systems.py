@@ -25,12 +25,14 @@ class Unavailable(RuntimeError):
 @dataclass(frozen=True)
 class SystemSpec:
     label: str                   # one line for tables and legends
-    kind: str                    # "hf" | "aurora"
+    kind: str                    # "hf" | "aurora" | "llamacpp" (bench/peers.py)
     draft: str = "none"          # Aurora draft string; "{ckpt}" is filled from --checkpoint
     online: bool = False
     lookup: bool = False         # HF: assisted generation with prompt lookup
     needs_checkpoint: bool = False
     discard: bool = True         # online: learn from rejected proposals too (discard sampling)
+    compile: str = "off"         # Aurora: EngineConfig.compile (target step)
+    quantize: str = "none"       # Aurora: EngineConfig.quantize (target weights)
 
 
 SYSTEMS: dict[str, SystemSpec] = {
@@ -54,6 +56,15 @@ SYSTEMS: dict[str, SystemSpec] = {
                                      "eagle+suffix+ngram", online=True),
     "eagle+suffix+ngram-ckpt": SystemSpec("Aurora, eagle+suffix+ngram online from checkpoint", "aurora",
                                           "eagle:{ckpt}+suffix+ngram", online=True, needs_checkpoint=True),
+    "compiled": SystemSpec("Aurora, no draft, compiled target", "aurora", "none", compile="on"),
+    "compiled-int4": SystemSpec("Aurora, no draft, compiled int4 target", "aurora", "none", compile="on",
+                                quantize="int4"),
+    "ngram-compiled-int4": SystemSpec("Aurora, n-gram draft, compiled int4 target", "aurora", "ngram",
+                                      compile="on", quantize="int4"),
+    "online-compiled-int4": SystemSpec("Aurora, eagle+ngram online, compiled int4 target", "aurora",
+                                       "eagle+ngram", online=True, compile="on", quantize="int4"),
+    "llamacpp": SystemSpec("llama.cpp (llama-cpp-python), same GGUF", "llamacpp"),
+    "llamacpp-ngram": SystemSpec("llama.cpp (llama-cpp-python), prompt lookup draft", "llamacpp", lookup=True),
 }
 
 
@@ -286,11 +297,15 @@ def build_system(name: str, opts: BuildOptions) -> System:
         raise Unavailable("needs --checkpoint DIR (a saved draft)")
     if spec.kind == "hf":
         return HFSystem(name, spec, opts)
+    if spec.kind == "llamacpp":
+        from aurora.bench.peers import LlamaCppSystem
+        return LlamaCppSystem(name, spec, opts)
     from aurora.config import EngineConfig, TrainerConfig
     trainer = TrainerConfig() if spec.discard else TrainerConfig(w_discard=0.0)
     config = EngineConfig(trainer=trainer, model=opts.model, draft=spec.draft.format(ckpt=opts.checkpoint),
                           online=spec.online, dtype=opts.dtype, device=opts.device,
-                          kv_tokens=opts.kv_tokens, max_batch=1, threads=opts.threads, seed=opts.seed)
+                          kv_tokens=opts.kv_tokens, max_batch=1, threads=opts.threads, seed=opts.seed,
+                          compile=spec.compile, quantize=spec.quantize)
     try:
         return AuroraSystem(name, config, spec.label)
     except ImportError as exc:                     # flywheel module not there yet

@@ -45,7 +45,7 @@ class Engine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         model, self.tokenizer = load_model(config.model, self.dtype, self.device)
-        self.runner = TargetRunner(model, config.num_blocks, config.block_size)
+        self.runner = TargetRunner(model, config.num_blocks, config.block_size, config.compile, config.quantize)
         self.max_model_len = config.max_model_len or self.runner.max_model_len
         self.scheduler = Scheduler(self.runner.cache, config.max_batch, config.prefill_chunk)
         self.proposer = build_proposer(config.draft, self.runner, config)
@@ -70,6 +70,7 @@ class Engine:
         if config.online and self.proposer.learnable:
             from aurora.flywheel import Flywheel
             self.flywheel = Flywheel(self, config.trainer)
+        self.runner.warmup(config.max_batch, self.serve_threads())     # compiled path: compile now
         self._thread = threading.Thread(target=self._run, name="aurora-engine", daemon=True)
         self._thread.start()
 

@@ -4,6 +4,8 @@ We register an attention function with transformers' `AttentionInterface`; each 
 hands it only the new tokens' q/k/v (RoPE applied from our position ids). It writes
 K/V into the paged pool and attends over cached prefix + the new tokens under the
 step's tree mask. Any decoder family transformers supports runs unchanged.
+`compile="on"` swaps in the compiled static path (compiled.py); this eager path stays the
+reference. `quantize="int8"|"int4"` swaps the linear layers for weight-only ones (quant.py).
 """
 from __future__ import annotations
 
@@ -62,23 +64,31 @@ def _register() -> None:
     AttentionInterface.register(ATTN_NAME, _aurora_attention)
 
 
+def _set_attn(model, name: str) -> None:
+    model.config._attn_implementation = name
+    for sub in model.modules():   # some families copy the config per submodule
+        if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
+            sub.config._attn_implementation = name
+
+
 class TargetRunner:
     """Owns the target model and its KV pool; `forward(batch)` runs one step."""
 
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, compile: str = "off",
+                 quantize: str = "none"):
         _register()
+        if quantize != "none":      # weight-only int8/int4 linear layers (CPU kernels), see quant.py
+            from aurora.models.quant import quantize_model
+            quantize_model(model, quantize)
         self.model = model
         cfg = model.config
         self.config = cfg
-        cfg._attn_implementation = ATTN_NAME
-        for sub in model.modules():   # some families copy the config per submodule
-            if hasattr(sub, "config") and sub.config is not cfg and hasattr(sub.config, "_attn_implementation"):
-                sub.config._attn_implementation = ATTN_NAME
+        _set_attn(model, ATTN_NAME)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.num_layers = cfg.num_hidden_layers
         self.hidden_size = cfg.hidden_size
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = model.get_output_embeddings().out_features
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.cache = KVCache(self.num_layers, num_blocks, block_size, cfg.num_key_value_heads,
                              head_dim, self.dtype, self.device)
@@ -87,6 +97,25 @@ class TargetRunner:
         self.feature_layers = (min(2, n - 1), n // 2, max(n - 3, 0))
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         self.max_model_len = getattr(cfg, "max_position_embeddings", 2048)
+        self.compiled = None
+        if compile != "off":        # the static (compiled) path; the eager path above stays the reference
+            from aurora.models.compiled import ATTN_NAME as STATIC_NAME, CompiledStep
+            _set_attn(model, STATIC_NAME)
+            self.compiled = CompiledStep(self, compile)
+
+    def warmup(self, max_batch: int, threads: int | None = None) -> None:
+        """Compile every graph of the compiled path now (no-op when eager), with the serving
+        thread count (inductor's CPU kernels keep the thread count they were compiled with)."""
+        if self.compiled is None or self.compiled.mode == "static":
+            return
+        from aurora.models.compiled import warmup
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            warmup(self, max_batch)
+        finally:
+            torch.set_num_threads(before)
 
     @property
     def lm_head(self) -> torch.nn.Module:
@@ -105,6 +134,8 @@ class TargetRunner:
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> StepResult:
+        if self.compiled is not None:
+            return self.compiled(batch)
         _local.ctx = {"batch": batch, "cache": self.cache, "impl": backend(self.device)}
         try:
             out = self.model.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
