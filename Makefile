@@ -17,7 +17,7 @@ TEST_STAMP := $(VENV)/.aurora-test-installed
 PIP_INSTALL := $(PIP) install $(if $(CI),--progress-bar off,)
 STEP   := sh scripts/long_step.sh
 
-.PHONY: install install-test test test-fast demo bench serve lint clean
+.PHONY: install install-test test test-all test-fast demo bench serve lint clean
 
 $(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -52,7 +52,10 @@ install: $(STAMP)
 install-test: $(TEST_STAMP)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -x --timeout=900 tests
+	$(PY) -m pytest -q -x --timeout=900 -m "not slow or exactness" tests
+
+test-all: $(TEST_STAMP)
+	$(PY) -m pytest -q -x --timeout=1800 tests
 
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests

@@ -116,6 +116,7 @@ def compiled_plain(engines):
 
 
 @pytest.mark.slow                  # inductor compiles 4 graphs per engine: minutes on a busy 2-core CPU
+@pytest.mark.exactness             # ...but `make test` keeps the compiled exactness proofs
 def test_compiled_greedy_equals_eager(engines, compiled_plain):
     assert tokens(compiled_plain) == tokens(engines.get(COMPILED))
 
@@ -123,6 +124,7 @@ def test_compiled_greedy_equals_eager(engines, compiled_plain):
 @pytest.mark.parametrize("draft,shape", [("ngram", "chain"), ("eagle", "chain"), ("eagle", "dynamic"),
                                          ("eagle+ngram", "static")])
 @pytest.mark.slow
+@pytest.mark.exactness
 def test_compiled_spec_greedy_equals_plain(engines, compiled_plain, draft, shape):
     """Speculative greedy == plain greedy, both compiled; no graph compiled after warm-up."""
     ref = tokens(compiled_plain)

@@ -136,7 +136,8 @@ def test_tau_rises_on_repetitive_workload():
     """Property: on a repeated workload the online draft's accepted length rises within a bounded
     number of trainer steps (no timing involved: we wait for steps, then measure tau)."""
     eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32",
-                              trainer=TrainerConfig(publish_every_steps=10, publish_every_s=1e9)))
+                              trainer=TrainerConfig(publish_every_steps=10, publish_every_s=1e9,
+                                                    busy_share=1.0)))     # steps, not serving, are measured
     try:
         first = eng.generate_batch(PROMPTS, GREEDY)
         tau0 = sum(o.stats["accepted_length"] for o in first) / len(first)

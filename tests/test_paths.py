@@ -120,6 +120,7 @@ REAL_PROMPT = "The capital of France is"
 
 
 @pytest.mark.slow
+@pytest.mark.exactness
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_real_model_sampling_follows_its_own_distribution(fresh_engine, dtype):
     """smollm2-135m drafting for itself at `dtype`: the first REAL_K sampled tokens of REAL_N

@@ -17,7 +17,7 @@ from test_exactness import DRAFTS
 
 from aurora import SamplingParams, SpecConfig
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exactness]   # slow, but `make test` keeps it
 
 REAL = "smollm2-135m"
 N_HF = 48
