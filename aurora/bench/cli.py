@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-chars", type=int, default=None,
                    help="longest prompt text (default: 2000; tiny presets: 300)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of every system's serving thread (default on CPU: CPUs minus the "
-                        "online trainer's threads, the same for all systems; 0 = torch default)")
+                   help="torch threads of every system's serving thread (default on CPU: every CPU, the same "
+                        "for all systems; an online trainer takes turns with serving; 0 = torch default)")
     p.add_argument("--interleave", action="store_true",
                    help="serve request i on every system before request i+1 (fairer on a noisy "
                         "machine; trainers pause while other systems run)")

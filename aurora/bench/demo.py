@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
-                   help="serving torch threads (default on CPU: CPUs minus the trainer's threads)")
+                   help="serving torch threads (default on CPU: every CPU; the trainer takes turns with serving)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-draft", default=None, help="save the learned draft here at the end")
     p.add_argument("--out", default=None,

@@ -69,10 +69,9 @@ class BenchConfig:
 
 
 def resolve_threads(threads: int | None, device: str = "auto") -> int:
-    """Serving threads per system. Auto on CPU: the CPUs left after the online trainer's
-    own threads, the same for every system so the comparison is fair. Oversubscribing
-    (2 serving + 1 trainer threads on 2 cores) stalls OpenMP barriers and can cost
-    several times the throughput. 0 = torch default (GPU)."""
+    """Serving threads per system. Auto on CPU: every CPU left after `TrainerConfig.threads`
+    (0 by default: the trainer takes turns with serving, `aurora/flywheel/share.py`, so nothing
+    is oversubscribed), the same for every system so the comparison is fair. 0 = torch default (GPU)."""
     if threads is not None:
         return threads
     from aurora.config import TrainerConfig
