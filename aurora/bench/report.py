@@ -12,10 +12,11 @@ import math
 import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from aurora import progress
 
 
 def rolling_mean(values: Sequence[float | None], window: int) -> list[float | None]:
@@ -61,21 +62,10 @@ def hardware_line(threads: int = 0) -> str:
 def heartbeat(what: str, every_s: float = 10.0, announce: bool = True):
     """Print "<what> ..." now (if `announce`), "... still <what> (N s)" every `every_s` seconds
     while the block runs, so a slow step (loading, warm-up on a busy CPU) never looks like a hang."""
-    done = threading.Event()
-    start = time.monotonic()
     if announce:
         print(f"{what} ...", flush=True)
-
-    def beat():
-        while not done.wait(every_s):
-            print(f"  ... still {what} ({time.monotonic() - start:.0f} s)", flush=True)
-    thread = threading.Thread(target=beat, name="aurora-heartbeat", daemon=True)
-    thread.start()
-    try:
+    with progress.heartbeat(lambda w, s: print(f"  ... still {w} ({s:.0f} s)", flush=True), what, every_s):
         yield
-    finally:
-        done.set()
-        thread.join()
 
 
 # ---------------------------------------------------------------- formatting

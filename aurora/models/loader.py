@@ -11,11 +11,11 @@ import importlib.util
 import logging
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import torch
+
+from aurora import progress
 
 log = logging.getLogger("aurora.models")
 
@@ -129,20 +129,12 @@ def _cached_gguf(name: str) -> Path:
 @contextlib.contextmanager
 def _heartbeat(what: str, every_s: float = 10.0):
     """Log "still <what> (N s)" every `every_s` seconds while the block runs (slow one-time steps)."""
-    done = threading.Event()
-    start = time.monotonic()
-
-    def beat():
-        while not done.wait(every_s):
-            log.warning("aurora:   ... still %s (%.0f s)", what, time.monotonic() - start)
-    thread = threading.Thread(target=beat, name="aurora-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        log.warning("aurora: done %s in %.0f s", what, time.monotonic() - start)
+    say = lambda w, s: log.warning("aurora:   ... still %s (%.0f s)", w, s)
+    with progress.heartbeat(say, what, every_s) as elapsed:
+        try:
+            yield
+        finally:
+            log.warning("aurora: done %s in %.0f s", what, elapsed())
 
 
 def _save_plain(model, path: Path) -> None:
