@@ -57,6 +57,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_tokens: int = 1024           # loss rows packed per optimizer step (several windows)
+    micro_tokens: int = 256            # loss rows per micro-batch: the trainer's unit of work (serving waits <= one)
     span: int = 128                    # positions with stored targets per packed window
     window: int = 32                   # context positions packed before each span
     unroll: int = 3                    # training-time-test steps (EAGLE-3)
@@ -97,8 +98,8 @@ class TrainerConfig:
             raise ValueError("TrainerConfig.guard_share must be in (0, 1]")
         if self.discard not in ("log", "hinge"):
             raise ValueError("TrainerConfig.discard must be 'log' or 'hinge'")
-        if self.top_k < 1 or self.span < 1 or self.batch_tokens < 1 or self.replay_records < 1:
-            raise ValueError("TrainerConfig.top_k, span, batch_tokens and replay_records must be >= 1")
+        if min(self.top_k, self.span, self.batch_tokens, self.micro_tokens, self.replay_records) < 1:
+            raise ValueError("TrainerConfig.top_k, span, batch_tokens, micro_tokens and replay_records must be >= 1")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError("TrainerConfig.autocast must be auto|bf16|off")
         if self.max_passes <= 0:

@@ -66,7 +66,7 @@ def main() -> None:
                 tr.replay, tr.holdout = list(records), list(records[:8])
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                tr.train_step()
+                tr.optimizer_step()
             secs = time.perf_counter() - t0
             params_n = sum(p.numel() for p in head.parameters())
             results[name] = (tr.evaluate(tr.head), secs, params_n)

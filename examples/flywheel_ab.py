@@ -69,7 +69,7 @@ def run_arm(name, eng, records, held, args) -> dict:
     t0 = time.perf_counter()
     curve = []
     for step in range(1, args.steps + 1):
-        tr.train_step()
+        tr.optimizer_step()
         if step % max(1, args.steps // 5) == 0:
             curve.append((step, round(tr.evaluate(tr.head, windows), 4)))
     return {"arm": name, "steps": tr.steps, "tokens_trained": tr.tokens_trained, "tau_start": round(score0, 4),

@@ -174,6 +174,32 @@ def test_several_windows_per_step_and_bounded_passes():
         eng.close()
 
 
+def test_micro_batches_bound_the_unit_of_work():
+    """An optimizer step is split into micro-batches (each one turn of the trainer, so serving waits
+    at most one): weights change only after the last micro-batch of a step."""
+    eng = _paused_engine(publish_every_steps=10**6, guard=False, batch_tokens=512, micro_tokens=48, span=16)
+    try:
+        tr = eng.flywheel.trainer
+        tr.add_records(_records(eng))
+        groups = tr.sample_micro_batches()
+        assert len(groups) > 1
+        for group in groups:
+            est = [tr._window_rows(rec, a, b, int(rec.has_target[a:b].sum())) for rec, a, b in group]
+            assert len(group) == 1 or sum(est) <= 48
+        before = {k: v.clone() for k, v in tr.head.state_dict().items()}
+        units = 0
+        while tr.steps == 0:
+            assert tr.train_step()
+            units += 1
+            if tr.steps == 0:
+                assert all(torch.equal(before[k], v) for k, v in tr.head.state_dict().items())
+        assert units > 1
+        assert any(not torch.equal(before[k], v) for k, v in tr.head.state_dict().items())
+        assert tr.optimizer_step() and tr.steps == 2
+    finally:
+        eng.close()
+
+
 def test_log_space_discard_gradient_does_not_vanish():
     logits = torch.tensor([[-4.6, 0.0, 0.0]], requires_grad=True)       # q(x=0) ~ 0.005
     p = torch.tensor([[0.0, 0.5, 0.5]])

@@ -2,7 +2,10 @@
 
 The target's distribution comes from the traces (kept from verification), so a step costs
 the draft's forward/backward only — never the target's 49k-wide LM head. Several windows
-are packed per optimizer step up to `batch_tokens` rows. The trainer keeps a bounded
+are packed per optimizer step up to `batch_tokens` rows, in micro-batches of about
+`micro_tokens` rows whose gradients accumulate: one micro-batch is one unit of work, so
+serving, which takes turns with the trainer on a CPU, never waits longer than one
+micro-batch for its next step. The trainer keeps a bounded
 replay of recent records, makes at most `max_passes` passes over it without new traffic
 (then reports nothing to do, so the flywheel sleeps), and holds back a few *recent*
 records on which the guard scores drafts (simulated greedy accepted length).
@@ -56,13 +59,18 @@ class Trainer:
         self.last_losses: dict[str, float] = {}
         self._t2d_key, self._t2d = None, None
         self.autocast = _use_autocast(config.autocast, self.device)
+        self._pending: list[list[tuple]] = []    # micro-batches (window groups) left in this optimizer step
+        self._num_micro = 0                      # micro-batches in this optimizer step
 
     def _make_opt(self):
         params = [p for p in self.head.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def reset_optimizer(self) -> None:
+        """Fresh AdamW state; drops a half-accumulated step (its gradients may not fit anymore)."""
         self.opt = self._make_opt()
+        self._pending, self._num_micro = [], 0
+        self.head.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ data
     def add_records(self, records) -> None:
@@ -113,16 +121,31 @@ class Trainer:
             end = lo + span
         return max(0, lo - ctx), end, int(has[lo:end].sum())
 
+    def _window_rows(self, rec, start: int, end: int, n_loss: int) -> int:
+        """Estimated loss rows of a window: chain rows of every unrolled level + its rejected nodes."""
+        return n_loss * self.config.unroll + len(rec.rejected) * (end - start) // max(1, len(rec.features))
+
     def sample_windows(self) -> list[tuple]:
-        budget = self.config.batch_tokens
-        windows, rows = [], 0
+        return [w for group in self.sample_micro_batches() for w in group]
+
+    def sample_micro_batches(self) -> list[list[tuple]]:
+        """Windows for one optimizer step (~`batch_tokens` rows), grouped into micro-batches of
+        ~`micro_tokens` rows each."""
+        budget, micro = self.config.batch_tokens, self.config.micro_tokens
+        groups, group, rows, group_rows, count = [], [], 0, 0, 0
         recs = list(self.replay)
-        while rows < budget and len(windows) < 64:
+        while rows < budget and count < 64:
             rec = self.rng.choice(recs)
             start, end, n_loss = self._window(rec)
-            windows.append((rec, start, end))
-            rows += n_loss * self.config.unroll + len(rec.rejected) * (end - start) // max(1, len(rec.features))
-        return windows
+            n = self._window_rows(rec, start, end, n_loss)
+            if group and group_rows + n > micro:
+                groups.append(group)
+                group, group_rows = [], 0
+            group.append((rec, start, end))
+            rows, group_rows, count = rows + n, group_rows + n, count + 1
+        if group:
+            groups.append(group)
+        return groups
 
     # ------------------------------------------------------------------ forward
     def _t2d_map(self, head) -> torch.Tensor:
@@ -230,25 +253,42 @@ class Trainer:
             taus.append(tau if torch.is_tensor(tau) else alpha.new_tensor(tau))
         return torch.stack(taus) if taus else alpha.new_ones(1)
 
-    # ------------------------------------------------------------------ one step
+    # ------------------------------------------------------------------ one unit of work
     def train_step(self) -> bool:
-        if not self.has_work():
+        """One micro-batch: forward + backward, gradients accumulated; the optimizer steps
+        (`steps` += 1) after the last micro-batch of a step. False: nothing to train on."""
+        if not self._pending and not self.has_work():
             return False
         t0 = time.perf_counter()
-        packed = pack(self.sample_windows(), self.config.unroll)
+        if not self._pending:
+            self._pending = self.sample_micro_batches()
+            self._num_micro = len(self._pending)
+            self.opt.zero_grad(set_to_none=True)
+        packed = pack(self._pending.pop(0), self.config.unroll)
         loss, terms, rows, _ = self._loss(self.head, packed)
-        self.opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if torch.isfinite(loss):
+            (loss / self._num_micro).backward()
+            self.tokens_trained += rows
+            self.rows_since_new += rows
+            self.last_losses = {k: v.item() for k, v in terms.items()} | {"total": loss.item()}
+        else:
             self.skipped_nonfinite += 1
-            return False
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.config.grad_clip)
-        self.opt.step()
-        self.steps += 1
-        self.tokens_trained += rows
-        self.rows_since_new += rows
-        self.last_losses = {k: v.item() for k, v in terms.items()} | {"total": loss.item()}
+        if not self._pending:
+            grads = [p.grad for p in self.head.parameters() if p.grad is not None]
+            if grads and all(torch.isfinite(g).all() for g in grads):
+                torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.config.grad_clip)
+                self.opt.step()
+                self.steps += 1
+            self.opt.zero_grad(set_to_none=True)
         self.train_s += time.perf_counter() - t0
+        return True
+
+    def optimizer_step(self) -> bool:
+        """Run micro-batches until one optimizer step completes (offline A/Bs, tests)."""
+        start = self.steps
+        while self.steps == start:
+            if not self.train_step():
+                return False
         return True
 
     def eval_windows(self, records=None) -> list[tuple]:

@@ -33,13 +33,29 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rope_table(n: int, d: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [>= n, D] for positions 0.. (grown by doubling; the same values `rope` computed
+    per call before, so proposals do not change)."""
+    key = (d, theta, str(device), dtype)
+    tab = _ROPE_TABLES.get(key)
+    if tab is None or tab[0].shape[0] < n:
+        size = max(1024, 1 << max(0, n - 1).bit_length())
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        ang = torch.arange(size, device=device, dtype=torch.float32)[:, None] * inv[None]   # [size, D/2]
+        tab = (torch.cat([ang.cos(), ang.cos()], -1).to(dtype), torch.cat([ang.sin(), ang.sin()], -1).to(dtype))
+        _ROPE_TABLES[key] = tab
+    return tab
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """x: [N, H, D]; rotate-half RoPE at integer positions [N]."""
+    """x: [N, H, D]; rotate-half RoPE at integer positions [N] (cos/sin from a cached table)."""
     d = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    ang = positions.float()[:, None] * inv[None]                    # [N, D/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None].to(x.dtype)
-    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None].to(x.dtype)
+    n = int(positions.max()) + 1 if positions.numel() else 1
+    cos_t, sin_t = _rope_table(n, d, theta, x.device, x.dtype)
+    cos, sin = cos_t[positions][:, None], sin_t[positions][:, None]          # [N, 1, D]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
