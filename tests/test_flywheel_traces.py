@@ -14,7 +14,7 @@ from aurora import Engine, EngineConfig, SamplingParams, TrainerConfig
 from aurora.engine.step import SeqRows
 from aurora.flywheel import losses
 from aurora.flywheel.packing import pack, visibility
-from aurora.flywheel.share import ComputeShare
+from aurora.flywheel.share import ComputeShare, ShareBudget
 from aurora.flywheel.traces import RingBuffer, TraceCollector, TraceRecord
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0)
@@ -236,6 +236,41 @@ def test_compute_share_takes_turns():
         order.append("t")
     t.join()
     assert order.index("t") in (1, 2) and len(order) == 4
+
+
+def test_share_budget_spends_idle_time_first():
+    """Training done while idle counts against the busy share: with >= 15% of the recent window
+    already trained, the trainer takes no turn from busy serving until the window moves on."""
+    now = [100.0]
+    b = ShareBudget(0.15, window_s=10.0, clock=lambda: now[0])
+    now[0] += 10.0
+    assert b.allows() and b.fraction() == 0
+    b.record(2.0)                             # 2 s of idle training in the last 10 s: 20%
+    assert not b.allows() and abs(b.fraction() - 0.2) < 1e-9
+    now[0] += 5.0
+    assert not b.allows()
+    now[0] += 6.0                             # the unit left the window
+    assert b.allows() and b.fraction() == 0
+
+
+def test_trainer_takes_no_busy_turns_when_idle_time_gave_its_share():
+    eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32",
+                              trainer=TrainerConfig(span=16, batch_tokens=128, guard=False)))
+    try:
+        fw = eng.flywheel
+        fw.budget.record(1e6)                     # as if idle time had just trained a lot
+        busy_units = []
+        real = fw.trainer.train_step
+
+        def step():
+            busy_units.append(fw._serving_busy())
+            return real()
+        fw.trainer.train_step = step
+        eng.generate_batch(PROMPTS * 2, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+        assert fw.yielded_turns > 0
+        assert sum(busy_units) <= 1               # at most a unit that began just before a request
+    finally:
+        eng.close()
 
 
 def test_serving_keeps_every_core(monkeypatch):

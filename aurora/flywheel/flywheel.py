@@ -3,9 +3,9 @@
 Attaches to an `Engine` through its hooks: a step hook collects traces, a finish hook
 seals them into the ring buffer, and a step-boundary hook flips weight slots. Training
 runs in its own thread. CPU: serving and training take turns with all cores (`share.py`);
-while serving has work the trainer computes at most `busy_share` of wall time, when the
-engine is idle it trains back to back, and after `max_passes` passes over its replay with
-nothing new it sleeps. GPU: its own
+when the engine is idle the trainer trains back to back; while serving has work it takes
+turns only if idle time did not already give it `busy_share` of recent wall time, and then
+at most that share; after `max_passes` passes over its replay with nothing new it sleeps. GPU: its own
 CUDA stream. Guard and rollback score drafts on the same recent held-back traces (with
 the stored target distribution), within `guard_share` of trainer time. A trainer crash
 stops training only.
@@ -22,7 +22,7 @@ import torch
 
 from aurora.config import TrainerConfig
 from aurora.flywheel import checkpoint
-from aurora.flywheel.share import ComputeShare
+from aurora.flywheel.share import ComputeShare, ShareBudget
 from aurora.flywheel.traces import RingBuffer, TraceCollector
 from aurora.flywheel.trainer import Trainer
 from aurora.flywheel.vocab import VocabCounter, init_from_target, remap_head
@@ -65,6 +65,8 @@ class Flywheel:
         self._state_lock = threading.Lock()        # held by the trainer per unit of work; save/load take it
         self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
         self.share = ComputeShare() if engine.device.type == "cpu" else None
+        self.budget = ShareBudget(config.busy_share)   # trainer compute over recent wall time
+        self.yielded_turns = 0                         # turns not taken: idle time already gave the share
         if self.share is not None:
             engine.step_gate = self.share
         engine.step_hooks.append(self._on_step)
@@ -108,6 +110,10 @@ class Flywheel:
                         time.sleep(0.05)
                         continue
                     busy = self._serving_busy()
+                    if share is not None and busy and self.config.busy_share < 1 and not self.budget.allows():
+                        self.yielded_turns += 1               # idle time already gave it its share
+                        time.sleep(0.02)
+                        continue
                     t0 = time.perf_counter()
                     with share.train_turn() if share is not None else _Null():
                         worked = self._locked_work()
@@ -117,6 +123,7 @@ class Flywheel:
                         time.sleep(0.05)
                         continue
                     self.busy_s += dt
+                    self.budget.record(dt)
                     if share is not None and busy and self.config.busy_share < 1:
                         self._yield_to_serving(dt * (1 / self.config.busy_share - 1))
         except Exception as exc:                    # serving continues with the last good draft
@@ -293,7 +300,7 @@ class Flywheel:
             "steps": t.steps, "losses": dict(t.last_losses), "loss": t.last_losses.get("total"),
             "tokens_trained": t.tokens_trained, "requests": self.num_requests,
             "tokens_trained_per_request": t.tokens_trained / max(1, self.num_requests),
-            "busy_fraction": self.busy_s / wall, "train_s": t.train_s, "guard_s": self.guard_s,
+            "busy_fraction": self.busy_s / wall, "recent_fraction": self.budget.fraction(), "train_s": t.train_s, "guard_s": self.guard_s,
             "guard_fraction": self.guard_s / max(1e-9, t.train_s + self.guard_s),
             "passes": t.passes, "sleeping": self.sleeping,
             "swaps": self.swaps, "rollbacks": self.rollbacks,

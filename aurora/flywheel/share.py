@@ -5,11 +5,40 @@ stalls the step's OpenMP barriers (each parallel region waits for its slowest th
 the two take turns instead: the engine enters the gate around each step, the trainer
 around each unit of work; a waiting trainer gets the next turn (no starvation), and its
 share of wall time while serving is busy is bounded by the flywheel (`busy_share`).
+Idle time is spent first: `ShareBudget` counts the trainer's compute over a recent window,
+and while it already reached `busy_share` of that window (from idle time) the trainer does
+not take turns from busy serving at all; only under sustained load does it take its share.
 """
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from contextlib import contextmanager
+
+
+class ShareBudget:
+    """Trainer compute seconds over the last `window_s` of wall time; `allows()` while they stay
+    below `share` of that window (of the time since start, before a whole window passed)."""
+
+    def __init__(self, share: float, window_s: float = 30.0, clock=time.monotonic):
+        self.share, self.window_s, self.clock = share, window_s, clock
+        self._start = clock()
+        self._units: deque = deque()       # (end time, seconds)
+        self._sum = 0.0
+
+    def record(self, seconds: float) -> None:
+        self._units.append((self.clock(), seconds))
+        self._sum += seconds
+
+    def fraction(self) -> float:
+        now = self.clock()
+        while self._units and self._units[0][0] < now - self.window_s:
+            self._sum -= self._units.popleft()[1]
+        return self._sum / max(1e-6, min(self.window_s, now - self._start))
+
+    def allows(self) -> bool:
+        return self.fraction() < self.share
 
 
 class ComputeShare:
