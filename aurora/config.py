@@ -66,6 +66,7 @@ class TrainerConfig:
     w_discard: float = 0.5             # log-space hinge on rejected proposals (see losses.py)
     w_counterfactual: float = 0.5      # KL(p || q) at rejected nodes
     w_accept_len: float = 0.0          # expected accepted length objective
+    w_prompt: float = 0.0              # imitation weight of prompt positions (hard label: the next prompt token)
     discard: str = "log"               # "log" (log-space hinge) | "hinge" (old probability-space, for A/B)
     init_from_target: bool = True      # draft LM head + final norm from the target's rows
     top_k: int = 16                    # target distribution kept per traced position
@@ -90,7 +91,7 @@ class TrainerConfig:
             raise ValueError("TrainerConfig.lr and grad_clip must be > 0")
         if self.unroll < 1:
             raise ValueError("TrainerConfig.unroll must be >= 1")
-        if min(self.w_imitation, self.w_discard, self.w_counterfactual, self.w_accept_len) < 0:
+        if min(self.w_imitation, self.w_discard, self.w_counterfactual, self.w_accept_len, self.w_prompt) < 0:
             raise ValueError("TrainerConfig loss weights must be >= 0")
         if not 0 < self.busy_share <= 1:
             raise ValueError("TrainerConfig.busy_share must be in (0, 1]")

@@ -9,7 +9,8 @@ chain accepted length, and top-1 agreement at the first draft position).
 
 Arms: init random vs from the target's LM head (imitation only), and imitation only vs
 imitation + discard (log-space) vs imitation + discard (old probability-space hinge);
-and the learning rate of the default objective (lr_1e-3, lr_3e-3 vs discard_log at 3e-4).
+and the learning rate of the default objective (lr_1e-3, lr_3e-3 vs discard_log at 3e-4);
+and prompt positions as hard-label rows (prompt_0.5, prompt_1.0: TrainerConfig.w_prompt).
 
     python examples/flywheel_ab.py --collect traces.pt --requests 40
     python examples/flywheel_ab.py --traces traces.pt --steps 1000
@@ -37,6 +38,9 @@ ARMS = {
     # learning rate of the default objective (target init + log-space discard)
     "lr_1e-3": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", lr=1e-3),
     "lr_3e-3": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", lr=3e-3),
+    # the prompt's positions as extra rows with hard labels (the next prompt token)
+    "prompt_0.5": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", w_prompt=0.5),
+    "prompt_1.0": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", w_prompt=1.0),
 }
 
 

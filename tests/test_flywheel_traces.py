@@ -15,7 +15,7 @@ from aurora.engine.step import SeqRows
 from aurora.flywheel import losses
 from aurora.flywheel.packing import pack, visibility
 from aurora.flywheel.share import ComputeShare, ShareBudget
-from aurora.flywheel.traces import RingBuffer, TraceCollector, TraceRecord
+from aurora.flywheel.traces import RingBuffer, TraceCollector, TraceRecord, with_prompt_labels
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0)
 PROMPTS = ["the cat sat on ", "def f(x): return", "hello hello ", "1, 2, 3, 4"]
@@ -196,6 +196,26 @@ def test_micro_batches_bound_the_unit_of_work():
         assert units > 1
         assert any(not torch.equal(before[k], v) for k, v in tr.head.state_dict().items())
         assert tr.optimizer_step() and tr.steps == 2
+    finally:
+        eng.close()
+
+
+def test_prompt_labels_add_hard_rows_and_keep_real_targets():
+    eng = _paused_engine(publish_every_steps=10**6, guard=False, w_prompt=0.5, span=16, batch_tokens=256)
+    try:
+        rec = _records(eng)[1]
+        lab = with_prompt_labels(rec)
+        had = rec.has_target
+        assert lab.has_target[:len(rec.token_ids) - 1].all()            # every position with a next token
+        assert torch.equal(lab.label_only, ~had & (torch.arange(len(had)) < len(rec.token_ids) - 1))
+        assert torch.equal(lab.target_ids[had], rec.target_ids[had])      # real targets untouched
+        i = int(lab.label_only.nonzero()[0, 0])
+        assert int(lab.target_ids[i, 0]) == rec.token_ids[i + 1] and float(lab.target_probs[i, 0]) == 1.0
+        packed = pack([(lab, 0, len(lab.features))], 2)
+        assert packed.target_hard.any() and not packed.target_hard.all()
+        tr = eng.flywheel.trainer
+        tr.add_records([rec])
+        assert tr.replay[0].label_only is not None and tr.optimizer_step()
     finally:
         eng.close()
 

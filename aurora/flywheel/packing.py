@@ -37,6 +37,7 @@ class Packed:
     features: torch.Tensor      # [n1, 3h] level-1 features (stored dtype)
     target_ids: torch.Tensor    # [D, K] int64 target top-k ids (-1 padding)
     target_probs: torch.Tensor  # [D, K] float32
+    target_hard: torch.Tensor   # [D] bool: a hard label from the prompt (TraceRecord.label_only), not the target
 
     @property
     def num_rows(self) -> int:
@@ -50,7 +51,7 @@ class Packed:
 def pack(windows: list[tuple], unroll: int) -> Packed:
     """windows: (record, start, end) -> rows for window positions [start, end) of each record."""
     levels = [Level()]
-    tids, tprobs, feats = [], [], []
+    tids, tprobs, thard, feats = [], [], [], []
     row_of: dict[tuple[int, int, int], int] = {}      # (seg, level, pos) -> global row of a chain row
     dist_row: list[dict[int, int]] = []               # per seg: position -> target row
     n_targets = 0
@@ -65,6 +66,7 @@ def pack(windows: list[tuple], unroll: int) -> Packed:
                 n_targets += 1
         idx = torch.tensor([i + 1 for i in rows], dtype=torch.long)
         tids.append(rec.target_ids[idx]); tprobs.append(rec.target_probs[idx])
+        thard.append(rec.label_only[idx] if rec.label_only is not None else torch.zeros(len(idx), dtype=torch.bool))
         dist_row.append(rows)
         feats.append(rec.features[start:end])
         toks = rec.token_ids
@@ -93,6 +95,7 @@ def pack(windows: list[tuple], unroll: int) -> Packed:
                 continue
             lv.add(pos, s, tok, parent, n_targets, False, tok)
             tids.append(rec.rejected_ids[j:j + 1]); tprobs.append(rec.rejected_probs[j:j + 1])
+            thard.append(torch.zeros(1, dtype=torch.bool))
             n_targets += 1
         if not lv.pos:
             break
@@ -101,7 +104,7 @@ def pack(windows: list[tuple], unroll: int) -> Packed:
                 row_of[(s, L, p)] = offset + k
         offset += len(lv.pos)
         levels.append(lv)
-    return Packed(levels, torch.cat(feats), torch.cat(tids).long(), torch.cat(tprobs).float())
+    return Packed(levels, torch.cat(feats), torch.cat(tids).long(), torch.cat(tprobs).float(), torch.cat(thard))
 
 
 def visibility(levels: list[Level], upto: int, device) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -35,6 +35,7 @@ class TraceRecord:
     num_steps: int = 0
     num_accepted: int = 0
     draft_version: int = 0
+    label_only: torch.Tensor | None = None     # [n] bool: target is the next token alone (see with_prompt_labels)
     created: float = field(default_factory=time.monotonic)
 
     @property
@@ -48,6 +49,25 @@ class TraceRecord:
         if self.rejected_ids is not None:
             n += self.rejected_ids.nbytes + self.rejected_probs.nbytes + 24 * len(self.rejected)
         return n
+
+
+def with_prompt_labels(rec: TraceRecord) -> TraceRecord:
+    """A copy whose positions without a stored target distribution (the prompt: prefill kept no
+    logits) get the next token as a hard label, p = one-hot(token i + 1), marked `label_only`.
+    Prompt text is written by the user, not the target, so these rows teach the feature -> token
+    mapping (as offline EAGLE training on fixed data does) and are weighted by the trainer."""
+    has = rec.has_target
+    label = ~has
+    label[len(rec.token_ids) - 1:] = False                   # no next token
+    if not label.any():
+        return rec
+    ids, probs = rec.target_ids.clone(), rec.target_probs.clone()
+    idx = label.nonzero()[:, 0]
+    ids[idx] = -1
+    ids[idx, 0] = torch.tensor(rec.token_ids, dtype=ids.dtype)[idx + 1]
+    probs[idx] = 0
+    probs[idx, 0] = 1
+    return replace(rec, target_ids=ids, target_probs=probs, label_only=label)
 
 
 class RingBuffer:

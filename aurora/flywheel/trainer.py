@@ -23,6 +23,7 @@ import torch
 from aurora.config import TrainerConfig
 from aurora.flywheel import losses
 from aurora.flywheel.packing import Packed, pack, visibility
+from aurora.flywheel.traces import with_prompt_labels
 
 log = logging.getLogger("aurora.flywheel")
 EVAL_POSITIONS = 128      # last positions of each held-back record scored by the guard
@@ -81,6 +82,8 @@ class Trainer:
             if self.config.holdout_every and (self.num_records - 2) % self.config.holdout_every == 0:
                 self.holdout.append(rec)
             else:
+                if self.config.w_prompt > 0:
+                    rec = with_prompt_labels(rec)          # the prompt's positions become training rows too
                 if len(self.replay) == self.replay.maxlen:
                     self._replay_rows -= int(self.replay[0].has_target.sum())
                 self.replay.append(rec)
@@ -194,6 +197,8 @@ class Trainer:
         ce = losses.cross_entropy(p, logq)
         ch, lv_has = chain[has], lvl[has]
         decay = cfg.unroll_decay ** lv_has.float()
+        if cfg.w_prompt > 0:                                          # prompt rows: hard labels, weighted
+            decay = torch.where(packed.target_hard.to(dev)[tgt], cfg.w_prompt * decay, decay)
         terms, total = {}, torch.zeros((), device=dev)
         if with_grad_terms:
             if cfg.w_imitation > 0 and ch.any():
