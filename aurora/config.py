@@ -30,6 +30,8 @@ class SpecConfig:
     suffix_spec_factor: float = 2.0    # nodes (and depth) <= ceil(factor * matched context length)
     suffix_min_prob: float = 0.1       # cut nodes whose path frequency is below this
     suffix_persist: bool = True        # False: never save or load the index
+    suffix_q: str = "point"            # sampling: "point" (top continuations as point masses) | "frequency"
+                                       # (children drawn i.i.d. from the continuation frequencies, q = those)
 
     def __post_init__(self):
         if self.shape not in TREE_SHAPES:
@@ -46,6 +48,8 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.suffix_bytes must be at least 1 MiB, got {self.suffix_bytes}")
         if not 1 <= self.suffix_max_depth <= 64 or self.suffix_spec_factor <= 0:
             raise ValueError("SpecConfig needs 1 <= suffix_max_depth <= 64 and suffix_spec_factor > 0")
+        if self.suffix_q not in ("point", "frequency"):
+            raise ValueError(f"SpecConfig.suffix_q must be 'point' or 'frequency', got {self.suffix_q!r}")
         if not 0 <= self.suffix_min_prob <= 1:
             raise ValueError(f"SpecConfig.suffix_min_prob must be in [0, 1], got {self.suffix_min_prob}")
 

@@ -1,7 +1,8 @@
 """The suffix draft and its compositions (tree union, one verification pass) keep the target's
 output: fp32 speculative greedy equals plain greedy alone, batched, in mixed batches with
 requests joining mid-flight, and after the index has memorised the traffic (deep trees get
-accepted); speculative sampling follows the target distribution (chi-square, point-mass q)."""
+accepted); speculative sampling follows the target distribution (chi-square: point-mass q, and
+the frequency q of `suffix_q="frequency"`, whose nodes are draws from their q rows)."""
 from __future__ import annotations
 
 import pytest
@@ -85,3 +86,30 @@ def spec_engine(engines):
     def get(model, draft, shape="chain", **options):
         return engine(engines, model, draft, shape, **options)
     return get
+
+
+def _frequency_engine(engines):
+    def get(model, draft, shape="chain", **options):
+        return engines.get(model, draft, SpecConfig(shape=shape, suffix_q="frequency", **SMALL), **options)
+    return get
+
+
+@pytest.mark.parametrize("draft", ["suffix", "suffix+ngram"])
+def test_suffix_frequency_q_sampling_matches_target_distribution(engines, draft):
+    """suffix_q="frequency": children drawn from the continuation frequencies, q = those. The
+    shared chi-square test, and the count of accepted q-drawn nodes proving the path ran."""
+    from test_paths import AcceptCounter
+    get = _frequency_engine(engines)
+    eng = get(SAMPLING_MODEL, draft, max_batch=64)
+    counter = AcceptCounter()
+    eng.step_hooks.append(counter)
+    try:
+        _chi_square(engines, get, draft, "chain")
+    finally:
+        eng.step_hooks.remove(counter)
+    assert counter.accepted_q >= 300, f"only {counter.accepted_q} q-drawn suffix nodes accepted"
+
+
+def test_suffix_frequency_nodes_are_draws_from_their_q(engines):
+    from test_exactness import test_sampled_draft_nodes_are_draws_from_their_q as _draws_from_q
+    _draws_from_q(_frequency_engine(engines), "suffix", "chain")

@@ -4,8 +4,10 @@ the frequency-ranked tree of what followed its current context anywhere in that 
 
 Visibility: tokens are indexed when the engine hands the sequence over (on_step after each
 target forward, propose before drafting, release when it ends), so what one request commits is
-visible to every request at the next step. Proposals are point masses (q_rows -1): greedy stays
-exact and recursive rejection over point-mass siblings stays lossless under sampling.
+visible to every request at the next step. Greedy, and sampling with `suffix_q="point"`: the
+frequency-ranked tree as point masses (q_rows -1), lossless under recursive rejection. Sampling
+with `suffix_q="frequency"`: q at a node is the frequency of each continuation, children are
+i.i.d. draws from it, and verification accepts x w.p. min(1, p(x)/q(x)).
 Persistence (`save`/`load`, `draft="suffix:<dir>"`) writes user text (token ids) to disk;
 `SpecConfig.suffix_persist=False` turns it off.
 """
@@ -15,6 +17,8 @@ import logging
 import math
 import threading
 from pathlib import Path
+
+import torch
 
 from aurora.config import SpecConfig
 from aurora.drafts.base import Proposer
@@ -68,8 +72,11 @@ class SuffixProposer(Proposer):
         with self.lock:
             cursors = [self._sync(seq) for seq in seqs]      # everyone's newest tokens first
             trees = []
-            for cur in cursors:
-                max_depth = min(self.spec.suffix_max_depth, spec.max_nodes)
+            max_depth = min(self.spec.suffix_max_depth, spec.max_nodes)
+            for seq, cur in zip(seqs, cursors):
+                if self.spec.suffix_q == "frequency" and not seq.params.greedy:
+                    trees.append(self._sampled_tree(seq, cur, spec, max_depth, ctx.vocab_size))
+                    continue
                 tokens, parents, probs, _ = self.index.speculate(
                     cur, spec.max_nodes, max_depth, self.spec.suffix_min_prob, self.spec.suffix_spec_factor)
                 tree = DraftTree()
@@ -77,6 +84,21 @@ class SuffixProposer(Proposer):
                     tree.add(tok, parent, math.log(prob))
                 trees.append(tree)
         return trees
+
+    def _sampled_tree(self, seq, cur, spec, max_depth: int, vocab_size: int) -> DraftTree:
+        tokens, parents, q_rows, dists = self.index.sample_tree(
+            cur, spec.max_nodes, max_depth, self.spec.suffix_spec_factor, spec.width, seq.generator)
+        tree = DraftTree()
+        if not tokens:
+            return tree
+        q = torch.zeros(len(dists), vocab_size)                          # [rows, V] the frequency q
+        for r, dist in enumerate(dists):
+            toks, ps = zip(*dist)
+            q[r, list(toks)] = torch.tensor(ps)
+        for tok, parent, row in zip(tokens, parents, q_rows):
+            tree.add(tok, parent, math.log(float(q[row, tok])), row)
+        tree.q_probs = q
+        return tree
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path | None = None) -> str | None:

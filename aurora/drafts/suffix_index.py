@@ -255,6 +255,41 @@ class SuffixIndex:
                     break
         return tokens, parents, probs, m.length
 
+    def sample_tree(self, cur: Cursor, max_nodes: int, max_depth: int, spec_factor: float, root_draws: int,
+                    generator=None) -> tuple[list[int], list[int], list[int], list[list[tuple[int, float]]]]:
+        """A sampled draft tree with a proper q: at each expanded node, q = the frequencies of what
+        followed it (count / total); its children are i.i.d. draws from q (with replacement, never
+        selected by value: `root_draws` at the root, one below), so recursive rejection sampling
+        stays lossless. Node budget as `speculate`. Returns (token_ids, parents, q_rows, dists)
+        with dists[row] = [(token, q)] and q_rows[i] the row node i was drawn from."""
+        import torch
+        m = self.match(cur)
+        max_nodes = min(max_nodes, math.ceil(spec_factor * m.length))
+        tokens, parents, q_rows, dists = [], [], [], []
+        if not m.positions or max_nodes < 1:
+            return tokens, parents, q_rows, dists
+        depth_cap = max(1, min(max_depth, max_nodes))
+        frontier = [(-1, 0, m.positions)]          # (node, depth, positions), breadth first
+        while frontier and len(tokens) < max_nodes:
+            node, depth, positions = frontier.pop(0)
+            if depth >= depth_cap:
+                continue
+            groups = self.continuations(positions)
+            if not groups:
+                continue
+            total = sum(len(n) for _, n in groups)
+            row = len(dists)
+            dists.append([(tok, len(n) / total) for tok, n in groups])
+            draws = min(root_draws if node < 0 else 1, max_nodes - len(tokens))
+            weights = torch.tensor([len(n) for _, n in groups], dtype=torch.float64)
+            for i in torch.multinomial(weights, draws, replacement=True, generator=generator).tolist():
+                tok, nexts = groups[i]
+                frontier.append((len(tokens), depth + 1, nexts))
+                tokens.append(tok)
+                parents.append(node)
+                q_rows.append(row)
+        return tokens, parents, q_rows, dists
+
     # ---------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
         return {"tok": self.tok, "nxt": self.nxt, **{f"prev{i}": a for i, a in enumerate(self.prev)},
