@@ -258,6 +258,29 @@ def test_compute_share_takes_turns():
     assert order.index("t") in (1, 2) and len(order) == 4
 
 
+def test_a_waiting_step_goes_before_the_next_training_unit():
+    """A step that arrived during a training unit runs before the trainer's next unit."""
+    share, order = ComputeShare(), []
+    in_unit, step_waiting = threading.Event(), threading.Event()
+
+    def serve():
+        step_waiting.set()
+        with share:
+            order.append("s")
+
+    with share.train_turn():
+        order.append("t1")
+        in_unit.set()
+        t = threading.Thread(target=serve)
+        t.start()
+        step_waiting.wait()
+        time.sleep(0.05)                        # the step is now blocked on this unit
+    with share.train_turn():                    # the trainer loops straight back for another unit
+        order.append("t2")
+    t.join()
+    assert order == ["t1", "s", "t2"]
+
+
 def test_share_budget_spends_idle_time_first():
     """Training done while idle counts against the busy share: with >= 15% of the recent window
     already trained, the trainer takes no turn from busy serving until the window moves on."""

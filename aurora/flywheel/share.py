@@ -45,13 +45,17 @@ class ComputeShare:
     def __init__(self):
         self._cv = threading.Condition()
         self._serving = self._training = self._want = False
+        self._serve_waiting = 0        # steps waiting for the trainer's unit to end
 
     # serving side: `with share:` around each engine step
     def __enter__(self):
         with self._cv:
+            self._serve_waiting += 1
             while self._training or self._want:
                 self._cv.wait()
+            self._serve_waiting -= 1
             self._serving = True
+            self._cv.notify_all()
         return self
 
     def __exit__(self, *exc):
@@ -62,8 +66,11 @@ class ComputeShare:
 
     @contextmanager
     def train_turn(self):
-        """The trainer's turn: waits for the current step to end; the next step waits for it."""
+        """The trainer's turn: a step that waited for the trainer's last unit goes first; then it
+        waits for the current step to end, and the next step waits for it."""
         with self._cv:
+            while self._serve_waiting:
+                self._cv.wait()
             self._want = True
             while self._serving:
                 self._cv.wait()
