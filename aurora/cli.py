@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = serve.add_argument_group("engine")
     d = EngineConfig()
     e.add_argument("--model", help=f"model preset or local checkpoint (default: {d.model})")
-    e.add_argument("--draft", help=f"draft: none | ngram | eagle[:ckpt] | model:<path>, joined by '+' "
+    e.add_argument("--draft", help=f"draft: none | ngram | suffix | eagle[:ckpt] | model:<path>, joined by '+' "
                                    f"(default: {d.draft})")
     e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help=f"default: {d.dtype} = bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise")

