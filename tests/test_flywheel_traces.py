@@ -15,7 +15,12 @@ from aurora.engine.step import SeqRows
 from aurora.flywheel import losses
 from aurora.flywheel.packing import pack, visibility
 from aurora.flywheel.share import ComputeShare, ShareBudget
-from aurora.flywheel.traces import RingBuffer, TraceCollector, TraceRecord, with_prompt_labels
+from aurora.flywheel.traces import (
+    RingBuffer,
+    TraceCollector,
+    TraceRecord,
+    with_prompt_labels,
+)
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0)
 PROMPTS = ["the cat sat on ", "def f(x): return", "hello hello ", "1, 2, 3, 4"]

@@ -6,15 +6,17 @@ the frequency q of `suffix_q="frequency"`, whose nodes are draws from their q ro
 from __future__ import annotations
 
 import pytest
-
-from aurora import SamplingParams, SpecConfig
-from test_exactness import (                    # noqa: E402 -- the shared references and helpers
+from test_exactness import (  # noqa: E402 -- the shared references and helpers
     PROMPTS,
     SAMPLING_MODEL,
     greedy,
     self_repeating_prompt,
+)
+from test_exactness import (
     test_spec_sampling_matches_target_distribution as _chi_square,
 )
+
+from aurora import SamplingParams, SpecConfig
 
 TINY_MODELS = ["tiny-llama", "tiny-qwen3", "tiny-gemma2"]
 SUFFIX_DRAFTS = ["suffix", "suffix+ngram", "eagle+suffix", "eagle+suffix+ngram"]
@@ -111,5 +113,7 @@ def test_suffix_frequency_q_sampling_matches_target_distribution(engines, draft)
 
 
 def test_suffix_frequency_nodes_are_draws_from_their_q(engines):
-    from test_exactness import test_sampled_draft_nodes_are_draws_from_their_q as _draws_from_q
+    from test_exactness import (
+        test_sampled_draft_nodes_are_draws_from_their_q as _draws_from_q,
+    )
     _draws_from_q(_frequency_engine(engines), "suffix", "chain")
