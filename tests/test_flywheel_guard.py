@@ -110,10 +110,17 @@ def test_guard_time_is_capped():
         eng.close()
 
 
-def test_vocabulary_rebuild_remaps_and_stays_exact():
+def _plain_greedy() -> list[list[int]]:
+    """The reference: plain greedy (no draft, no trainer) on PROMPTS, fp32."""
     ref = Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="float32"))
-    expected = [o.token_ids for o in ref.generate_batch(PROMPTS, GREEDY)]
-    ref.close()
+    try:
+        return [o.token_ids for o in ref.generate_batch(PROMPTS, GREEDY)]
+    finally:
+        ref.close()
+
+
+def test_vocabulary_rebuild_remaps_and_stays_exact():
+    expected = _plain_greedy()
     eng = _engine(draft="eagle+ngram", draft_vocab=48, publish_every_steps=2, publish_every_s=0.1, guard=False)
     try:
         before = eng.flywheel.trainer.head.d2t.clone()
@@ -176,9 +183,7 @@ def test_init_from_target_matches_target_logits_on_target_hidden():
 
 
 def test_greedy_exact_while_new_trainer_swaps_often():
-    ref = Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="float32"))
-    expected = [o.token_ids for o in ref.generate_batch(PROMPTS, GREEDY)]
-    ref.close()
+    expected = _plain_greedy()
     eng = _engine(draft="eagle+ngram", publish_every_steps=1, publish_every_s=0.05, guard=False,
                   busy_share=1.0, span=16, batch_tokens=128)
     try:
