@@ -2,8 +2,10 @@
 
 Same weights, same prompts, greedy, same max tokens, one process; each measurement is the
 median of interleaved repeats after a warm-up. transformers runs batch N with left padding.
+`--compile on` serves Aurora through the compiled target step (same bf16 weights; compiling
+takes minutes and happens before anything is timed); transformers stays eager `generate`.
 
-    python examples/batch_throughput.py [--model smollm2-135m] [--batch 8] [--max-tokens 64]
+    python examples/batch_throughput.py [--model smollm2-135m] [--batch 8] [--max-tokens 64] [--compile on]
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 import torch
 
 from aurora import Engine, EngineConfig, SamplingParams
+from aurora.models.runner import set_attn
 from aurora.workloads import load_domain
 
 
@@ -25,8 +28,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--compile", default="off", choices=("off", "on"))
     args = ap.parse_args()
-    eng = Engine(EngineConfig(model=args.model, draft="none", online=False, dtype=args.dtype))
+    eng = Engine(EngineConfig(model=args.model, draft="none", online=False, dtype=args.dtype,
+                              compile=args.compile))
     torch.set_num_threads(eng.serve_threads())
     tok, model = eng.tokenizer, eng.runner.model
     prompts = [p.text[:400] for p in load_domain("chat", args.batch, seed=3)]
@@ -39,7 +44,8 @@ def main() -> None:
         return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
 
     def hf(batch):
-        model.config._attn_implementation = "sdpa"
+        ours_attn = model.config._attn_implementation
+        set_attn(model, "sdpa")
         try:
             width = max(len(x) for x in ids[:batch])
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -51,7 +57,7 @@ def main() -> None:
                                min_new_tokens=args.max_tokens, do_sample=False, pad_token_id=pad)
             return batch * args.max_tokens / (time.perf_counter() - t)
         finally:
-            model.config._attn_implementation = "aurora_paged"
+            set_attn(model, ours_attn)
 
     results = {}
     for batch in (1, args.batch):
@@ -62,7 +68,8 @@ def main() -> None:
             h.append(hf(batch))
         results[batch] = {"aurora_tok_s": statistics.median(o), "hf_tok_s": statistics.median(h)}
         results[batch]["ratio"] = results[batch]["aurora_tok_s"] / results[batch]["hf_tok_s"]
-    print(json.dumps({"model": args.model, "dtype": str(eng.dtype), "threads": torch.get_num_threads(),
+    print(json.dumps({"model": args.model, "dtype": str(eng.dtype), "compile": args.compile,
+                      "threads": torch.get_num_threads(),
                       "results": results}, indent=2))
     print("\n| batch | Aurora tok/s | transformers tok/s | ratio |\n|---|---|---|---|")
     for b, r in results.items():

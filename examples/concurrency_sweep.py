@@ -5,6 +5,8 @@ every Aurora configuration serves the same prompts (code and chat, one wave of `
 and transformers `generate` runs them as one left-padded batch on the same weights. Drafts
 use the adaptive policy unless suffixed ":fixed". One process, interleaved, each engine warmed
 up on other prompts first (the adaptive policy and the cost model learn online from that).
+Every (round, streams, mode) cell draws prompts no engine has seen: a draft that remembers
+traffic (`suffix`) would otherwise replay its own earlier outputs of a repeated prompt.
 
     python examples/concurrency_sweep.py [--conc 1,4,16] [--max-tokens 32] [--repeats 1]
         [--drafts none,ngram,eagle+ngram,eagle+ngram:fixed]
@@ -34,9 +36,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="median of this many interleaved rounds per cell")
     args = ap.parse_args()
     concs = [int(c) for c in args.conc.split(",")]
-    n = max(concs)
-    texts = [p.text[:500] for p in load_domain("code", (n + 1) // 2, seed=7) + load_domain("chat", n // 2 + 4, seed=7)]
-    warm_texts, texts = texts[n:n + 4], texts[:n]
+    modes = args.modes.split(",")
+    n = 4 + args.repeats * len(modes) * sum(concs)                    # warm-up + one fresh set per cell
+    code, chat = load_domain("code", n, seed=7), load_domain("chat", n, seed=7)
     engines = {}
     for name in args.drafts.split(","):
         draft, _, fixed = name.partition(":")
@@ -45,22 +47,30 @@ def main() -> None:
     first = next(iter(engines.values()))
     torch.set_num_threads(first.serve_threads())
     tok, model = first.tokenizer, first.runner.model
-    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
-    warm = [tok.encode(t, add_special_tokens=False) for t in warm_texts]
+    pools = {d: [tok.encode(p.text[:500], add_special_tokens=False) for p in ps] for d, ps in (("code", code), ("chat", chat))}
 
-    def aurora(eng, c, mode):
+    def fresh(c):       # the next c prompts nobody has served: ceil(c/2) code, floor(c/2) chat, interleaved
+        out = []
+        for i in range(c):
+            out.append(pools["code" if i % 2 == 0 else "chat"].pop(0))
+        return out
+
+    warm = fresh(4)
+
+    def aurora(eng, ids, mode):
         params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, seed=1, **MODES[mode])
         t = time.perf_counter()
-        outs = eng.generate_batch(ids[:c], params)
+        outs = eng.generate_batch(ids, params)
         return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
 
-    def hf(c, mode):
+    def hf(ids, mode):
         model.config._attn_implementation = "sdpa"
         try:
-            width = max(len(x) for x in ids[:c])
+            c = len(ids)
+            width = max(len(x) for x in ids)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            inp = torch.tensor([[pad] * (width - len(x)) + x for x in ids[:c]])
-            att = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids[:c]])
+            inp = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+            att = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
             m = MODES[mode]
             kw = dict(do_sample=True, temperature=m["temperature"], top_p=m["top_p"], top_k=0) if m["temperature"] \
                 else dict(do_sample=False)
@@ -73,17 +83,18 @@ def main() -> None:
             model.config._attn_implementation = "aurora_paged"
 
     for eng in engines.values():                       # warm-up: kernels, allocator, online estimates
-        for mode in args.modes.split(","):
+        for mode in modes:
             eng.generate_batch(warm, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, **MODES[mode]))
-    hf(1, "greedy")
+    hf(warm[:1], "greedy")
     rows = []
     for c in concs:
-        for mode in args.modes.split(","):
+        for mode in modes:
             samples: dict[str, list[float]] = {"hf": [], **{name: [] for name in engines}}
             for _ in range(args.repeats):
-                samples["hf"].append(hf(c, mode))
+                ids = fresh(c)
+                samples["hf"].append(hf(ids, mode))
                 for name, eng in engines.items():
-                    samples[name].append(aurora(eng, c, mode))
+                    samples[name].append(aurora(eng, ids, mode))
             row = {"streams": c, "mode": mode, **{k: statistics.median(v) for k, v in samples.items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -99,6 +110,12 @@ def main() -> None:
         ratios = [f"{r[n] / base:.2f}×" if base else "-" for n in names if n != "none"]
         print(f"| {r['streams']} | {r['mode']} | {r['hf']:.1f} | " + " | ".join(f"{r[n]:.1f}" for n in names)
               + " | " + " | ".join(ratios) + f" | {(base or 0) / r['hf']:.2f}× |")
+    if len(modes) == 2:                                 # sampled tok/s / greedy tok/s, same draft
+        print("\n| streams | " + " | ".join(f"{n} {modes[1]} / {modes[0]}" for n in names) + " |")
+        print("|---" * (1 + len(names)) + "|")
+        for c in concs:
+            a, b = (next(r for r in rows if r["streams"] == c and r["mode"] == m) for m in modes)
+            print(f"| {c} | " + " | ".join(f"{b[n] / a[n]:.2f}×" for n in names) + " |")
     for eng in engines.values():
         eng.close()
 

@@ -90,7 +90,7 @@ def _poison_head(head) -> None:
 
 
 def test_a_learned_draft_that_keeps_failing_is_switched_off(fresh_engine, prompts, want):
-    """NaN weights in the serving slot (a bad swap): sampled proposals raise in multinomial.
+    """NaN weights in the serving slot (a bad swap): sampled proposals raise in `draw`.
     Each failing sequence falls back to ngram; after MAX_FAILED of them the learned draft is
     off for everyone; a new weights version switches it back on."""
     eng = fresh_engine(draft="eagle+ngram")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from aurora.engine.sampling import make_generator, processed_probs, sample
+from aurora.engine.sampling import draw, make_generator, processed_probs, sample
 from aurora.types import MAX_TOKENS_LIMIT, SamplingParams
 
 LOGITS = [2.0, 1.0, 0.5, 0.0, -1.0]
@@ -179,7 +179,7 @@ def test_top_p_prefilter_samples_follow_the_sorted_distribution():
     want = _sorted_top_p(logits, 0.9, 0.7)[0]
     probs = processed_probs(logits, SamplingParams(temperature=0.7, top_p=0.9))[0]
     gen = make_generator(3)
-    draws = torch.multinomial(probs, 20000, replacement=True, generator=gen)
+    draws = draw(probs, gen, 20000)                          # the engine's sampler
     support = want.nonzero().squeeze(-1)
     assert 10 < support.numel() < 4000                       # a real nucleus, not the argmax alone
     counts = torch.bincount(draws, minlength=5000).double()
@@ -191,3 +191,23 @@ def test_top_p_prefilter_samples_follow_the_sorted_distribution():
     exp = torch.zeros(20, dtype=torch.float64).index_add_(0, groups, want[order] * 20000)
     keep = exp > 0
     assert chisquare(obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    """chi-square at ALPHA=1e-3 (fixed seed) of the inverse-CDF sampler against an unnormalised
+    distribution with zeros (first, last and inside) and a tiny-mass token."""
+    from scipy.stats import chisquare
+    w = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 1e-4, 2.0, 0.0])
+    draws = draw(w, make_generator(5), 40000)
+    counts = torch.bincount(draws, minlength=8).double()
+    assert counts[w == 0].sum() == 0 and draws.max() < 8
+    keep = w > 0.1
+    exp = w[keep].double() / w.sum() * 40000
+    assert chisquare(counts[keep].numpy(), exp.numpy() * counts[keep].sum().item() / exp.sum().item()).pvalue > 1e-3
+    assert [sample(torch.tensor([0.0, 0.0, 1.0]), make_generator(i)) for i in range(20)] == [2] * 20
+
+
+@pytest.mark.parametrize("bad", [[0.5, float("nan")], [0.5, float("inf")], [0.0, 0.0], [1.0, -0.5, 1.0]])
+def test_draw_rejects_an_invalid_distribution(bad):
+    with pytest.raises(ValueError, match="invalid probability distribution"):
+        draw(torch.tensor(bad), make_generator(0))

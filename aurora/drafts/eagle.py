@@ -14,7 +14,7 @@ import threading
 import torch
 
 from aurora.drafts.base import Proposer
-from aurora.engine.sampling import processed_probs
+from aurora.engine.sampling import draw, processed_probs
 from aurora.engine.tree import DraftTree
 from aurora.models.eagle import EagleHead, build_head
 
@@ -145,7 +145,7 @@ class EagleProposer(Proposer):
                 probs = processed_probs(full, seq.params).cpu()            # exactly what we sample from
                 for fi, (node, _, cum) in enumerate(frontier):
                     q_list.append(probs[fi])
-                    draws = torch.multinomial(probs[fi], width, replacement=True, generator=seq.generator)
+                    draws = draw(probs[fi], seq.generator, width)
                     for t in draws.tolist():
                         lpv = float(torch.log(probs[fi, t]))
                         cands.append((cum + lpv, node, t, lpv, len(q_list) - 1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from aurora.drafts.base import Proposer
-from aurora.engine.sampling import processed_probs
+from aurora.engine.sampling import processed_probs, sample
 from aurora.engine.tree import DraftTree
 from aurora.models.loader import load_model
 
@@ -46,7 +46,7 @@ class ModelProposer(Proposer):
                 tok, row, lp = int(logits.argmax()), -1, 0.0
             else:
                 probs = processed_probs(logits[None], seq.params)[0].cpu()
-                tok = int(torch.multinomial(probs, 1, generator=seq.generator))
+                tok = sample(probs, seq.generator)
                 q_list.append(probs)
                 row, lp = len(q_list) - 1, float(torch.log(probs[tok]))
             parent = tree.add(tok, parent, lp, row)

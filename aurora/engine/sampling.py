@@ -59,7 +59,24 @@ def nucleus_cut(probs: torch.Tensor,        # [N, V] normalised
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from a [V] distribution."""
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(draw(probs, generator)[0])
+
+
+def draw(probs: torch.Tensor,                 # [V] nonnegative, need not be normalised
+         generator: torch.Generator | None,
+         n: int = 1) -> torch.Tensor:         # [n] int64, i.i.d. draws (with replacement)
+    """Inverse-CDF sampling: token i is drawn iff C[i-1] <= u * C[V-1] < C[i], C = cumsum(probs),
+    u ~ U[0, 1) in float64, so P(i) = probs[i] / sum(probs) and a zero-probability token is never
+    drawn (C[i] = C[i-1]). A cumsum and a binary search: ~17x cheaper than torch.multinomial over
+    a 49k vocabulary on this CPU (1 ms per row), which made sampled serving slower than greedy."""
+    cdf = probs.double().cumsum(-1)                                       # [V]
+    total = cdf[-1]
+    if not bool(torch.isfinite(total)) or float(total) <= 0 or bool(probs.min() < 0):
+        raise ValueError("invalid probability distribution: it holds inf, nan, negative "
+                         "values or sums to zero")
+    u = torch.rand(n, generator=generator, dtype=torch.float64).to(probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, total.new_zeros(())))    # u < total after rounding
+    return torch.searchsorted(cdf, u, right=True)
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from aurora.engine.sampling import sample
 from aurora.engine.tree import DraftTree
 
 
@@ -60,6 +61,6 @@ def verify_sampling(tree: DraftTree,
             else:
                 residual /= total
         if accepted < 0:
-            return path, int(torch.multinomial(residual, 1, generator=generator))
+            return path, sample(residual, generator)
         path.append(accepted)
         node = accepted

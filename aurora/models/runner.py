@@ -64,7 +64,8 @@ def _register() -> None:
     AttentionInterface.register(ATTN_NAME, _aurora_attention)
 
 
-def _set_attn(model, name: str) -> None:
+def set_attn(model, name: str) -> None:
+    """Point the model (and any submodule holding a config copy) at attention `name`."""
     model.config._attn_implementation = name
     for sub in model.modules():   # some families copy the config per submodule
         if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
@@ -83,7 +84,7 @@ class TargetRunner:
         self.model = model
         cfg = model.config
         self.config = cfg
-        _set_attn(model, ATTN_NAME)
+        set_attn(model, ATTN_NAME)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.num_layers = cfg.num_hidden_layers
@@ -100,7 +101,7 @@ class TargetRunner:
         self.compiled = None
         if compile != "off":        # the static (compiled) path; the eager path above stays the reference
             from aurora.models.compiled import ATTN_NAME as STATIC_NAME, CompiledStep
-            _set_attn(model, STATIC_NAME)
+            set_attn(model, STATIC_NAME)
             self.compiled = CompiledStep(self, compile)
 
     def warmup(self, max_batch: int, threads: int | None = None) -> None:
