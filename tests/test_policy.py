@@ -71,6 +71,20 @@ def test_policy_per_sequence_history_overrides_the_global_estimate():
     assert policy.alpha("lookup", 1, "lucky") > 0.8 > 0.2 > policy.alpha("lookup", 1, "r")
 
 
+def test_sampled_acceptance_is_kept_apart_from_greedy_acceptance():
+    """Under sampling a lookup node is accepted w.p. min(1, p/q), not on an argmax match: a
+    stream of rejected sampled proposals must not switch greedy speculation off (and back)."""
+    policy = AdaptivePolicy(SpecConfig(depth=3, adaptive=True))
+    _train(policy, accept_depths=5)                                       # greedy: everything accepted
+    for i in range(60):
+        hot = Sequence(f"s{i}", [1, 2, 3], SamplingParams(temperature=0.7, top_p=0.9), None)
+        policy.observe([hot], [DraftTree.chain([1, 2, 3])], [([], 0)])   # sampled: nothing accepted
+    assert policy.alpha("lookup", 1) > 0.9 and policy.alpha("lookup:sampled", 1) < 0.1
+    greedy_seq, sampled_seq = _seq("g"), Sequence("t", [1, 2, 3], SamplingParams(temperature=0.7), None)
+    assert policy.realised(greedy_seq)[0] > 2.5 > 0.5 > policy.realised(sampled_seq)[0]
+    assert set(policy.state()["accepted_per_proposal"]) == {"greedy", "sampled"}
+
+
 def test_subtree_keeps_ancestors_order_and_q_rows():
     tree = DraftTree()
     a = tree.add(5, -1, -0.1, 0)

@@ -24,10 +24,18 @@ PRIOR_WEIGHT = 4.0         # pseudo-observations behind the prior / the global e
 PROBE_EVERY = 8            # when off, propose anyway one step in this many
 
 
-def node_kind(tree: DraftTree, node: int) -> str:
+def node_kind(tree: DraftTree, node: int, greedy: bool = True) -> str:
     """'scored': drawn or ranked by a learned draft (has a q row or a draft logprob);
-    'lookup': copied deterministically (prompt lookup, suffix memory)."""
-    return "scored" if tree.q_rows[node] >= 0 or tree.logprobs[node] != 0.0 else "lookup"
+    'lookup': copied deterministically (prompt lookup, suffix memory). Under sampling a node
+    is accepted with probability min(1, p/q), not when it equals the argmax, so sampled
+    sequences keep their own statistics (kind + ':sampled')."""
+    kind = "scored" if tree.q_rows[node] >= 0 or tree.logprobs[node] != 0.0 else "lookup"
+    return kind if greedy else kind + ":sampled"
+
+
+def _everyone(greedy: bool) -> tuple:
+    """Key of the all-sequences realised gain of one decoding mode (request ids are strings)."""
+    return ("*", greedy)
 
 
 class SpeculationPolicy:
@@ -85,10 +93,10 @@ class AdaptivePolicy(SpeculationPolicy):
             return g
         return (own["wins"].get(key, 0.0) + g * PRIOR_WEIGHT) / (own["tries"][key] + PRIOR_WEIGHT)
 
-    def node_probs(self, tree: DraftTree, request_id: str | None = None) -> list[float]:
+    def node_probs(self, tree: DraftTree, request_id: str | None = None, greedy: bool = True) -> list[float]:
         probs: list[float] = []
         for i, parent in enumerate(tree.parents):
-            a = self.alpha(node_kind(tree, i), tree.depths[i], request_id)
+            a = self.alpha(node_kind(tree, i, greedy), tree.depths[i], request_id)
             probs.append(a * (probs[parent] if parent >= 0 else 1.0))
         return probs
 
@@ -96,7 +104,7 @@ class AdaptivePolicy(SpeculationPolicy):
         """(accepted tokens, verified nodes) per proposing step of this sequence: its own history
         blended with everyone's, the alpha-chain estimate standing in before any evidence."""
         prior_gain = self.expected_tokens(seq) - 1.0
-        g = self._gain.get(None, [0.0, 0.0, 0.0])
+        g = self._gain.get(_everyone(seq.params.greedy), [0.0, 0.0, 0.0])
         acc = (g[1] + prior_gain * PRIOR_WEIGHT) / (g[0] + PRIOR_WEIGHT)
         nodes = (g[2] + self.spec.depth * PRIOR_WEIGHT) / (g[0] + PRIOR_WEIGHT)
         own = self._gain.get(seq.request_id)
@@ -107,7 +115,9 @@ class AdaptivePolicy(SpeculationPolicy):
 
     def expected_tokens(self, seq) -> float:
         """Tokens a sequence would emit per step with the full configured chain (its best case)."""
-        kinds = {k for k, _ in self._tries} or {"lookup", "scored"}     # the kinds this draft proposes
+        mode = "" if seq.params.greedy else ":sampled"
+        kinds = ({k for k, _ in self._tries if k.endswith(":sampled") == bool(mode)}
+                 or {"lookup" + mode, "scored" + mode})                 # the kinds this draft proposes
         e, p = 1.0, 1.0
         for d in range(1, self.spec.depth + 1):
             p *= max(self.alpha(k, d, seq.request_id) for k in kinds)
@@ -145,7 +155,7 @@ class AdaptivePolicy(SpeculationPolicy):
             if tree is None:
                 continue
             self.num_nodes_proposed += len(tree)
-            for node, p in enumerate(self.node_probs(tree, seq.request_id)):
+            for node, p in enumerate(self.node_probs(tree, seq.request_id, seq.params.greedy)):
                 cands.append((p, tree.depths[node], i, node))
         cands.sort(key=lambda c: (-c[0], c[1]))
         a, b = self.costs.coefficients()
@@ -181,9 +191,10 @@ class AdaptivePolicy(SpeculationPolicy):
         for seq, tree, (path, _) in zip(seqs, trees, outcomes):
             if tree is None:
                 continue
-            for key in (None, seq.request_id):             # realised gain, empty proposals included
+            everyone = _everyone(seq.params.greedy)
+            for key in (everyone, seq.request_id):         # realised gain, empty proposals included
                 g = self._gain.setdefault(key, [0.0, 0.0, 0.0])
-                decay = 0.99 if key is None else 0.9
+                decay = 0.99 if key == everyone else 0.9
                 g[0], g[1], g[2] = decay * g[0] + 1.0, decay * g[1] + len(path), decay * g[2] + len(tree)
             if not len(tree):
                 continue
@@ -193,7 +204,7 @@ class AdaptivePolicy(SpeculationPolicy):
             for node, parent in enumerate(tree.parents):
                 if parent not in judged:
                     continue
-                key = (node_kind(tree, node), tree.depths[node])
+                key = (node_kind(tree, node, seq.params.greedy), tree.depths[node])
                 win = 1.0 if node in accepted else 0.0
                 for store_t, store_w in ((self._tries, self._wins), (own["tries"], own["wins"])):
                     store_t[key] = store_t.get(key, 0.0) * 0.995 + 1.0
@@ -208,7 +219,9 @@ class AdaptivePolicy(SpeculationPolicy):
         return {"adaptive": True, "cost_a_ms": a and 1000 * a, "cost_b_ms": b and 1000 * b,
                 "draft_ms_per_seq": self.costs.draft_s_per_seq and 1000 * self.costs.draft_s_per_seq,
                 "steps_off": self.num_steps_off,
-                "accepted_per_proposal": self._gain[None][1] / self._gain[None][0] if None in self._gain else None, "nodes_proposed": self.num_nodes_proposed,
+                "accepted_per_proposal": {("greedy" if g else "sampled"): v[1] / v[0] for g in (True, False)
+                                          if (v := self._gain.get(_everyone(g)))},
+                "nodes_proposed": self.num_nodes_proposed,
                 "nodes_verified": self.num_nodes_verified,
                 "alpha": {f"{k}@{d}": round(self.alpha(k, d), 3) for k, d in sorted(self._tries)}}
 
