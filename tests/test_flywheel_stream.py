@@ -1,6 +1,8 @@
 """The long-stream benchmark (tiny preset smoke run) and the cost-aware composed draft gate."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from aurora.bench import stream
@@ -105,6 +107,25 @@ def test_gate_trims_depth_to_what_pays():
     _run(comp, accepted_depths=1, steps=60 * EXPLORE_EVERY)
     regular = learned.depths[-4 * EXPLORE_EVERY:]
     assert comp.gate_open and min(regular) == 1                   # depth 1 pays, deeper does not
+
+
+def test_gate_node_cost_is_the_step_time_fit_shared_with_the_policy():
+    """The gate prices a node at b / a of t = a + b * nodes, fitted by engine/costs.py."""
+    class _Varying(_Fixed):                                               # chains of 1..5 nodes
+        def propose(self, seqs, ctx):
+            self.calls += 1
+            return [DraftTree.chain([20 + j for j in range(1 + self.calls % 5)]) for _ in seqs]
+
+    comp = _composed(_Fixed([7, 8, 9, 10], True), _Varying([], False))
+    assert comp.source_stats()["node_cost"] == pytest.approx(0.03)           # the prior, unmeasured
+    seen = set()
+    for _ in range(80):
+        comp.propose([_Seq()], CTX)
+        seen.add(comp._num_nodes)
+        CLOCK.t += 0.05 + 0.005 * comp._num_nodes                          # 10% of a step per node
+        comp.on_step(None, None, None, None)
+    assert len(seen) >= 4
+    assert comp.source_stats()["node_cost"] == pytest.approx(0.1, rel=0.1)
 
 
 def test_demo_reports_speedup_over_ngram_and_why(tmp_path, capsys):

@@ -5,7 +5,8 @@ prefixes are merged under greedy; under sampling siblings stay separate draws.
 Cost-aware gate for the learned branch, re-estimated online (exponential averages):
 * gain g: accepted tokens per step that only the learned branch proposed, per depth;
 * cost c, in target-step units: its draft time / the target step time, plus the verify
-  cost of its extra nodes (c_node per node, from a running fit of step time vs nodes);
+  cost of its extra nodes (c_node per node: b / a of the step-time fit t = a + b * nodes,
+  engine/costs.py, the model the adaptive tree policy uses too);
 * the branch pays when g > tau_base * c (a step of tau_base tokens costing 1 + c must
   yield more than tau_base tokens per unit of time). It then drafts as deep as the depths
   whose own gain exceeds their own cost; otherwise it runs only every `EXPLORE_EVERY`-th
@@ -17,12 +18,12 @@ import time
 from dataclasses import replace
 
 from aurora.drafts.base import ProposeContext, Proposer
+from aurora.engine.costs import StepCostModel
 from aurora.engine.tree import DraftTree
 
 EXPLORE_EVERY = 8
 EXPLORE_DEPTH = 2
 DECAY = 0.97            # exponential averaging of gains and costs (per observed step)
-PRIOR_NODE_COST = 0.03  # verify cost of one extra node in target steps, until measured
 MAX_DEPTH = 32
 PRIOR_GAIN = 0.3        # learned-only accepted tokens at depth 1 assumed before any measurement
 
@@ -33,33 +34,6 @@ class _Ema:
 
     def add(self, x: float, decay: float = DECAY) -> None:
         self.value = decay * self.value + (1 - decay) * x
-
-
-class _NodeCost:
-    """Running least-squares fit of target step seconds = a + b * nodes; c_node = b / a."""
-
-    def __init__(self):
-        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
-
-    def add(self, nodes: float, seconds: float, decay: float = 0.995) -> None:
-        self.n = decay * self.n + 1
-        self.sx = decay * self.sx + nodes
-        self.sy = decay * self.sy + seconds
-        self.sxx = decay * self.sxx + nodes * nodes
-        self.sxy = decay * self.sxy + nodes * seconds
-
-    def per_node(self) -> float:
-        if self.n < 8:
-            return PRIOR_NODE_COST
-        var = self.sxx / self.n - (self.sx / self.n) ** 2
-        if var < 1e-6:
-            return PRIOR_NODE_COST
-        b = (self.sxy / self.n - self.sx * self.sy / self.n ** 2) / var
-        a = self.sy / self.n - b * self.sx / self.n
-        return min(1.0, max(0.0, b / a)) if a > 0 else PRIOR_NODE_COST
-
-    def base_seconds(self) -> float:
-        return self.sy / self.n if self.n else 0.0
 
 
 class ComposedProposer(Proposer):
@@ -74,7 +48,7 @@ class ComposedProposer(Proposer):
         self._nodes_by_depth = [_Ema() for _ in range(MAX_DEPTH)]
         self._draft_units = _Ema()            # learned draft seconds / target step seconds, per depth drafted
         self._tokens = _Ema(1.0)              # committed tokens per step (all sequences)
-        self._node_cost = _NodeCost()
+        self._step_cost = StepCostModel()      # target step seconds = a + b * nodes (engine/costs.py)
         self._learned_s = 0.0
         self._learned_depth = 0
         self._ran_learned = False
@@ -97,8 +71,16 @@ class ComposedProposer(Proposer):
         """Learned-only accepted tokens per step at its current depth (while it runs)."""
         return sum(g.value for g in self._gain_by_depth[:max(1, self.depth_limit)])
 
+    def _per_node(self) -> float:
+        """Verify cost of one extra node in target steps: b / a of the step-time fit, the same
+        model (and prior) the adaptive tree policy uses."""
+        if not self._step_cost.ready:
+            return self._step_cost.prior_node_frac
+        a, b = self._step_cost.coefficients()
+        return min(1.0, b / a)
+
     def _depth_cost(self, d: int) -> float:
-        return self._draft_units.value + self._node_cost.per_node() * self._nodes_by_depth[d].value
+        return self._draft_units.value + self._per_node() * self._nodes_by_depth[d].value
 
     @property
     def cost(self) -> float:
@@ -124,7 +106,7 @@ class ComposedProposer(Proposer):
     def source_stats(self) -> dict:
         return {"learned_gain": self.gain, "learned_cost": self.cost, "tau_base": self.tau_base,
                 "gate_open": self.gate_open, "learned_depth": self.depth_limit,
-                "node_cost": self._node_cost.per_node(), "draft_cost": self._draft_units.value,
+                "node_cost": self._per_node(), "draft_cost": self._draft_units.value,
                 "gain_by_depth": [round(g.value, 4) for g in self._gain_by_depth[:8]]}
 
     # ------------------------------------------------------------ proposing
@@ -165,7 +147,7 @@ class ComposedProposer(Proposer):
     def on_step(self, seqs, batch, result, rows):
         if self._t_verify is not None:                 # target forward + verification of this step
             step_s = self.clock() - self._t_verify
-            self._node_cost.add(self._num_nodes, step_s)
+            self._step_cost.observe(self._num_nodes, step_s)
             if self._ran_learned and step_s > 0:
                 self._draft_units.add(self._learned_s / max(step_s, 1e-9) / max(1, self._learned_depth))
             self._t_verify = None
