@@ -175,14 +175,19 @@ def test_spec_greedy_mixed_batch_joining_mid_flight(engines, spec_engine, stagge
     """Greedy requests (different lengths) and seeded sampled requests share batches; half join
     while the others run. Every greedy output equals plain greedy of the request alone."""
     plain = engines.get(model)
-    spec = spec_engine(model, draft, shape)
-    prompts = [self_repeating_prompt(plain)] + PROMPTS
+    assert_mixed_batch_exact(plain, spec_engine(model, draft, shape), staggered,
+                             [self_repeating_prompt(plain)] + PROMPTS, lambda i: N_NEW - 3 * i)
+
+
+def assert_mixed_batch_exact(plain, spec, staggered, prompts, greedy_len) -> None:
+    """Every third request is seeded sampled, the rest greedy of `greedy_len(i)` tokens; three
+    start, the others join mid-flight. All run to length; greedy ones equal plain greedy alone."""
     params = []
     for i in range(len(prompts)):
         if i % 3 == 2:
             params.append(SamplingParams(max_tokens=20 + i, temperature=0.9, top_p=0.9, seed=i, ignore_eos=True))
         else:
-            params.append(greedy(N_NEW - 3 * i))
+            params.append(greedy(greedy_len(i)))
     want = {i: plain.generate_batch([p], params[i])[0].token_ids
             for i, p in enumerate(prompts) if params[i].greedy}
     outs, _ = staggered(spec, prompts, params, num_first=3)

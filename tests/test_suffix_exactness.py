@@ -9,6 +9,7 @@ import pytest
 from test_exactness import (  # noqa: E402 -- the shared references and helpers
     PROMPTS,
     SAMPLING_MODEL,
+    assert_mixed_batch_exact,
     greedy,
     self_repeating_prompt,
 )
@@ -16,7 +17,7 @@ from test_exactness import (
     test_spec_sampling_matches_target_distribution as _chi_square,
 )
 
-from aurora import SamplingParams, SpecConfig
+from aurora import SpecConfig
 
 TINY_MODELS = ["tiny-llama", "tiny-qwen3", "tiny-gemma2"]
 SUFFIX_DRAFTS = ["suffix", "suffix+ngram", "eagle+suffix", "eagle+suffix+ngram"]
@@ -57,21 +58,8 @@ def test_suffix_mixed_batch_joining_mid_flight(engines, staggered, model, draft)
     """Greedy and seeded sampled requests share batches, half join while the others run (their
     tokens enter the shared index as they are committed); greedy outputs equal plain greedy."""
     plain = engines.get(model)
-    spec = engine(engines, model, draft)
-    prompts = [self_repeating_prompt(plain)] + PROMPTS + PROMPTS[:3]
-    params = []
-    for i in range(len(prompts)):
-        if i % 3 == 2:
-            params.append(SamplingParams(max_tokens=20 + i, temperature=0.9, top_p=0.9, seed=i, ignore_eos=True))
-        else:
-            params.append(greedy(40 - 2 * i))
-    want = {i: plain.generate_batch([p], params[i])[0].token_ids
-            for i, p in enumerate(prompts) if params[i].greedy}
-    outs, _ = staggered(spec, prompts, params, num_first=3)
-    for i, out in enumerate(outs):
-        assert out.finish_reason == "length" and len(out.token_ids) == params[i].max_tokens
-        if i in want:
-            assert out.token_ids == want[i], (i, prompts[i])
+    assert_mixed_batch_exact(plain, engine(engines, model, draft), staggered,
+                             [self_repeating_prompt(plain)] + PROMPTS + PROMPTS[:3], lambda i: 40 - 2 * i)
 
 
 @pytest.mark.parametrize("draft", ["suffix", "suffix+ngram", "eagle+suffix+ngram"])
