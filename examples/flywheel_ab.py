@@ -8,7 +8,8 @@ same window sampling seed per arm, and score each on held-out traces (simulated 
 chain accepted length, and top-1 agreement at the first draft position).
 
 Arms: init random vs from the target's LM head (imitation only), and imitation only vs
-imitation + discard (log-space) vs imitation + discard (old probability-space hinge);
+imitation + discard (log-space) vs imitation + discard (old probability-space hinge), and
+imitation + the counterfactual KL at rejected nodes without the discard hinge;
 and the learning rate of the default objective (lr_1e-3, lr_3e-3 vs discard_log at 3e-4);
 and prompt positions as hard-label rows (prompt_0.5, prompt_1.0: TrainerConfig.w_prompt).
 
@@ -34,6 +35,7 @@ ARMS = {
     "random_init": dict(init_from_target=False, w_discard=0.0, w_counterfactual=0.0),
     "target_init": dict(init_from_target=True, w_discard=0.0, w_counterfactual=0.0),
     "discard_log": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log"),
+    "counterfactual_only": dict(init_from_target=True, w_discard=0.0, w_counterfactual=0.5),
     "discard_hinge": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="hinge"),
     # learning rate of the default objective (target init + log-space discard)
     "lr_1e-3": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", lr=1e-3),

@@ -37,7 +37,7 @@ class EagleProposer(Proposer):
         self.ready_event = None                          # CUDA event marking the staged slot written
 
     @classmethod
-    def create(cls, runner, config, checkpoint: str | None = None) -> "EagleProposer":
+    def create(cls, runner, config, checkpoint: str | None = None) -> EagleProposer:
         if checkpoint:
             from aurora.flywheel.checkpoint import load_any
             head, meta = load_any(checkpoint, runner)
@@ -83,99 +83,147 @@ class EagleProposer(Proposer):
     # ------------------------------------------------------------ proposing
     @torch.inference_mode()
     def propose(self, seqs, ctx):
-        head = self.head
-        return [self._propose_one(head, seq, ctx.spec, ctx.vocab_size) for seq in seqs]
+        """One tree per sequence. All sequences advance together: each head call (context rows,
+        logits, one tree level) runs every sequence's rows at once, and a block-diagonal mask
+        keeps each sequence's rows to its own context and ancestors."""
+        trees = [DraftTree(draft_version=self.version) for _ in seqs]
+        live = [i for i, seq in enumerate(seqs) if seq.features is not None and len(seq.features)
+                and len(seq.token_ids) == seq.num_cached + 1]
+        if live:
+            self._grow(self.head, [seqs[i] for i in live], [trees[i] for i in live], ctx.spec, ctx.vocab_size)
+        return trees
 
-    def _context(self, head: EagleHead, seq, feats, P: int):
-        """Draft K/V of the context rows (positions < P), cached per sequence: only rows for
-        positions cached since the last step are computed. Reset on a weight swap."""
-        st = seq.draft_state.get("eagle")
-        first = P - len(feats)                           # first position with a feature
-        if st is None or st["version"] != self.version or st["head"] is not head \
-                or not first <= st["end"] <= P or st["end"] == first:
-            start = max(first, P - SERVE_WINDOW)
-            K = V = None
-        else:
-            start, K, V = st["end"], st["k"], st["v"]
-        if start < P:
-            new = P - start
-            rows = feats[len(feats) - new:]
-            tokens = torch.tensor(seq.token_ids[start + 1:P + 1], device=feats.device)
-            past = 0 if K is None else K.shape[0]
-            mask = torch.ones(new, past + new, dtype=torch.bool, device=feats.device)
-            mask[:, past:] = mask[:, past:].tril()
-            pos = torch.arange(start, P, device=feats.device)
-            h, K, V = head.rows_step(self.runner.embed_tokens(tokens), head.fc(rows.to(head.fc.weight.dtype)),
-                                     pos, K, V, mask)
-            K, V = K[-SERVE_WINDOW:], V[-SERVE_WINDOW:]
-            h_last = h[-1]
-        else:
-            h_last = st["h"]
-        seq.draft_state["eagle"] = {"version": self.version, "head": head, "end": P, "k": K, "v": V, "h": h_last}
-        return K, V, h_last
+    def _contexts(self, head: EagleHead, seqs) -> list[tuple]:
+        """(K, V, h_last) of each sequence's context rows (positions < P = num_cached), cached
+        per sequence: only rows for positions cached since its last step are computed, those of
+        all sequences in one head call. A sequence's cache resets on a weight swap."""
+        plans = []                                       # (first new position, cached K, cached V)
+        for seq in seqs:
+            P, first = seq.num_cached, seq.num_cached - len(seq.features)   # first position with a feature
+            st = seq.draft_state.get("eagle")
+            if st is None or st["version"] != self.version or st["head"] is not head \
+                    or not first <= st["end"] <= P or st["end"] == first:
+                plans.append((max(first, P - SERVE_WINDOW), None, None))
+            else:
+                plans.append((st["end"], st["k"], st["v"]))
+        out: list[tuple | None] = [None] * len(seqs)
+        todo = [i for i, (start, _, _) in enumerate(plans) if start < seqs[i].num_cached]
+        if todo:
+            pasts = [(plans[i][1], plans[i][2]) for i in todo if plans[i][1] is not None]
+            S = sum(k.shape[0] for k, _ in pasts)
+            spans, tokens, rows, pos = [], [], [], []    # spans: (past offset, past rows, new offset, new rows)
+            po = no = 0
+            for i in todo:
+                seq, (start, K, _) = seqs[i], plans[i]
+                P, n = seq.num_cached, seq.num_cached - plans[i][0]
+                tokens += seq.token_ids[start + 1:P + 1]
+                rows.append(seq.features[len(seq.features) - n:])
+                pos.append(torch.arange(start, P))
+                pl = 0 if K is None else K.shape[0]
+                spans.append((po, pl, no, n))
+                po, no = po + pl, no + n
+            dev = rows[0].device
+            mask = torch.zeros(no, S + no, dtype=torch.bool, device=dev)   # [N new, S past + N new]
+            for po, pl, no_i, n in spans:
+                mask[no_i:no_i + n, po:po + pl] = True                     # its own cached rows
+                mask[no_i:no_i + n, S + no_i:S + no_i + n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+            feats = torch.cat(rows)
+            h, K, V = head.rows_step(self.runner.embed_tokens(torch.tensor(tokens, device=dev)),
+                                     head.fc(feats.to(head.fc.weight.dtype)), torch.cat(pos).to(dev),
+                                     torch.cat([k for k, _ in pasts]) if pasts else None,
+                                     torch.cat([v for _, v in pasts]) if pasts else None, mask)
+            for i, (po, pl, no_i, n) in zip(todo, spans):
+                own = torch.cat([torch.arange(po, po + pl), torch.arange(S + no_i, S + no_i + n)])[-SERVE_WINDOW:]
+                own = own.to(dev)
+                out[i] = (K[own], V[own], h[no_i + n - 1])
+        for i, seq in enumerate(seqs):
+            if out[i] is None:                           # nothing new since its last step
+                st = seq.draft_state["eagle"]
+                out[i] = (st["k"], st["v"], st["h"])
+            K, V, h_last = out[i]
+            seq.draft_state["eagle"] = {"version": self.version, "head": head, "end": seq.num_cached,
+                                        "k": K, "v": V, "h": h_last}
+        return out
 
-    def _propose_one(self, head: EagleHead, seq, spec, vocab_size: int) -> DraftTree:
-        tree = DraftTree(draft_version=self.version)
-        feats = seq.features
-        P = seq.num_cached
-        if feats is None or len(feats) == 0 or len(seq.token_ids) != P + 1:
-            return tree
-        K, V, h_last = self._context(head, seq, feats, P)
-        w = K.shape[0]
-        dev = feats.device
+    def _grow(self, head: EagleHead, seqs, trees: list[DraftTree], spec, vocab_size: int) -> None:
+        """Expand every sequence's tree level by level; all sequences' new rows of a level form
+        one head call over the concatenated K/V (contexts first, then tree rows as they come)."""
+        ctxs = self._contexts(head, seqs)
         embed = self.runner.embed_tokens
-        greedy = seq.params.greedy
+        dev = ctxs[0][0].device
         width = 1 if spec.shape == "chain" else spec.width
         budget = spec.depth if spec.shape == "chain" else spec.max_nodes
-        frontier = [(-1, h_last, 0.0)]                    # (node, hidden, cumulative logprob)
-        rows_of: dict[int, int] = {}                     # node -> row in K/V
-        q_list = []
+        K, V = torch.cat([c[0] for c in ctxs]), torch.cat([c[1] for c in ctxs])   # [S, Hkv, D]
+        ctx_cols, off = [], 0                             # each sequence's context rows in K
+        for c in ctxs:
+            ctx_cols.append((off, c[0].shape[0]))
+            off += c[0].shape[0]
+        rows_of: list[dict[int, int]] = [{} for _ in seqs]   # node -> row in K/V
+        frontiers = [[(-1, c[2], 0.0)] for c in ctxs]      # (node, hidden, cumulative logprob)
+        q_lists: list[list] = [[] for _ in seqs]
         for depth in range(1, spec.depth + 1):
-            logits = head.logits(torch.stack([f[1] for f in frontier]))   # [F, Vd]
-            cands = []                                   # (score, parent, target_id, logprob, q_row)
-            if greedy:
-                lp = torch.log_softmax(logits, -1)
-                top = lp.topk(min(width, lp.shape[-1]), -1)
-                for fi, (node, _, cum) in enumerate(frontier):
-                    for v, i in zip(top.values[fi].tolist(), top.indices[fi].tolist()):
-                        cands.append((cum + v, node, int(head.d2t[i]), v, -1))
-            else:
-                full = torch.full((len(frontier), vocab_size), float("-inf"), device=logits.device)
-                full[:, head.d2t] = logits
-                probs = processed_probs(full, seq.params).cpu()            # exactly what we sample from
-                for fi, (node, _, cum) in enumerate(frontier):
-                    q_list.append(probs[fi])
-                    draws = draw(probs[fi], seq.generator, width)
-                    for t in draws.tolist():
-                        lpv = float(torch.log(probs[fi, t]))
-                        cands.append((cum + lpv, node, t, lpv, len(q_list) - 1))
-            if spec.shape == "dynamic" and greedy:      # under sampling, siblings must stay i.i.d. draws from q
+            live = [i for i in range(len(seqs)) if frontiers[i]]
+            if not live:
+                break
+            logits = head.logits(torch.stack([f[1] for i in live for f in frontiers[i]]))   # [F, Vd]
+            new = []                                      # (sequence, node, parent hidden, score)
+            at = 0
+            for i in live:
+                f = frontiers[i]
+                cands = self._candidates(head, seqs[i], f, logits[at:at + len(f)], width, vocab_size,
+                                         q_lists[i], spec.shape)
+                at += len(f)
+                hid = {node: h for node, h, _ in f}
+                for score, parent, t, lpv, qr in cands[:max(budget - len(trees[i]), 0)]:
+                    new.append((i, trees[i].add(t, parent, lpv, qr), hid[parent], score))
+            if not new:
+                break
+            S, N = K.shape[0], len(new)
+            m = torch.zeros(N, S + N, dtype=torch.bool, device=dev)
+            for j, (i, node, _, _) in enumerate(new):
+                o, w = ctx_cols[i]
+                m[j, o:o + w] = True                       # its context rows
+                m[j, S + j] = True                         # itself
+                anc = trees[i].parents[node]
+                while anc >= 0:                            # its ancestors
+                    m[j, rows_of[i][anc]] = True
+                    anc = trees[i].parents[anc]
+            toks = torch.tensor([trees[i].token_ids[node] for i, node, _, _ in new], device=dev)
+            npos = torch.tensor([seqs[i].num_cached + depth - 1 for i, _, _, _ in new], device=dev)
+            hn, K, V = head.rows_step(embed(toks), torch.stack([g for _, _, g, _ in new]), npos, K, V, m)
+            frontiers = [[] for _ in seqs]
+            for j, (i, node, _, score) in enumerate(new):
+                rows_of[i][node] = S + j
+                if len(trees[i]) < budget:
+                    frontiers[i].append((node, hn[j], score))
+        for tree, q_list in zip(trees, q_lists):
+            if q_list:
+                tree.q_probs = torch.stack(q_list)
+
+    @staticmethod
+    def _candidates(head: EagleHead, seq, frontier, logits, width: int, vocab_size: int,
+                    q_list: list, shape: str) -> list[tuple]:
+        """Children of one sequence's frontier: (score, parent, target id, logprob, q row).
+        Greedy: the top `width` per parent (dynamic trees: the best `width` overall). Sampling:
+        `width` i.i.d. draws from the processed q of each parent, kept as they are (siblings must
+        stay i.i.d. draws for the verification to be lossless)."""
+        cands = []
+        if seq.params.greedy:
+            lp = torch.log_softmax(logits, -1)
+            top = lp.topk(min(width, lp.shape[-1]), -1)
+            for fi, (node, _, cum) in enumerate(frontier):
+                for v, i in zip(top.values[fi].tolist(), top.indices[fi].tolist()):
+                    cands.append((cum + v, node, int(head.d2t[i]), v, -1))
+            if shape == "dynamic":
                 cands.sort(key=lambda c: -c[0])
                 cands = cands[:width]
-            room = budget - len(tree)
-            cands = cands[:max(room, 0)]
-            if not cands:
-                break
-            new_nodes = [tree.add(t, parent, lpv, qr) for _, parent, t, lpv, qr in cands]
-            hid = {f[0]: f[1] for f in frontier}
-            g = torch.stack([hid[c[1]] for c in cands])
-            toks = torch.tensor([c[2] for c in cands], device=dev)
-            npos = torch.full((len(cands),), P + depth - 1, device=dev)
-            S = K.shape[0]
-            m = torch.zeros(len(cands), S + len(cands), dtype=torch.bool, device=dev)
-            m[:, :w] = True                              # all context rows
-            for j, node in enumerate(new_nodes):
-                m[j, S + j] = True
-                anc = tree.parents[node]
-                while anc >= 0:
-                    m[j, rows_of[anc]] = True
-                    anc = tree.parents[anc]
-            hn, K, V = head.rows_step(embed(toks), g, npos, K, V, m)
-            for j, node in enumerate(new_nodes):
-                rows_of[node] = S + j
-            frontier = [(node, hn[j], cands[j][0]) for j, node in enumerate(new_nodes)]
-            if len(tree) >= budget:
-                break
-        if q_list:
-            tree.q_probs = torch.stack(q_list)
-        return tree
+            return cands
+        full = torch.full((len(frontier), vocab_size), float("-inf"), device=logits.device)
+        full[:, head.d2t] = logits
+        probs = processed_probs(full, seq.params).cpu()            # exactly what we sample from
+        for fi, (node, _, cum) in enumerate(frontier):
+            q_list.append(probs[fi])
+            for t in draw(probs[fi], seq.generator, width).tolist():
+                lpv = float(torch.log(probs[fi, t]))
+                cands.append((cum + lpv, node, t, lpv, len(q_list) - 1))
+        return cands
