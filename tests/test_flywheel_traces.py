@@ -3,6 +3,8 @@ long requests, no leaked collector state, packed windows that never see each oth
 gradient that does not vanish, trainer passes, and serving/trainer CPU turns."""
 from __future__ import annotations
 
+import math
+
 import threading
 import time
 from types import SimpleNamespace
@@ -158,6 +160,26 @@ def test_trainer_never_calls_the_target_lm_head():
         fw.trainer.runner = NoHead()
         assert fw.trainer.train_step()
         assert fw.trainer.tokens_trained > 0 and fw.trainer.last_losses["imitation"] > 0
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("weights", [{}, {"w_discard": 0.5, "w_counterfactual": 0.5}])
+def test_rejected_proposal_terms_run_only_when_weighted(weights):
+    """Defaults are imitation only (the 1,000-step A/B); the discard hinge and the
+    counterfactual KL at rejected nodes still train when given a weight."""
+    eng = _paused_engine(publish_every_steps=10**6, guard=False, **weights)
+    try:
+        tr = eng.flywheel.trainer
+        tr.add_records(_records(eng))
+        seen: set = set()
+        steps = 0
+        while steps < 20 and tr.train_step():
+            steps += 1
+            seen |= set(tr.last_losses)
+        assert steps >= 1
+        assert {"discard", "counterfactual"} <= seen if weights else not seen & {"discard", "counterfactual"}
+        assert all(math.isfinite(v) for v in tr.last_losses.values())
     finally:
         eng.close()
 

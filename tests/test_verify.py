@@ -307,3 +307,29 @@ def test_verify_sampling_is_deterministic_given_generator():
     a = run_trials(TREE_QQQ_PM, p, q, q, p.argmax(-1), 300, seed=43)
     b = run_trials(TREE_QQQ_PM, p, q, q, p.argmax(-1), 300, seed=43)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_lazy_probs_compute_only_the_accepted_path_and_change_nothing():
+    """The engine verifies sampled trees over LazyProbs: the same outcome as over the full
+    processed tensor (same generator draws), computing only the root's and accepted nodes' rows."""
+    from aurora.engine.sampling import LazyProbs, make_generator, processed_probs
+    from aurora.types import SamplingParams
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(9, 300, generator=g) * 3
+    tree = DraftTree()
+    a = tree.add(int(logits[0].argmax()), -1)                 # likely accepted
+    tree.add(7, -1)
+    b = tree.add(int(logits[1 + a].argmax()), a)
+    tree.add(int(logits[1 + a].argmin()), a)
+    c = tree.add(int(logits[1 + b].argmax()), b)
+    for n in range(4):
+        tree.add(n, c)
+    computed = []
+    for seed in range(40):
+        lazy = LazyProbs(logits, params)
+        want = verify_sampling(tree, processed_probs(logits, params), make_generator(seed))
+        assert verify_sampling(tree, lazy, make_generator(seed)) == want
+        assert lazy.num_computed == 1 + len(want[0])
+        computed.append(lazy.num_computed)
+    assert max(computed) >= 3 and len(tree) + 1 > max(computed)   # paths were accepted, rows were saved

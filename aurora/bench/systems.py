@@ -30,7 +30,8 @@ class SystemSpec:
     online: bool = False
     lookup: bool = False         # HF: assisted generation with prompt lookup
     needs_checkpoint: bool = False
-    discard: bool = True         # online: learn from rejected proposals too (discard sampling)
+    discard: bool = False        # online: also the discard hinge + counterfactual KL on rejected proposals
+    adaptive: bool = False       # Aurora: SpecConfig(adaptive=True), verify only the nodes that pay
     compile: str = "off"         # Aurora: EngineConfig.compile (target step)
     quantize: str = "none"       # Aurora: EngineConfig.quantize (target weights)
 
@@ -44,8 +45,8 @@ SYSTEMS: dict[str, SystemSpec] = {
                         needs_checkpoint=True),
     "eagle-init": SystemSpec("Aurora, EAGLE random init, frozen (day 0)", "aurora", "eagle"),
     "online": SystemSpec("Aurora, eagle+ngram online from scratch", "aurora", "eagle+ngram", online=True),
-    "online-imitation": SystemSpec("Aurora, eagle+ngram online, imitation only (no discard sampling)",
-                                   "aurora", "eagle+ngram", online=True, discard=False),
+    "online-discard": SystemSpec("Aurora, eagle+ngram online, imitation + discard sampling (w 0.5/0.5)",
+                                 "aurora", "eagle+ngram", online=True, discard=True),
     "online-ckpt": SystemSpec("Aurora, eagle+ngram online from checkpoint", "aurora", "eagle:{ckpt}+ngram",
                               online=True, needs_checkpoint=True),
     # the suffix draft (memory of all traffic) alone and composed by tree union
@@ -54,6 +55,10 @@ SYSTEMS: dict[str, SystemSpec] = {
     "eagle+suffix": SystemSpec("Aurora, eagle+suffix online from scratch", "aurora", "eagle+suffix", online=True),
     "eagle+suffix+ngram": SystemSpec("Aurora, eagle+suffix+ngram online from scratch", "aurora",
                                      "eagle+suffix+ngram", online=True),
+    "suffix+ngram-adaptive": SystemSpec("Aurora, suffix+ngram, adaptive tree policy", "aurora", "suffix+ngram",
+                                        adaptive=True),
+    "eagle+suffix+ngram-adaptive": SystemSpec("Aurora, eagle+suffix+ngram online from scratch, adaptive tree policy",
+                                              "aurora", "eagle+suffix+ngram", online=True, adaptive=True),
     "eagle+suffix+ngram-ckpt": SystemSpec("Aurora, eagle+suffix+ngram online from checkpoint", "aurora",
                                           "eagle:{ckpt}+suffix+ngram", online=True, needs_checkpoint=True),
     "compiled": SystemSpec("Aurora, no draft, compiled target", "aurora", "none", compile="on"),
@@ -300,10 +305,10 @@ def build_system(name: str, opts: BuildOptions) -> System:
     if spec.kind == "llamacpp":
         from aurora.bench.peers import LlamaCppSystem
         return LlamaCppSystem(name, spec, opts)
-    from aurora.config import EngineConfig, TrainerConfig
-    trainer = TrainerConfig() if spec.discard else TrainerConfig(w_discard=0.0)
-    config = EngineConfig(trainer=trainer, model=opts.model, draft=spec.draft.format(ckpt=opts.checkpoint),
-                          online=spec.online, dtype=opts.dtype, device=opts.device,
+    from aurora.config import EngineConfig, SpecConfig, TrainerConfig
+    trainer = TrainerConfig(w_discard=0.5, w_counterfactual=0.5) if spec.discard else TrainerConfig()
+    config = EngineConfig(trainer=trainer, spec=SpecConfig(adaptive=spec.adaptive), model=opts.model,
+                          draft=spec.draft.format(ckpt=opts.checkpoint), online=spec.online, dtype=opts.dtype, device=opts.device,
                           kv_tokens=opts.kv_tokens, max_batch=1, threads=opts.threads, seed=opts.seed,
                           compile=spec.compile, quantize=spec.quantize)
     try:

@@ -23,7 +23,7 @@ from aurora.drafts.suffix import find_suffix
 from aurora.engine.detok import detokenize
 from aurora.engine.isolation import ProposalIsolation
 from aurora.engine.policy import build_policy
-from aurora.engine.sampling import make_generator, processed_probs
+from aurora.engine.sampling import LazyProbs, make_generator
 from aurora.engine.scheduler import Scheduler
 from aurora.engine.sequence import Sequence
 from aurora.engine.stats import EngineStats
@@ -366,7 +366,7 @@ class Engine:
                 if seq.params.greedy:
                     outcomes.append(verify_greedy(tree, argmax[sl]))
                 else:
-                    probs = processed_probs(logits[sl], seq.params).cpu()
+                    probs = LazyProbs(logits[sl], seq.params)        # rows of the accepted path only
                     outcomes.append(verify_sampling(tree, probs, seq.generator))
             except Exception as exc:                      # fail this request only
                 log.exception("verification failed for %s", seq.request_id)

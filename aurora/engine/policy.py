@@ -135,7 +135,7 @@ class AdaptivePolicy(SpeculationPolicy):
         t_plain = self.costs.step_time(sum(s.num_step_tokens for s in seqs))
         est = [self.realised(s) for s in decode]
         gain = sum(acc for acc, _ in est)
-        a, b = self.costs.coefficients()
+        _, b = self.costs.coefficients()
         nodes = sum(k for _, k in est)
         t_spec = t_plain + b * nodes + self.costs.draft_s_per_seq * len(decode)
         if (B + gain) / t_spec >= B / t_plain:

@@ -28,7 +28,8 @@ def verify_greedy(tree: DraftTree, argmax: list[int]) -> tuple[list[int], int]:
 
 
 def verify_sampling(tree: DraftTree,
-                    target_probs: torch.Tensor,     # [1 + N, V] processed p at root and each node
+                    target_probs,                   # [1 + N, V] processed p at root and each node
+                                                    # (a tensor, or LazyProbs: rows computed when read)
                     generator: torch.Generator) -> tuple[list[int], int]:
     """The residual is copied only when a child is rejected (an accepted level allocates nothing);
     a deterministic proposal (point mass at x) makes the residual r with r(x) zeroed, renormalised."""
