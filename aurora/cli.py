@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 
 FORWARDED = {"bench": ("aurora.bench.cli", "run benchmarks"),
              "demo": ("aurora.bench.demo", "run the live demo")}
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--online", action=argparse.BooleanOptionalAction, default=None,
                    help=f"train the draft online from served traffic, the flywheel "
                         f"(default: {'on' if d.online else 'off'})")
+    e.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="verify only the draft nodes that pay at the current load, switching speculation "
+                        "off when it does not (SpecConfig.adaptive; measured: better from ~4 concurrent "
+                        f"streams, slightly slower at 1) (default: {'on' if d.spec.adaptive else 'off'})")
     s = serve.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
@@ -181,6 +186,8 @@ def _serve(args: argparse.Namespace) -> int:
     save_dir = os.path.abspath(args.save_dir) if args.save_dir else None
     try:
         engine_config = EngineConfig.from_env(**overrides)
+        if args.adaptive is not None:
+            engine_config = replace(engine_config, spec=replace(engine_config.spec, adaptive=args.adaptive))
         if save_dir is None and args.persist_draft and engine_config.online:
             from aurora.flywheel.checkpoint import default_draft_dir
             save_dir = str(default_draft_dir(engine_config.model))
@@ -196,7 +203,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"aurora serve: error: {exc}", file=sys.stderr)
         return 2
     print(f"loading model {engine_config.model} (draft {engine_config.draft}, "
-          f"online {'on' if engine_config.online else 'off'}) ...", flush=True)
+          f"online {'on' if engine_config.online else 'off'}, "
+          f"adaptive tree policy {'on' if engine_config.spec.adaptive else 'off'}) ...", flush=True)
     start = time.perf_counter()
     try:
         from aurora.engine.engine import Engine

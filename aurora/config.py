@@ -22,6 +22,7 @@ class SpecConfig:
     max_nodes: int = 16
     ngram_max: int = 4          # longest suffix the ngram proposer matches
     ngram_min: int = 1
+    ngram_depth: int = 0        # tokens prompt lookup copies per step (0 = `depth`); capped by max_nodes
     adaptive: bool = False      # verify only the nodes that pay at the current load (engine/policy.py)
     # suffix draft: memory of all traffic (aurora/drafts/suffix.py). The index stores token ids of
     # every prompt and output served; `suffix_persist` allows saving it to disk (user text).
@@ -44,6 +45,8 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.max_nodes must be in [1, 256], got {self.max_nodes}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("SpecConfig needs 1 <= ngram_min <= ngram_max")
+        if not 0 <= self.ngram_depth <= 64:
+            raise ValueError(f"SpecConfig.ngram_depth must be in [0, 64], got {self.ngram_depth}")
         if self.suffix_bytes < 1 << 20:
             raise ValueError(f"SpecConfig.suffix_bytes must be at least 1 MiB, got {self.suffix_bytes}")
         if not 1 <= self.suffix_max_depth <= 64 or self.suffix_spec_factor <= 0:

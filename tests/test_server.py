@@ -621,12 +621,13 @@ def test_cli_serve_runs_and_shuts_down_on_sigterm(tmp_path, monkeypatch, capsys)
         os.kill(os.getpid(), signal.SIGTERM)
     helper = threading.Thread(target=client, daemon=True)
     helper.start()
-    rc = cli.main(["serve", "--model", MODEL, "--draft", "ngram", "--no-online", "--dtype", "float32",
+    rc = cli.main(["serve", "--model", MODEL, "--draft", "ngram", "--no-online", "--dtype", "float32", "--adaptive",
                    "--port", str(port), "--save-dir", str(tmp_path / "drafts"), "--shutdown-timeout", "1"])
     helper.join(5)
     out = capsys.readouterr().out
     assert rc == 0 and seen["status"] == 401                 # the key came from AURORA_API_KEY
     assert "loading model tiny-llama" in out and f"listening on http://127.0.0.1:{port}" in out
+    assert "adaptive tree policy on" in out                  # --adaptive reached the engine's SpecConfig
     assert "shutting down" in out and out.rstrip().endswith("stopped")
     assert (tmp_path / "drafts").is_dir()
 

@@ -42,3 +42,17 @@ def test_multiturn_prompt_carries_this_systems_replies():
                                           "messages": fill_history(prompts[1], {(prompts[1].conversation, 0):
                                                                                 "Alpha reply."})}))
     assert ids_a == want and bench.runs["a"]["prompt_lens"] == {0: len(bench.prompt_ids[0])}
+
+
+@pytest.mark.parametrize("name,adaptive,ngram_depth,online,w_discard", [
+    ("suffix+ngram-adaptive", True, 0, False, 0.0), ("ngram-d10", False, 10, False, 0.0),
+    ("online", False, 0, True, 0.0), ("online-discard", False, 0, True, 0.5)])
+def test_bench_variants_reach_the_engine_config(name, adaptive, ngram_depth, online, w_discard):
+    from aurora.bench.systems import BuildOptions, build_system
+    system = build_system(name, BuildOptions(model="tiny-llama", dtype="float32"))
+    try:
+        cfg = system.engine.config
+        assert (cfg.spec.adaptive, cfg.spec.ngram_depth, cfg.online, cfg.trainer.w_discard) == \
+            (adaptive, ngram_depth, online, w_discard)
+    finally:
+        system.close()

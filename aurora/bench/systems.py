@@ -32,6 +32,7 @@ class SystemSpec:
     needs_checkpoint: bool = False
     discard: bool = False        # online: also the discard hinge + counterfactual KL on rejected proposals
     adaptive: bool = False       # Aurora: SpecConfig(adaptive=True), verify only the nodes that pay
+    ngram_depth: int = 0         # Aurora: SpecConfig.ngram_depth (tokens prompt lookup copies; 0 = default)
     compile: str = "off"         # Aurora: EngineConfig.compile (target step)
     quantize: str = "none"       # Aurora: EngineConfig.quantize (target weights)
 
@@ -55,6 +56,9 @@ SYSTEMS: dict[str, SystemSpec] = {
     "eagle+suffix": SystemSpec("Aurora, eagle+suffix online from scratch", "aurora", "eagle+suffix", online=True),
     "eagle+suffix+ngram": SystemSpec("Aurora, eagle+suffix+ngram online from scratch", "aurora",
                                      "eagle+suffix+ngram", online=True),
+    "ngram-d10": SystemSpec("Aurora, n-gram draft copying up to 10 tokens", "aurora", "ngram", ngram_depth=10),
+    "suffix+ngram-d10": SystemSpec("Aurora, suffix+ngram, prompt lookup copying up to 10 tokens", "aurora",
+                                   "suffix+ngram", ngram_depth=10),
     "suffix+ngram-adaptive": SystemSpec("Aurora, suffix+ngram, adaptive tree policy", "aurora", "suffix+ngram",
                                         adaptive=True),
     "eagle+suffix+ngram-adaptive": SystemSpec("Aurora, eagle+suffix+ngram online from scratch, adaptive tree policy",
@@ -307,7 +311,7 @@ def build_system(name: str, opts: BuildOptions) -> System:
         return LlamaCppSystem(name, spec, opts)
     from aurora.config import EngineConfig, SpecConfig, TrainerConfig
     trainer = TrainerConfig(w_discard=0.5, w_counterfactual=0.5) if spec.discard else TrainerConfig()
-    config = EngineConfig(trainer=trainer, spec=SpecConfig(adaptive=spec.adaptive), model=opts.model,
+    config = EngineConfig(trainer=trainer, spec=SpecConfig(adaptive=spec.adaptive, ngram_depth=spec.ngram_depth), model=opts.model,
                           draft=spec.draft.format(ckpt=opts.checkpoint), online=spec.online, dtype=opts.dtype, device=opts.device,
                           kv_tokens=opts.kv_tokens, max_batch=1, threads=opts.threads, seed=opts.seed,
                           compile=spec.compile, quantize=spec.quantize)

@@ -26,6 +26,6 @@ class NgramProposer(Proposer):
         trees = []
         for seq in seqs:
             window = seq.token_ids[-1024:]
-            cont = lookup(window, min(spec.depth, spec.max_nodes), spec.ngram_max, spec.ngram_min)
+            cont = lookup(window, min(spec.ngram_depth or spec.depth, spec.max_nodes), spec.ngram_max, spec.ngram_min)
             trees.append(DraftTree.chain(cont))
         return trees
