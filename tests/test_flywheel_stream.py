@@ -1,9 +1,9 @@
 """The long-stream benchmark (tiny preset smoke run) and the cost-aware composed draft gate."""
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
 
 from aurora.bench import stream
 from aurora.config import SpecConfig

@@ -4,7 +4,6 @@ gradient that does not vanish, trainer passes, and serving/trainer CPU turns."""
 from __future__ import annotations
 
 import math
-
 import threading
 import time
 from types import SimpleNamespace
