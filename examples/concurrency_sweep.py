@@ -3,7 +3,9 @@
 For each concurrency (1, 4, 16 streams) and mode (greedy; temperature 0.7 with top_p 0.9),
 every Aurora configuration serves the same prompts (code and chat, one wave of `c` requests),
 and transformers `generate` runs them as one left-padded batch on the same weights. Drafts
-use the adaptive policy unless suffixed ":fixed". One process, interleaved, each engine warmed
+use the adaptive policy unless suffixed ":fixed"; ":freq" makes the suffix draft sample its
+children from continuation frequencies under sampling (`suffix_q="frequency"`), and the options
+combine (":fixed/freq"). One process, interleaved, each engine warmed
 up on other prompts first (the adaptive policy and the cost model learn online from that).
 Every (round, streams, mode) cell draws prompts no engine has seen: a draft that remembers
 traffic (`suffix`) would otherwise replay its own earlier outputs of a repeated prompt.
@@ -41,9 +43,13 @@ def main() -> None:
     code, chat = load_domain("code", n, seed=7), load_domain("chat", n, seed=7)
     engines = {}
     for name in args.drafts.split(","):
-        draft, _, fixed = name.partition(":")
+        draft, _, opts = name.partition(":")
+        flags = set(opts.split("/")) - {""}
+        if flags - {"fixed", "freq"}:
+            raise SystemExit(f"unknown draft options {sorted(flags - {'fixed', 'freq'})} in {name!r}: use fixed, freq")
         engines[name] = Engine(EngineConfig(model=args.model, draft=draft, online=False, kv_tokens=8192,
-                                            spec=SpecConfig(adaptive=fixed != "fixed")))
+                                            spec=SpecConfig(adaptive="fixed" not in flags,
+                                                            suffix_q="frequency" if "freq" in flags else "point")))
     first = next(iter(engines.values()))
     torch.set_num_threads(first.serve_threads())
     tok, model = first.tokenizer, first.runner.model
