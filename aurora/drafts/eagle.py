@@ -112,18 +112,19 @@ class EagleProposer(Proposer):
             pasts = [(plans[i][1], plans[i][2]) for i in todo if plans[i][1] is not None]
             S = sum(k.shape[0] for k, _ in pasts)
             spans, tokens, rows, pos = [], [], [], []    # spans: (past offset, past rows, new offset, new rows)
-            po = no = 0
+            past_at = new_at = 0
             for i in todo:
                 seq, (start, K, _) = seqs[i], plans[i]
-                P, n = seq.num_cached, seq.num_cached - plans[i][0]
+                P = seq.num_cached
+                n = P - start
                 tokens += seq.token_ids[start + 1:P + 1]
                 rows.append(seq.features[len(seq.features) - n:])
                 pos.append(torch.arange(start, P))
                 pl = 0 if K is None else K.shape[0]
-                spans.append((po, pl, no, n))
-                po, no = po + pl, no + n
+                spans.append((past_at, pl, new_at, n))
+                past_at, new_at = past_at + pl, new_at + n
             dev = rows[0].device
-            mask = torch.zeros(no, S + no, dtype=torch.bool, device=dev)   # [N new, S past + N new]
+            mask = torch.zeros(new_at, S + new_at, dtype=torch.bool, device=dev)   # [N new, S past + N new]
             for po, pl, no_i, n in spans:
                 mask[no_i:no_i + n, po:po + pl] = True                     # its own cached rows
                 mask[no_i:no_i + n, S + no_i:S + no_i + n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
