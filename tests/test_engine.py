@@ -534,3 +534,47 @@ def test_chunked_prefill_keeps_decoding_and_matches_whole_prefill(fresh_engine):
     assert final["short"].token_ids == whole[0].token_ids
     assert len(chunks) >= 150 // 16 - 1                        # chunked over many steps ...
     assert all(short == 1 and chunk <= 16 for short, chunk in chunks)   # ... each with a decode row
+
+
+# ----------------------------------------------------------------------------- one compute thread
+
+def test_the_worker_thread_loads_compiles_and_serves(fresh_engine, monkeypatch):
+    """Loading, the runner, the draft and serving all run on the engine's worker thread: the
+    caller's thread computes nothing, so the process keeps one OpenMP pool (see Engine)."""
+    import threading
+
+    import aurora.engine.engine as engine_mod
+    seen = []
+    real_load = engine_mod.load_model
+
+    def load(*args, **kwargs):
+        seen.append(threading.current_thread().name)
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(engine_mod, "load_model", load)
+    eng = fresh_engine()
+    real_forward = eng.runner.forward
+
+    def forward(batch):
+        seen.append(threading.current_thread().name)
+        return real_forward(batch)
+    eng.runner.forward = forward
+    eng.generate_batch(PROMPTS[:2], greedy(4))
+    assert seen and set(seen) == {"aurora-engine"}
+
+
+def test_run_on_worker_returns_raises_and_fails_after_close(fresh_engine):
+    import threading
+    eng = fresh_engine()
+    assert eng.run_on_worker(lambda a, b: (a + b, threading.current_thread().name), 2, 3) == (5, "aurora-engine")
+    with pytest.raises(ZeroDivisionError):
+        eng.run_on_worker(lambda: 1 / 0)
+    assert eng.generate_batch(["hello"], greedy(3))[0].token_ids      # a failing call costs nothing
+    eng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.run_on_worker(lambda: None)
+
+
+def test_a_failing_boot_raises_in_the_caller():
+    from aurora import Engine
+    with pytest.raises(ValueError, match="draft"):
+        Engine(EngineConfig(model="tiny-llama", draft="model:no-such-draft-model"))

@@ -15,7 +15,7 @@ from aurora import Engine, EngineConfig, SamplingParams, TrainerConfig
 from aurora.engine.step import SeqRows
 from aurora.flywheel import losses
 from aurora.flywheel.packing import pack, visibility
-from aurora.flywheel.share import ComputeShare, ShareBudget
+from aurora.flywheel.share import ShareBudget
 from aurora.flywheel.traces import (
     RingBuffer,
     TraceCollector,
@@ -264,49 +264,6 @@ def test_discard_is_zero_where_target_wants_more():
     assert losses.discard(logq, p, torch.tensor([0])).item() == 0.0
 
 
-def test_compute_share_takes_turns():
-    share, order = ComputeShare(), []
-    entered = threading.Event()
-
-    def serve():
-        for i in range(3):
-            with share:
-                order.append(f"s{i}")
-                entered.set()
-                time.sleep(0.05)
-
-    t = threading.Thread(target=serve)
-    t.start()
-    entered.wait()
-    with share.train_turn():                 # waits for the running step, then runs before the next
-        order.append("t")
-    t.join()
-    assert order.index("t") in (1, 2) and len(order) == 4
-
-
-def test_a_waiting_step_goes_before_the_next_training_unit():
-    """A step that arrived during a training unit runs before the trainer's next unit."""
-    share, order = ComputeShare(), []
-    in_unit, step_waiting = threading.Event(), threading.Event()
-
-    def serve():
-        step_waiting.set()
-        with share:
-            order.append("s")
-
-    with share.train_turn():
-        order.append("t1")
-        in_unit.set()
-        t = threading.Thread(target=serve)
-        t.start()
-        step_waiting.wait()
-        time.sleep(0.05)                        # the step is now blocked on this unit
-    with share.train_turn():                    # the trainer loops straight back for another unit
-        order.append("t2")
-    t.join()
-    assert order == ["t1", "s", "t2"]
-
-
 def test_share_budget_spends_idle_time_first():
     """Training done while idle counts against the busy share: with >= 15% of the recent window
     already trained, the trainer takes no turn from busy serving until the window moves on."""
@@ -347,7 +304,37 @@ def test_serving_keeps_every_core(monkeypatch):
     eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32"))
     try:
         assert eng.serve_threads() == 4
-        assert isinstance(eng.step_gate, ComputeShare)
+    finally:
+        eng.close()
+
+
+def test_cpu_trainer_works_on_the_engine_thread():
+    """Every unit of CPU training runs on the engine's worker thread (one OpenMP pool in the
+    process), never on the trainer thread, and never inside a serving step."""
+    eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32",
+                              trainer=TrainerConfig(span=16, batch_tokens=128, guard=False)))
+    try:
+        fw, threads, in_step = eng.flywheel, set(), []
+        real_train, real_step = fw.trainer.train_step, eng.step
+        stepping = [False]
+
+        def train_step():
+            threads.add(threading.current_thread().name)
+            in_step.append(stepping[0])
+            return real_train()
+
+        def step():
+            stepping[0] = True
+            try:
+                real_step()
+            finally:
+                stepping[0] = False
+        fw.trainer.train_step, eng.step = train_step, step
+        eng.generate_batch(PROMPTS * 2, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        end = time.time() + 60
+        while time.time() < end and fw.trainer.steps == 0:
+            time.sleep(0.05)
+        assert fw.trainer.steps > 0 and threads == {"aurora-engine"} and not any(in_step)
     finally:
         eng.close()
 

@@ -7,9 +7,10 @@ The engine knows nothing about HTTP; the flywheel attaches through step hooks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
+import collections
+import concurrent.futures
 import itertools
+import os
 import logging
 import threading
 import time
@@ -43,7 +44,28 @@ class Engine:
         config = replace(config or EngineConfig(), **overrides)
         self.config = config
         self.device = resolve_device(config.device)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._calls: collections.deque = collections.deque()   # (fn, Future) for the worker thread
+        self._closed = False
+        # Every tensor computation of the engine (loading, compiling, serving, the CPU trainer's
+        # work) runs on this one worker thread. On CPU, libgomp keeps an OpenMP pool per thread
+        # that ran a parallel region, and once the pools' threads outnumber the cores every
+        # barrier of every pool stops spinning and sleeps: a step served from a second thread
+        # while the loading thread's pool lives ran ~1.7x slower (batch 8, 2 cores).
+        booted = threading.Event()
+        self._boot_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(booted,), name="aurora-engine", daemon=True)
+        self._thread.start()
+        booted.wait()
+        if self._boot_error is not None:
+            self._thread.join()
+            raise self._boot_error
+
+    def _boot(self) -> None:
+        config = self.config
         self.dtype = resolve_dtype(config.dtype, self.device)
+        torch.set_num_threads(self.serve_threads())
         model, self.tokenizer = load_model(config.model, self.dtype, self.device)
         self.runner = TargetRunner(model, config.num_blocks, config.block_size, config.compile, config.quantize)
         self.max_model_len = config.max_model_len or self.runner.max_model_len
@@ -58,21 +80,53 @@ class Engine:
         suffix = find_suffix(self.proposer)
         if suffix is not None:
             self.stats_extra["suffix"] = suffix.stats
-        self.step_gate = contextlib.nullcontext()   # entered around each step (the flywheel's CPU share)
         self._stats = EngineStats()
         self._ids = itertools.count()
         self._inbox: list = []
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
         self._fwd_s = self._draft_s = 0.0     # last target forward / proposal seconds (cost model)
         self.flywheel = None
         if config.online and self.proposer.learnable:
             from aurora.flywheel import Flywheel
             self.flywheel = Flywheel(self, config.trainer)
         self.runner.warmup(config.max_batch, self.serve_threads())     # compiled path: compile now
-        self._thread = threading.Thread(target=self._run, name="aurora-engine", daemon=True)
-        self._thread.start()
+
+    def _main(self, booted: threading.Event) -> None:
+        try:
+            self._boot()
+        except BaseException as exc:                  # re-raised by the constructor
+            self._boot_error = exc
+            booted.set()
+            return
+        booted.set()
+        self._run()
+
+    def run_on_worker(self, fn, *args):
+        """fn(*args) on the engine's worker thread, between two steps; returns its result or
+        raises its exception. Work that computes with torch next to serving (the CPU trainer, a
+        baseline measured in the same process) goes through here, so that the process keeps
+        one OpenMP pool. Thread-safe; called on the worker itself it just runs fn."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._calls.append((fn, args, future))
+        self._wake.set()
+        return future.result()
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return
+                fn, args, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
 
     # ---------------------------------------------------------------- public API
     def encode_prompt(self, prompt) -> list[int]:
@@ -207,9 +261,14 @@ class Engine:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        with self._lock:
+            self._closed = True
         self._wake.set()
         self._thread.join(timeout=30)
+        with self._lock:                                     # never ran: their callers get an error
+            pending, self._calls = list(self._calls), collections.deque()
+        for _, _, future in pending:
+            future.set_exception(RuntimeError("engine is closed"))
         if self.flywheel is not None:
             self.flywheel.close()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
@@ -233,16 +292,15 @@ class Engine:
         return max(1, os.cpu_count() or 1)
 
     def _run(self) -> None:
-        torch.set_num_threads(self.serve_threads())
         while not self._closed:
+            self._run_calls()                                # e.g. the CPU trainer's unit of work
             self._drain_inbox()
             if not self.scheduler.has_work:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
-                with self.step_gate:                         # CPU + flywheel: turns with the trainer
-                    self.step()
+                self.step()
             except Exception as exc:
                 # Draft, target-forward and hook failures are isolated per sequence inside the
                 # step (_propose, _forward, _verify, _guarded). What reaches here (scheduling or

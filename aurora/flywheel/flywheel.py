@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import threading
 import time
 
@@ -22,7 +21,7 @@ import torch
 
 from aurora.config import TrainerConfig
 from aurora.flywheel import checkpoint
-from aurora.flywheel.share import ComputeShare, ShareBudget
+from aurora.flywheel.share import ShareBudget
 from aurora.flywheel.traces import RingBuffer, TraceCollector
 from aurora.flywheel.trainer import Trainer
 from aurora.flywheel.vocab import VocabCounter, init_from_target, remap_head
@@ -64,11 +63,11 @@ class Flywheel:
         self._vocab_built_at = -1
         self._state_lock = threading.Lock()        # held by the trainer per unit of work; save/load take it
         self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
-        self.share = ComputeShare() if engine.device.type == "cpu" else None
+        # CPU: the trainer thread only schedules; each unit of work runs on the engine's worker
+        # thread between two steps (turns with serving, one OpenMP pool; see Engine)
+        self.on_worker = engine.device.type == "cpu"
         self.budget = ShareBudget(config.busy_share)   # trainer compute over recent wall time
         self.yielded_turns = 0                         # turns not taken: idle time already gave the share
-        if self.share is not None:
-            engine.step_gate = self.share
         engine.step_hooks.append(self._on_step)
         engine.finish_hooks.append(self._on_finish)
         engine.before_step.append(self._at_boundary)
@@ -99,10 +98,8 @@ class Flywheel:
         return self.engine.scheduler.has_work
 
     def _run(self) -> None:
-        share = self.share
+        shared = self.on_worker                      # CPU: turns with serving on the worker thread
         try:
-            if share is not None:
-                torch.set_num_threads(self.config.threads or os.cpu_count() or 1)
             ctx = torch.cuda.stream(self.stream) if self.stream is not None else _Null()
             with ctx:
                 while not self._closed:
@@ -110,25 +107,44 @@ class Flywheel:
                         time.sleep(0.05)
                         continue
                     busy = self._serving_busy()
-                    if share is not None and busy and self.config.busy_share < 1 and not self.budget.allows():
+                    if shared and busy and self.config.busy_share < 1 and not self.budget.allows():
                         self.yielded_turns += 1               # idle time already gave it its share
                         time.sleep(0.02)
                         continue
-                    t0 = time.perf_counter()
-                    with share.train_turn() if share is not None else _Null():
-                        worked = self._locked_work()
-                    dt = time.perf_counter() - t0
+                    if shared:
+                        try:
+                            worked, dt = self.engine.run_on_worker(self._timed_work)
+                        except RuntimeError:
+                            if self._closed or self.engine.closed:
+                                return
+                            raise
+                    else:
+                        worked, dt = self._timed_work()
                     self.sleeping = not worked
                     if not worked:
                         time.sleep(0.05)
                         continue
                     self.busy_s += dt
                     self.budget.record(dt)
-                    if share is not None and busy and self.config.busy_share < 1:
+                    if shared and busy and self.config.busy_share < 1:
                         self._yield_to_serving(dt * (1 / self.config.busy_share - 1))
         except Exception as exc:                    # serving continues with the last good draft
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("flywheel trainer crashed; training stopped, serving continues")
+
+    def _timed_work(self) -> tuple[bool, float]:
+        """One unit of work and its compute seconds (on CPU: on the engine's worker thread, with
+        `TrainerConfig.threads` torch threads when set, else the serving threads)."""
+        threads = self.config.threads if self.on_worker else 0
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        try:
+            return self._locked_work(), time.perf_counter() - t0
+        finally:
+            if threads:
+                torch.set_num_threads(before)
 
     def _yield_to_serving(self, seconds: float) -> None:
         """Sleep up to `seconds` while serving has work; return early when the engine goes idle."""

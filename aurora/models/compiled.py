@@ -156,10 +156,9 @@ def _mark_dynamic(args) -> None:
     for t in (plan["kv_slots"], plan["q_index"]):
         mark(t, 0)
         mark(t, 1)
-    for cached, new in plan["masks"].values():
-        for d in range(3):
-            mark(cached, d)
-            mark(new, d)
+    for mask in plan["masks"].values():                 # [B, 1, Q, C + Q]
+        for d in (0, 2, 3):
+            mark(mask, d)
 
 
 def synthetic_batch(cache, num_new: list[int], num_cached: int, device):
