@@ -1,7 +1,8 @@
 """Target-only throughput, Aurora vs transformers `generate`, at batch 1 and batch N.
 
 Same weights, same prompts, greedy, same max tokens, one process; each measurement is the
-median of interleaved repeats after a warm-up. transformers runs batch N with left padding.
+median of interleaved repeats after a warm-up. transformers runs batch N with left padding, on the engine's worker
+thread (same thread, same OpenMP pool).
 `--compile on` serves Aurora through the compiled target step (same bf16 weights; compiling
 takes minutes and happens before anything is timed); transformers stays eager `generate`.
 
@@ -59,13 +60,18 @@ def main() -> None:
         finally:
             set_attn(model, ours_attn)
 
+    def hf_on_worker(batch):
+        # on the engine's worker thread: both systems compute on the same thread and OpenMP pool
+        # (a second thread's pool would make every barrier in the process sleep; see Engine)
+        return eng.run_on_worker(hf, batch)
+
     results = {}
     for batch in (1, args.batch):
-        ours(batch), hf(batch)                                    # warm-up
+        ours(batch), hf_on_worker(batch)                          # warm-up
         o, h = [], []
         for _ in range(args.repeats):
             o.append(ours(batch))
-            h.append(hf(batch))
+            h.append(hf_on_worker(batch))
         results[batch] = {"aurora_tok_s": statistics.median(o), "hf_tok_s": statistics.median(h)}
         results[batch]["ratio"] = results[batch]["aurora_tok_s"] / results[batch]["hf_tok_s"]
     print(json.dumps({"model": args.model, "dtype": str(eng.dtype), "compile": args.compile,

@@ -23,6 +23,7 @@ import time
 import torch
 
 from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
+from aurora.engine.worker import ComputeThread
 from aurora.workloads import load_domain
 
 MODES = {"greedy": dict(temperature=0.0), "T0.7/p0.9": dict(temperature=0.7, top_p=0.9)}
@@ -70,6 +71,10 @@ def main() -> None:
         return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
 
     def hf(ids, mode):
+        # on Aurora's compute thread, like the engines: one OpenMP pool in the process (engine/worker.py)
+        return ComputeThread.get().call(_hf, ids, mode)
+
+    def _hf(ids, mode):
         model.config._attn_implementation = "sdpa"
         try:
             c = len(ids)

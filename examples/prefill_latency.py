@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from aurora import Engine, EngineConfig, SamplingParams
+from aurora.engine.worker import ComputeThread
 
 
 def long_ids(tok, n: int) -> list[int]:
@@ -81,6 +82,10 @@ def main() -> None:
         return time.perf_counter() - t
 
     def hf(ids):
+        # on Aurora's compute thread, like the engines: one OpenMP pool in the process (engine/worker.py)
+        return ComputeThread.get().call(_hf, ids)
+
+    def _hf(ids):
         model.config._attn_implementation = "sdpa"
         try:
             t = time.perf_counter()

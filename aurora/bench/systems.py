@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aurora.engine.worker import ComputeThread
+
 from aurora.types import SamplingParams
 
 REQUEST_TIMEOUT_S = 1800.0
@@ -164,7 +166,11 @@ class HFSystem(System):
         from aurora.models.loader import resolve_device, resolve_dtype
         self.name, self.label = name, spec.label
         self.device = resolve_device(opts.device)
-        self.model = load_hf_model(opts.model, resolve_dtype(opts.dtype, self.device), self.device)
+        # loaded and run on Aurora's compute thread: one OpenMP pool in the process, for both
+        # systems (a second computing thread slows every pool's barriers; see engine/worker.py)
+        self.compute = ComputeThread.get()
+        self.model = self.compute.call(load_hf_model, opts.model, resolve_dtype(opts.dtype, self.device),
+                                       self.device)
         self.lookup_tokens = opts.lookup_tokens if spec.lookup else 0
         self.threads = opts.threads
         self.num_forwards = 0
@@ -177,6 +183,9 @@ class HFSystem(System):
         self.num_forwards += 1
 
     def generate(self, prompt_ids, params):
+        return self.compute.call(self._generate, prompt_ids, params)
+
+    def _generate(self, prompt_ids, params):
         x = torch.tensor([prompt_ids], device=self.device)
         kw = {"attention_mask": torch.ones_like(x), "max_new_tokens": params.max_tokens,
               "pad_token_id": self.pad_id, "eos_token_id": list(params.stop_token_ids) or None}
@@ -190,7 +199,7 @@ class HFSystem(System):
         if self.lookup_tokens:
             kw["prompt_lookup_num_tokens"] = self.lookup_tokens
         if self.threads:
-            torch.set_num_threads(self.threads)              # per calling thread, like the engine's worker
+            torch.set_num_threads(self.threads)              # as the engines' ticks do on this thread
         start_forwards = self.num_forwards
         t0 = time.perf_counter()
         with torch.inference_mode():

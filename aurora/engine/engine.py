@@ -31,6 +31,7 @@ from aurora.engine.stats import EngineStats
 from aurora.engine.step import build_step
 from aurora.engine.tree import DraftTree
 from aurora.engine.verify import verify_greedy, verify_sampling
+from aurora.engine.worker import ComputeThread, run_jobs
 from aurora.models.loader import load_model, resolve_device, resolve_dtype
 from aurora.models.runner import TargetRunner
 from aurora.types import RequestOutput, SamplingParams
@@ -45,22 +46,16 @@ class Engine:
         self.config = config
         self.device = resolve_device(config.device)
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._calls: collections.deque = collections.deque()   # (fn, Future) for the worker thread
+        self._calls: collections.deque = collections.deque()   # (fn, args, Future) for the compute thread
         self._closed = False
         # Every tensor computation of the engine (loading, compiling, serving, the CPU trainer's
-        # work) runs on this one worker thread. On CPU, libgomp keeps an OpenMP pool per thread
-        # that ran a parallel region, and once the pools' threads outnumber the cores every
-        # barrier of every pool stops spinning and sleeps: a step served from a second thread
-        # while the loading thread's pool lives ran ~1.7x slower (batch 8, 2 cores).
-        booted = threading.Event()
-        self._boot_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, args=(booted,), name="aurora-engine", daemon=True)
-        self._thread.start()
-        booted.wait()
-        if self._boot_error is not None:
-            self._thread.join()
-            raise self._boot_error
+        # units) runs on the process's one compute thread (see worker.py: a second thread's
+        # OpenMP pool made every step ~1.7x slower on 2 cores).
+        self._compute = ComputeThread.get()
+        self._thread = self._compute.thread
+        self._wake = self._compute.wake
+        self._compute.call(self._boot)
+        self._compute.register(self)
 
     def _boot(self) -> None:
         config = self.config
@@ -90,22 +85,12 @@ class Engine:
             self.flywheel = Flywheel(self, config.trainer)
         self.runner.warmup(config.max_batch, self.serve_threads())     # compiled path: compile now
 
-    def _main(self, booted: threading.Event) -> None:
-        try:
-            self._boot()
-        except BaseException as exc:                  # re-raised by the constructor
-            self._boot_error = exc
-            booted.set()
-            return
-        booted.set()
-        self._run()
-
     def run_on_worker(self, fn, *args):
         """fn(*args) on the engine's worker thread, between two steps; returns its result or
         raises its exception. Work that computes with torch next to serving (the CPU trainer, a
         baseline measured in the same process) goes through here, so that the process keeps
         one OpenMP pool. Thread-safe; called on the worker itself it just runs fn."""
-        if threading.current_thread() is self._thread:
+        if self._compute.on_thread():
             return fn(*args)
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
@@ -114,19 +99,6 @@ class Engine:
             self._calls.append((fn, args, future))
         self._wake.set()
         return future.result()
-
-    def _run_calls(self) -> None:
-        while True:
-            with self._lock:
-                if not self._calls:
-                    return
-                fn, args, future = self._calls.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
 
     # ---------------------------------------------------------------- public API
     def encode_prompt(self, prompt) -> list[int]:
@@ -263,8 +235,7 @@ class Engine:
             return
         with self._lock:
             self._closed = True
-        self._wake.set()
-        self._thread.join(timeout=30)
+        self._compute.unregister(self)                       # no step of this engine runs after this
         with self._lock:                                     # never ran: their callers get an error
             pending, self._calls = list(self._calls), collections.deque()
         for _, _, future in pending:
@@ -291,24 +262,24 @@ class Engine:
             return torch.get_num_threads()
         return max(1, os.cpu_count() or 1)
 
-    def _run(self) -> None:
-        while not self._closed:
-            self._run_calls()                                # e.g. the CPU trainer's unit of work
-            self._drain_inbox()
-            if not self.scheduler.has_work:
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            try:
-                self.step()
-            except Exception as exc:
-                # Draft, target-forward and hook failures are isolated per sequence inside the
-                # step (_propose, _forward, _verify, _guarded). What reaches here (scheduling or
-                # commit bookkeeping) cannot be attributed: the step's requests end with an
-                # error, their KV is freed, and the engine keeps serving new requests.
-                log.exception("engine step failed")
-                for seq in list(self.scheduler.running):
-                    self._finish(seq, "error", f"internal error: {exc}")
+    def tick(self) -> bool:
+        """One turn on the compute thread: queued calls, new requests, one step if there is work.
+        Returns whether it stepped."""
+        run_jobs(self._calls, self._lock)                    # e.g. the CPU trainer's unit of work
+        self._drain_inbox()
+        if self._closed or not self.scheduler.has_work:
+            return False
+        try:
+            self.step()
+        except Exception as exc:
+            # Draft, target-forward and hook failures are isolated per sequence inside the
+            # step (_propose, _forward, _verify, _guarded). What reaches here (scheduling or
+            # commit bookkeeping) cannot be attributed: the step's requests end with an
+            # error, their KV is freed, and the engine keeps serving new requests.
+            log.exception("engine step failed")
+            for seq in list(self.scheduler.running):
+                self._finish(seq, "error", f"internal error: {exc}")
+        return True
 
     def _drain_inbox(self) -> None:
         with self._lock:
