@@ -7,6 +7,9 @@ metadata into index and mask tensors whose *shapes* are all that varies between 
 the pool: the runner writes them after the forward) and runs masked attention. For any step,
     paged_attention_static(q, k_new, v_new, pool before the step, plan)
  == paged_tree_attention_ref(q, pool with k_new/v_new written at slot_mapping, ...).
+On CPU (no softcap) the attention is one opaque library op, `aurora::paged_attention_cpu`: inside
+a compiled graph inductor would otherwise fuse the gather with the layer's pointwise ops into
+loops that read the pool one scalar at a time.
 """
 from __future__ import annotations
 

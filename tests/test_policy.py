@@ -110,3 +110,33 @@ def test_adaptive_speculative_greedy_equals_plain(engines, draft):
     spec = eng.generate_batch(prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert eng.stats()["policy_adaptive"]
+
+
+def test_measured_step_rates_switch_speculation_off_where_it_loses_end_to_end():
+    """The forward-only cost model says speculation pays (every node accepted), but whole
+    steps with speculation emit fewer tokens per second than steps without it (costs outside
+    the forward): the policy samples steps without speculation, then keeps it off (probing),
+    in that batch-size bucket only."""
+    spec = SpecConfig(depth=5, adaptive=True)
+    policy = AdaptivePolicy(spec)
+    seq = _train(policy, accept_depths=5)
+    assert policy.choose([seq]) == spec                   # no evidence of plain steps yet
+    choices = [policy.choose([seq]) for _ in range(200)]
+    for c in choices:                                     # spec steps: 3 tokens in 0.2 s; plain: 1 in 0.02 s
+        policy.observe_wall([seq], c is not None, 3 if c is not None else 1, 0.2 if c is not None else 0.02)
+    assert any(c is None for c in choices[:40])           # sampled steps without speculation
+    later = [policy.choose([seq]) for _ in range(64)]
+    assert sum(c is None for c in later) >= 56 and any(c is not None for c in later)   # off, probing
+    assert policy.state()["steps_off_measured"] > 0
+    batch = [_seq(f"r{i}") for i in range(4)]             # another bucket has no such evidence
+    assert policy.choose(batch) == spec
+
+
+def test_measured_step_rates_keep_speculation_where_it_wins():
+    spec = SpecConfig(depth=5, adaptive=True)
+    policy = AdaptivePolicy(spec)
+    seq = _train(policy, accept_depths=5)
+    for i in range(100):
+        c = policy.choose([seq])
+        policy.observe_wall([seq], c is not None, 4 if c is not None else 1, 0.06 if c is not None else 0.05)
+    assert sum(policy.choose([seq]) is None for _ in range(64)) <= 1

@@ -304,11 +304,16 @@ class Engine:
         if not seqs:
             self._drop_unschedulable()
             return
+        decode_only = all(s.num_uncached == 1 for s in seqs)
+        emitted = sum(s.num_output for s in seqs)
         trees = self._propose(seqs)
         t1 = time.perf_counter()
         self._draft_s = t1 - t0
         settle_s = sum(self._settle(*group) for group in self._forward(seqs, trees))
         t2 = time.perf_counter()
+        if decode_only:                                  # the policy's end-to-end evidence
+            self.policy.observe_wall(seqs, any(t is not None for t in trees),
+                                     sum(s.num_output for s in seqs) - emitted, t2 - t0)
         st = self._stats
         st.num_steps += 1
         st.draft_s += t1 - t0

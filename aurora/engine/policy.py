@@ -10,6 +10,13 @@ engine's own step timings (`costs.py`). Before proposing, the realised gain per 
 sequence (accepted tokens, including steps where the draft had nothing) is weighed against
 the draft's measured time plus the verified nodes' cost; when it does not pay, the step
 skips proposing (speculation off), re-probing now and then.
+
+The cost model sees only the target forward. What a step costs besides it (proposing, tree
+bookkeeping, verification, sampling) is caught end to end: the engine reports every decode
+step's wall time and emitted tokens, kept per (batch-size bucket, decoding mode, speculating or
+not) as decayed sums, and once both kinds of step have evidence in a bucket, a measured
+tokens/s without speculation above the one with it switches speculation off there (with
+probes); steps without speculation are sampled now and then so that evidence exists.
 """
 from __future__ import annotations
 
@@ -22,6 +29,9 @@ from aurora.engine.tree import DraftTree
 PRIOR_ALPHA = 0.6          # conditional acceptance before any evidence (optimistic: explore)
 PRIOR_WEIGHT = 4.0         # pseudo-observations behind the prior / the global estimate
 PROBE_EVERY = 8            # when off, propose anyway one step in this many
+RATE_DECAY = 0.95          # forgetting of the measured step rates (per observed step)
+RATE_MIN_STEPS = 4.0       # decayed steps of each kind before measured rates overrule the model
+EXPLORE_OFF_EVERY = 16     # without enough evidence of steps without speculation, one in this many
 
 
 def node_kind(tree: DraftTree, node: int, greedy: bool = True) -> str:
@@ -62,6 +72,9 @@ class SpeculationPolicy:
     def observe(self, seqs, trees, outcomes) -> None:
         """Accepted paths of the verified trees."""
 
+    def observe_wall(self, seqs, speculated: bool, tokens: int, seconds: float) -> None:
+        """A whole decode step (proposing to committing): `tokens` emitted in `seconds`."""
+
     def release(self, seq) -> None:
         """Forget a finished sequence."""
 
@@ -82,6 +95,9 @@ class AdaptivePolicy(SpeculationPolicy):
         self.num_steps_off = 0
         self.num_nodes_proposed = 0
         self.num_nodes_verified = 0
+        self._rates: dict[tuple, list[float]] = {}          # (bucket, mode, speculated) -> [w, tokens, s]
+        self._explore = 0
+        self.num_steps_off_measured = 0                     # off because measured rates said so
 
     # ------------------------------------------------------------ estimates
     def alpha(self, kind: str, depth: int, request_id: str | None = None) -> float:
@@ -125,12 +141,35 @@ class AdaptivePolicy(SpeculationPolicy):
         return e
 
     # ------------------------------------------------------------ decisions
+    def measured_rates(self, seqs) -> tuple[float | None, float | None]:
+        """Measured tokens/s of decode steps like this one (same batch-size bucket and mode),
+        (with speculation, without); None where the evidence is thin."""
+        bucket, mode = _bucket(len(seqs)), _mode(seqs)
+        rates = []
+        for speculated in (True, False):
+            r = self._rates.get((bucket, mode, speculated))
+            rates.append(r[1] / r[2] if r and r[0] >= RATE_MIN_STEPS and r[2] > 0 else None)
+        return rates[0], rates[1]
+
     def choose(self, seqs) -> SpecConfig | None:
         if not self.costs.ready or self.costs.draft_s_per_seq is None:
             return self.spec
         decode = [s for s in seqs if s.num_uncached == 1]
         if not decode:
             return self.spec
+        on, off = self.measured_rates(seqs)
+        if off is None:                                    # sample steps without speculation now and then
+            self._explore += 1
+            if self._explore % EXPLORE_OFF_EVERY == 0:
+                self.num_steps_off += 1
+                return None
+        elif on is not None and off > on:                  # measured end to end: speculation loses here
+            self._off_steps += 1
+            self.num_steps_off += 1
+            self.num_steps_off_measured += 1
+            if self._off_steps % PROBE_EVERY == 0:
+                return self.spec
+            return None
         B = len(seqs)
         t_plain = self.costs.step_time(sum(s.num_step_tokens for s in seqs))
         est = [self.realised(s) for s in decode]
@@ -210,6 +249,12 @@ class AdaptivePolicy(SpeculationPolicy):
                     store_t[key] = store_t.get(key, 0.0) * 0.995 + 1.0
                     store_w[key] = store_w.get(key, 0.0) * 0.995 + win
 
+    def observe_wall(self, seqs, speculated: bool, tokens: int, seconds: float) -> None:
+        r = self._rates.setdefault((_bucket(len(seqs)), _mode(seqs), speculated), [0.0, 0.0, 0.0])
+        r[0] = RATE_DECAY * r[0] + 1.0
+        r[1] = RATE_DECAY * r[1] + tokens
+        r[2] = RATE_DECAY * r[2] + seconds
+
     def release(self, seq) -> None:
         self._seq.pop(seq.request_id, None)
         self._gain.pop(seq.request_id, None)
@@ -219,11 +264,25 @@ class AdaptivePolicy(SpeculationPolicy):
         return {"adaptive": True, "cost_a_ms": a and 1000 * a, "cost_b_ms": b and 1000 * b,
                 "draft_ms_per_seq": self.costs.draft_s_per_seq and 1000 * self.costs.draft_s_per_seq,
                 "steps_off": self.num_steps_off,
+                "steps_off_measured": self.num_steps_off_measured,
+                "measured_tok_s": {f"{b}/{m}/{'spec' if sp else 'plain'}": round(r[1] / r[2], 1)
+                                   for (b, m, sp), r in sorted(self._rates.items()) if r[2] > 0},
                 "accepted_per_proposal": {("greedy" if g else "sampled"): v[1] / v[0] for g in (True, False)
                                           if (v := self._gain.get(_everyone(g)))},
                 "nodes_proposed": self.num_nodes_proposed,
                 "nodes_verified": self.num_nodes_verified,
                 "alpha": {f"{k}@{d}": round(self.alpha(k, d), 3) for k, d in sorted(self._tries)}}
+
+
+def _bucket(num_seqs: int) -> str:
+    """Batch-size bucket of the measured rates: 1, 2-3, 4-7, 8-15, ..."""
+    lo = 1 << (max(num_seqs, 1).bit_length() - 1)
+    return str(lo) if lo == 1 else f"{lo}-{2 * lo - 1}"
+
+
+def _mode(seqs) -> str:
+    greedy = {s.params.greedy for s in seqs}
+    return "mixed" if len(greedy) > 1 else ("greedy" if greedy.pop() else "sampled")
 
 
 def subtree(tree: DraftTree, keep: set[int]) -> DraftTree:
