@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {'on' if d.online else 'off'})")
     e.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                    help="verify only the draft nodes that pay at the current load, switching speculation "
-                        "off when it does not (SpecConfig.adaptive; measured: better from ~4 concurrent "
-                        f"streams, slightly slower at 1) (default: {'on' if d.spec.adaptive else 'off'})")
+                        "off when it does not (SpecConfig.adaptive; measured with suffix+ngram: 1.47x vs fixed 1.51x "
+                        f"at 1 stream, 1.12x vs 0.79x at 16) (default: {'on' if d.spec.adaptive else 'off'})")
     s = serve.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")

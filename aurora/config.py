@@ -23,7 +23,7 @@ class SpecConfig:
     ngram_max: int = 4          # longest suffix the ngram proposer matches
     ngram_min: int = 1
     ngram_depth: int = 0        # tokens prompt lookup copies per step (0 = `depth`); capped by max_nodes
-    adaptive: bool = False      # verify only the nodes that pay at the current load (engine/policy.py)
+    adaptive: bool = True       # verify only the nodes that pay at the current load (engine/policy.py)
     # suffix draft: memory of all traffic (aurora/drafts/suffix.py). The index stores token ids of
     # every prompt and output served; `suffix_persist` allows saving it to disk (user text).
     suffix_bytes: int = 64 << 20       # byte budget of the index (oldest requests evicted beyond it)

@@ -2,7 +2,8 @@
 a fresh-engine factory for tests that inspect counters or mutate an engine, and the real
 default model (tests using it are marked slow automatically).
 
-Engines run a background thread; every engine made here is closed at the end.
+Engines run on the process's compute thread; every engine made here is closed at the end.
+`SpecConfig()` means the fixed tree in tests (see `_fixed_tree_unless_asked`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,23 @@ import pytest
 import torch
 
 from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
+
+
+def _fixed_tree_unless_asked():
+    """Serving defaults to the adaptive policy (`SpecConfig.adaptive=True`), which switches
+    speculation off where it does not pay: on tiny random models nothing is accepted, so tests
+    of the speculation code paths (exactness, chi-square, isolation, the flywheel) would never
+    reach them. In tests, `SpecConfig()` therefore means the fixed tree; tests of the policy ask
+    for it (`SpecConfig(adaptive=True)`), and test_policy checks the real default."""
+    import dataclasses
+    names = [f.name for f in dataclasses.fields(SpecConfig)]
+    defaults = list(SpecConfig.__init__.__defaults__)
+    assert len(defaults) == len(names), "every SpecConfig field has a default"
+    defaults[names.index("adaptive")] = False
+    SpecConfig.__init__.__defaults__ = tuple(defaults)
+
+
+_fixed_tree_unless_asked()
 
 TINY_MODELS = ("tiny-llama", "tiny-qwen3", "tiny-gemma2")
 REAL_MODEL = "smollm2-135m"

@@ -96,9 +96,12 @@ def test_subtree_keeps_ancestors_order_and_q_rows():
     assert sub.find_child(0, 7) == 2 and sub.children(-1) == [0, 1] and sub.depths == [1, 1, 2]
 
 
-def test_fixed_policy_is_the_default():
-    assert type(build_policy(SpecConfig())) is SpeculationPolicy
+def test_adaptive_policy_is_the_serving_default():
+    """The dataclass default (tests' conftest makes `SpecConfig()` the fixed tree, see there)."""
+    import dataclasses
+    assert next(f for f in dataclasses.fields(SpecConfig) if f.name == "adaptive").default is True
     assert type(build_policy(SpecConfig(adaptive=True))) is AdaptivePolicy
+    assert type(build_policy(SpecConfig(adaptive=False))) is SpeculationPolicy
 
 
 @pytest.mark.parametrize("draft", ["ngram", "eagle+ngram"])
