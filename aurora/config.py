@@ -90,7 +90,7 @@ class TrainerConfig:
     holdout_every: int = 8             # every n-th record is held back
     max_passes: float = 4.0            # passes over the replay without new traffic, then sleep
     buffer_bytes: int = 256 << 20
-    threads: int = 0                   # CPU: torch threads of the trainer (0 = every core; it takes turns with serving)
+    threads: int = 0                   # CPU: torch threads of a training unit (0 = the serving threads; units run between steps)
     busy_share: float = 0.15           # CPU: max fraction of wall time the trainer computes while serving is busy
     draft_vocab: int = 8192            # 0 = full target vocabulary
     seed: int = 0
