@@ -1,4 +1,5 @@
-"""The engine: a worker thread runs schedule -> propose -> verify -> commit -> publish.
+"""The engine: on the process's compute thread (worker.py), each tick runs
+schedule -> propose -> verify -> commit -> publish.
 
 Callers on any thread or event loop submit requests; outputs stream back through
 callbacks (`generate` adapts them to an async iterator, `generate_batch` waits).
@@ -52,7 +53,6 @@ class Engine:
         # units) runs on the process's one compute thread (see worker.py: a second thread's
         # OpenMP pool made every step ~1.7x slower on 2 cores).
         self._compute = ComputeThread.get()
-        self._thread = self._compute.thread
         self._wake = self._compute.wake
         self._compute.call(self._boot)
         self._compute.register(self)
@@ -225,6 +225,10 @@ class Engine:
         for name, fn in self.stats_extra.items():
             s[name] = fn()
         return s
+
+    def machine_busy(self) -> bool:
+        """Whether any engine on this process's compute thread has requests to serve."""
+        return self._compute.busy()
 
     @property
     def closed(self) -> bool:

@@ -96,7 +96,7 @@ class Flywheel:
     # ------------------------------------------------------------ trainer thread
     def _serving_busy(self) -> bool:
         if self.on_worker:                       # any engine sharing the compute thread
-            return self.engine._compute.busy()
+            return self.engine.machine_busy()
         return self.engine.scheduler.has_work
 
     def _run(self) -> None:
