@@ -36,6 +36,18 @@ def main() -> None:
     args = ap.parse_args()
     eng = Engine(EngineConfig(model=args.model, draft="eagle", online=False, dtype="auto", compile=args.compile,
                               quantize=args.quantize, max_batch=1, threads=args.threads))
+    # on the engine's compute thread: a second OpenMP pool in the process slows every step (engine/worker.py)
+    out = eng.run_on_worker(measure, eng, args)
+    print(json.dumps(out, indent=2))
+    ks = list(out["beta"])
+    print("\n| k | " + " | ".join(str(k) for k in ks) + " |\n|---|" + "---|" * len(ks))
+    print("| β(k) | " + " | ".join(f"{out['beta'][k]:.2f}" for k in ks) + " |")
+    print(f"\ndecode step {out['decode_ms']:.1f} ms; draft cost c = {out['c_draft_step']:.3f} "
+          f"(steady, cached context) / {out['c_draft_cold']:.3f} (cold, 48-row window)")
+    eng.close()
+
+
+def measure(eng: Engine, args) -> dict:
     torch.set_num_threads(args.threads or eng.serve_threads())
     runner, cache = eng.runner, eng.runner.cache
     ids = [(i * 7919) % 5000 + 100 for i in range(args.prefix)]
@@ -85,12 +97,7 @@ def main() -> None:
            "beta": {k: statistics.median(samples[k]) / base for k in ks},
            "c_draft_step": statistics.median(draft_step) / base,
            "c_draft_cold": statistics.median(draft) / base}
-    print(json.dumps(out, indent=2))
-    print("\n| k | " + " | ".join(str(k) for k in ks) + " |\n|---|" + "---|" * len(ks))
-    print("| β(k) | " + " | ".join(f"{out['beta'][k]:.2f}" for k in ks) + " |")
-    print(f"\ndecode step {out['decode_ms']:.1f} ms; draft cost c = {out['c_draft_step']:.3f} "
-          f"(steady, cached context) / {out['c_draft_cold']:.3f} (cold, 48-row window)")
-    eng.close()
+    return out
 
 
 if __name__ == "__main__":
