@@ -2,13 +2,16 @@
 
 For each concurrency (1, 4, 16 streams) and mode (greedy; temperature 0.7 with top_p 0.9),
 every Aurora configuration serves the same prompts (code and chat, one wave of `c` requests),
-and transformers `generate` runs them as one left-padded batch on the same weights. Drafts
+and transformers `generate` runs them as one left-padded batch on the same weights. Greedy and
+sampled cells of a round serve the *same* prompts, each mode on its own engine (a draft that
+remembers traffic must not see the other mode's outputs), so sampled / greedy compares like with
+like. Drafts
 use the adaptive policy unless suffixed ":fixed"; ":freq" makes the suffix draft sample its
 children from continuation frequencies under sampling (`suffix_q="frequency"`), and the options
 combine (":fixed/freq"). One process, interleaved, each engine warmed
 up on other prompts first (the adaptive policy and the cost model learn online from that).
-Every (round, streams, mode) cell draws prompts no engine has seen: a draft that remembers
-traffic (`suffix`) would otherwise replay its own earlier outputs of a repeated prompt.
+Every (round, streams) draws prompts no engine has seen: a draft that remembers traffic
+(`suffix`) would otherwise replay its own earlier outputs of a repeated prompt.
 
     python examples/concurrency_sweep.py [--conc 1,4,16] [--max-tokens 32] [--repeats 1]
         [--drafts none,ngram,eagle+ngram,eagle+ngram:fixed]
@@ -40,17 +43,19 @@ def main() -> None:
     args = ap.parse_args()
     concs = [int(c) for c in args.conc.split(",")]
     modes = args.modes.split(",")
-    n = 4 + args.repeats * len(modes) * sum(concs)                    # warm-up + one fresh set per cell
+    n = 4 + args.repeats * sum(concs)                                 # warm-up + one fresh set per round
     code, chat = load_domain("code", n, seed=7), load_domain("chat", n, seed=7)
-    engines = {}
-    for name in args.drafts.split(","):
+    names = args.drafts.split(",")
+    engines = {}                                                      # (draft, mode) -> its own engine
+    for name in names:
         draft, _, opts = name.partition(":")
         flags = set(opts.split("/")) - {""}
         if flags - {"fixed", "freq"}:
             raise SystemExit(f"unknown draft options {sorted(flags - {'fixed', 'freq'})} in {name!r}: use fixed, freq")
-        engines[name] = Engine(EngineConfig(model=args.model, draft=draft, online=False, kv_tokens=8192,
-                                            spec=SpecConfig(adaptive="fixed" not in flags,
-                                                            suffix_q="frequency" if "freq" in flags else "point")))
+        for mode in modes:
+            engines[name, mode] = Engine(EngineConfig(
+                model=args.model, draft=draft, online=False, kv_tokens=8192,
+                spec=SpecConfig(adaptive="fixed" not in flags, suffix_q="frequency" if "freq" in flags else "point")))
     first = next(iter(engines.values()))
     torch.set_num_threads(first.serve_threads())
     tok, model = first.tokenizer, first.runner.model
@@ -93,26 +98,26 @@ def main() -> None:
         finally:
             model.config._attn_implementation = "aurora_paged"
 
-    for eng in engines.values():                       # warm-up: kernels, allocator, online estimates
-        for mode in modes:
-            eng.generate_batch(warm, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, **MODES[mode]))
+    for (name, mode), eng in engines.items():          # warm-up: kernels, allocator, online estimates
+        eng.generate_batch(warm, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, **MODES[mode]))
     hf(warm[:1], "greedy")
     rows = []
     for c in concs:
+        samples = {mode: {"hf": [], **{name: [] for name in names}} for mode in modes}
+        for _ in range(args.repeats):
+            ids = fresh(c)                                 # the same prompts for every engine and mode
+            for mode in modes:
+                samples[mode]["hf"].append(hf(ids, mode))
+                for name in names:
+                    samples[mode][name].append(aurora(engines[name, mode], ids, mode))
         for mode in modes:
-            samples: dict[str, list[float]] = {"hf": [], **{name: [] for name in engines}}
-            for _ in range(args.repeats):
-                ids = fresh(c)
-                samples["hf"].append(hf(ids, mode))
-                for name, eng in engines.items():
-                    samples[name].append(aurora(eng, ids, mode))
-            row = {"streams": c, "mode": mode, **{k: statistics.median(v) for k, v in samples.items()}}
+            row = {"streams": c, "mode": mode, **{k: statistics.median(v) for k, v in samples[mode].items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    policy = {name: {k: v for k, v in eng.stats().items() if k.startswith("policy_")} for name, eng in engines.items()}
+    policy = {f"{name} {mode}": {k: v for k, v in eng.stats().items() if k.startswith("policy_")}
+              for (name, mode), eng in engines.items()}
     print(json.dumps({"model": args.model, "threads": torch.get_num_threads(), "max_tokens": args.max_tokens,
                       "policy": policy}, indent=1, default=str))
-    names = list(engines)
     print("\n| streams | mode | transformers tok/s | " + " | ".join(f"{n} tok/s" for n in names)
           + " | " + " | ".join(f"{n} / none" for n in names if n != "none") + " | none / transformers |")
     print("|---" * (3 + 2 * len(names)) + "|")
