@@ -122,3 +122,18 @@ def test_demo_tiny(tmp_path, capsys):
     assert (tmp_path / "demo_tau.png").exists()
     data = json.loads((tmp_path / "demo.json").read_text())
     assert len(data["requests"]) == 3 and data["speedup"] is not None
+    assert data["system"] == "online" and data["draft"] == "eagle+ngram"
+    assert "learned branch: +" in text.out                  # the learned branch's gain against its cost
+
+
+def test_demo_system_choice(tmp_path, capsys):
+    """`--system` picks the learning system (here with the traffic memory); unknown names are refused."""
+    from aurora.bench.demo import build_parser, main
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--system", "none"])
+    rc = main(["--model", "tiny-llama", "--requests", "2", "--max-tokens", "6", "--baseline", "0",
+               "--domains", "chat", "--system", "eagle+suffix+ngram", "--out", str(tmp_path)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "draft eagle+suffix+ngram learning online" in text
+    assert json.loads((tmp_path / "demo.json").read_text())["draft"] == "eagle+suffix+ngram"
