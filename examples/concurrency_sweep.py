@@ -10,7 +10,8 @@ use the adaptive policy unless suffixed ":fixed"; ":freq" makes the suffix draft
 children from continuation frequencies under sampling (`suffix_q="frequency"`), and the options
 combine (":fixed/freq"). One process, interleaved, each engine warmed
 up on other prompts first (the adaptive policy and the cost model learn online from that).
-Every (round, streams) draws prompts no engine has seen: a draft that remembers traffic
+A round at `c` streams serves max(c, 4) prompts in waves of `c` (so a 1-stream cell is
+not one prompt's luck). Every (round, streams) draws prompts no engine has seen: a draft that remembers traffic
 (`suffix`) would otherwise replay its own earlier outputs of a repeated prompt.
 
     python examples/concurrency_sweep.py [--conc 1,4,16] [--max-tokens 32] [--repeats 1]
@@ -29,6 +30,7 @@ from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
 from aurora.engine.worker import ComputeThread
 from aurora.workloads import load_domain
 
+WAVE_MIN = 4            # prompts per round at least (1 stream: four requests one after another)
 MODES = {"greedy": dict(temperature=0.0), "T0.7/p0.9": dict(temperature=0.7, top_p=0.9)}
 
 
@@ -43,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     concs = [int(c) for c in args.conc.split(",")]
     modes = args.modes.split(",")
-    n = 4 + args.repeats * sum(concs)                                 # warm-up + one fresh set per round
+    n = 4 + args.repeats * sum(max(c, WAVE_MIN) for c in concs)      # warm-up + one fresh set per round
     code, chat = load_domain("code", n, seed=7), load_domain("chat", n, seed=7)
     names = args.drafts.split(",")
     engines = {}                                                      # (draft, mode) -> its own engine
@@ -69,20 +71,21 @@ def main() -> None:
 
     warm = fresh(4)
 
-    def aurora(eng, ids, mode):
+    def aurora(eng, ids, mode, c):
         params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, seed=1, **MODES[mode])
-        t = time.perf_counter()
-        outs = eng.generate_batch(ids, params)
-        return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+        t, tokens = time.perf_counter(), 0
+        for i in range(0, len(ids), c):                # waves of c concurrent requests
+            tokens += sum(len(o.token_ids) for o in eng.generate_batch(ids[i:i + c], params))
+        return tokens / (time.perf_counter() - t)
 
-    def hf(ids, mode):
+    def hf(ids, mode, c):
         # on Aurora's compute thread, like the engines: one OpenMP pool in the process (engine/worker.py)
-        return ComputeThread.get().call(_hf, ids, mode)
+        seconds = sum(ComputeThread.get().call(_hf, ids[i:i + c], mode) for i in range(0, len(ids), c))
+        return len(ids) * args.max_tokens / seconds
 
-    def _hf(ids, mode):
+    def _hf(ids, mode):                                # seconds for one padded batch
         model.config._attn_implementation = "sdpa"
         try:
-            c = len(ids)
             width = max(len(x) for x in ids)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             inp = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
@@ -94,22 +97,22 @@ def main() -> None:
             with torch.inference_mode():
                 model.generate(inp, attention_mask=att, max_new_tokens=args.max_tokens,
                                min_new_tokens=args.max_tokens, pad_token_id=pad, **kw)
-            return c * args.max_tokens / (time.perf_counter() - t)
+            return time.perf_counter() - t
         finally:
             model.config._attn_implementation = "aurora_paged"
 
     for (name, mode), eng in engines.items():          # warm-up: kernels, allocator, online estimates
         eng.generate_batch(warm, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, **MODES[mode]))
-    hf(warm[:1], "greedy")
+    hf(warm[:1], "greedy", 1)
     rows = []
     for c in concs:
         samples = {mode: {"hf": [], **{name: [] for name in names}} for mode in modes}
         for _ in range(args.repeats):
-            ids = fresh(c)                                 # the same prompts for every engine and mode
+            ids = fresh(max(c, WAVE_MIN))                  # the same prompts for every engine and mode
             for mode in modes:
-                samples[mode]["hf"].append(hf(ids, mode))
+                samples[mode]["hf"].append(hf(ids, mode, c))
                 for name in names:
-                    samples[mode][name].append(aurora(engines[name, mode], ids, mode))
+                    samples[mode][name].append(aurora(engines[name, mode], ids, mode, c))
         for mode in modes:
             row = {"streams": c, "mode": mode, **{k: statistics.median(v) for k, v in samples[mode].items()}}
             rows.append(row)

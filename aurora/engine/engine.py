@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import itertools
 import os
 import logging
@@ -90,15 +89,8 @@ class Engine:
         raises its exception. Work that computes with torch next to serving (the CPU trainer, a
         baseline measured in the same process) goes through here, so that the process keeps
         one OpenMP pool. Thread-safe; called on the worker itself it just runs fn."""
-        if self._compute.on_thread():
-            return fn(*args)
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("engine is closed")
-            self._calls.append((fn, args, future))
-        self._wake.set()
-        return future.result()
+        return self._compute.submit(self._calls, self._lock, fn, args,
+                                    refuse=lambda: "engine is closed" if self._closed else None)
 
     # ---------------------------------------------------------------- public API
     def encode_prompt(self, prompt) -> list[int]:
@@ -308,14 +300,15 @@ class Engine:
         if not seqs:
             self._drop_unschedulable()
             return
-        decode_only = all(s.num_uncached == 1 for s in seqs)
-        emitted = sum(s.num_output for s in seqs)
+        # the policy's end-to-end evidence: decode-only steps, for a policy that reads it
+        timed = self.policy.reads_step_rates and all(s.num_uncached == 1 for s in seqs)
+        emitted = sum(s.num_output for s in seqs) if timed else 0
         trees = self._propose(seqs)
         t1 = time.perf_counter()
         self._draft_s = t1 - t0
         settle_s = sum(self._settle(*group) for group in self._forward(seqs, trees))
         t2 = time.perf_counter()
-        if decode_only:                                  # the policy's end-to-end evidence
+        if timed:
             self.policy.observe_wall(seqs, any(t is not None for t in trees),
                                      sum(s.num_output for s in seqs) - emitted, t2 - t0)
         st = self._stats

@@ -49,6 +49,8 @@ def _everyone(greedy: bool) -> tuple:
 
 
 class SpeculationPolicy:
+    reads_step_rates = False     # whether `observe_wall` is used (the engine skips timing it if not)
+
     def __init__(self, spec: SpecConfig):
         self.spec = spec
 
@@ -83,6 +85,7 @@ class SpeculationPolicy:
 
 
 class AdaptivePolicy(SpeculationPolicy):
+    reads_step_rates = True
     def __init__(self, spec: SpecConfig, seed: int = 0):
         super().__init__(spec)
         self.costs = StepCostModel()

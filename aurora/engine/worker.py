@@ -49,11 +49,20 @@ class ComputeThread:
 
     def call(self, fn, *args):
         """fn(*args) on the compute thread between two ticks; its result or its exception."""
+        return self.submit(self._jobs, self._lock, fn, args)
+
+    def submit(self, jobs: collections.deque, lock: threading.Lock, fn, args: tuple, refuse=None):
+        """fn(*args) through the queue `jobs` (drained on this thread by `run_jobs`); blocks for its
+        result or exception. On this thread fn just runs. `refuse()`, checked under `lock`, returns
+        a reason to raise instead of queueing (a closed engine), or None."""
         if self.on_thread():
             return fn(*args)
         future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            self._jobs.append((fn, args, future))
+        with lock:
+            why = refuse() if refuse is not None else None
+            if why:
+                raise RuntimeError(why)
+            jobs.append((fn, args, future))
         self.wake.set()
         return future.result()
 
