@@ -10,8 +10,13 @@ use the adaptive policy unless suffixed ":fixed"; ":freq" makes the suffix draft
 children from continuation frequencies under sampling (`suffix_q="frequency"`), and the options
 combine (":fixed/freq"). One process, interleaved, each engine warmed
 up on other prompts first (the adaptive policy and the cost model learn online from that).
-A round at `c` streams serves max(c, 4) prompts in waves of `c` (so a 1-stream cell is
-not one prompt's luck). Every (round, streams) draws prompts no engine has seen: a draft that remembers traffic
+A stream is a closed-loop client: it sends its next prompt the moment its previous request
+finishes, so `c` streams keep `c` requests in flight. A round gives each stream
+max(1, 4 // c) + 1 prompts and counts the tokens emitted until the first stream runs out (every
+stream busy the whole time: a closed wave of `c` requests would instead end with a tail where
+speculation has made some requests finish early and the batch runs part-empty). transformers
+has no continuous batching: it runs the same prompts as left-padded batches of `c`. Every
+(round, streams) draws prompts no engine has seen: a draft that remembers traffic
 (`suffix`) would otherwise replay its own earlier outputs of a repeated prompt.
 
     python examples/concurrency_sweep.py [--conc 1,4,16] [--max-tokens 32] [--repeats 1]
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 
 import torch
@@ -30,8 +36,12 @@ from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
 from aurora.engine.worker import ComputeThread
 from aurora.workloads import load_domain
 
-WAVE_MIN = 4            # prompts per round at least (1 stream: four requests one after another)
 MODES = {"greedy": dict(temperature=0.0), "T0.7/p0.9": dict(temperature=0.7, top_p=0.9)}
+
+
+def per_stream(c: int) -> int:
+    """Prompts each of `c` streams serves in a round (1 stream: five one after another)."""
+    return max(1, 4 // c) + 1
 
 
 def main() -> None:
@@ -45,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     concs = [int(c) for c in args.conc.split(",")]
     modes = args.modes.split(",")
-    n = 4 + args.repeats * sum(max(c, WAVE_MIN) for c in concs)      # warm-up + one fresh set per round
+    n = 4 + args.repeats * sum(c * per_stream(c) for c in concs)     # warm-up + one fresh set per round
     code, chat = load_domain("code", n, seed=7), load_domain("chat", n, seed=7)
     names = args.drafts.split(",")
     engines = {}                                                      # (draft, mode) -> its own engine
@@ -72,11 +82,39 @@ def main() -> None:
     warm = fresh(4)
 
     def aurora(eng, ids, mode, c):
+        """tok/s of `c` closed-loop streams over `ids` (stream j serves ids[j::c]), counted until
+        the first stream has finished its last request."""
         params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, seed=1, **MODES[mode])
-        t, tokens = time.perf_counter(), 0
-        for i in range(0, len(ids), c):                # waves of c concurrent requests
-            tokens += sum(len(o.token_ids) for o in eng.generate_batch(ids[i:i + c], params))
-        return tokens / (time.perf_counter() - t)
+        queues = [list(ids[j::c]) for j in range(c)]
+        lock, done = threading.Lock(), threading.Event()
+        state = {"tokens": 0, "error": None}
+
+        def submit(j):
+            eng.add_request(queues[j].pop(0), params, lambda out: on_output(j, out))
+
+        def on_output(j, out):                         # on the engine's thread
+            with lock:
+                if done.is_set():
+                    return
+                state["tokens"] += len(out.delta_token_ids)
+                if out.finished:
+                    if out.error:
+                        state["error"] = out.error
+                        done.set()
+                    elif queues[j]:
+                        submit(j)
+                    else:
+                        done.set()                     # the first stream ran dry: stop counting
+        t = time.perf_counter()
+        for j in range(c):
+            submit(j)
+        done.wait()
+        seconds = time.perf_counter() - t
+        if state["error"]:
+            raise RuntimeError(f"a request failed: {state['error']}")
+        while eng.stats()["running"] or eng.stats()["waiting"]:   # let the other streams finish
+            time.sleep(0.01)
+        return state["tokens"] / seconds
 
     def hf(ids, mode, c):
         # on Aurora's compute thread, like the engines: one OpenMP pool in the process (engine/worker.py)
@@ -108,7 +146,7 @@ def main() -> None:
     for c in concs:
         samples = {mode: {"hf": [], **{name: [] for name in names}} for mode in modes}
         for _ in range(args.repeats):
-            ids = fresh(max(c, WAVE_MIN))                  # the same prompts for every engine and mode
+            ids = fresh(c * per_stream(c))                 # the same prompts for every engine and mode
             for mode in modes:
                 samples[mode]["hf"].append(hf(ids, mode, c))
                 for name in names:
