@@ -127,13 +127,19 @@ def test_demo_tiny(tmp_path, capsys):
 
 
 def test_demo_system_choice(tmp_path, capsys):
-    """`--system` picks the learning system (here with the traffic memory); unknown names are refused."""
+    """`--system` picks the learning system (here with the traffic memory); unknown names are
+    refused; `--load 0.5` waits after each request as long as it served."""
     from aurora.bench.demo import build_parser, main
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--system", "none"])
+    assert main(["--load", "0", "--out", str(tmp_path / "bad")]) == 2          # clear error, nothing run
+    assert "--load must be in" in capsys.readouterr().err
     rc = main(["--model", "tiny-llama", "--requests", "2", "--max-tokens", "6", "--baseline", "0",
-               "--domains", "chat", "--system", "eagle+suffix+ngram", "--out", str(tmp_path)])
+               "--domains", "chat", "--system", "eagle+suffix+ngram", "--load", "0.5", "--out", str(tmp_path)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "draft eagle+suffix+ngram learning online" in text
-    assert json.loads((tmp_path / "demo.json").read_text())["draft"] == "eagle+suffix+ngram"
+    assert "draft eagle+suffix+ngram learning online" in text and "serving 50% of the time" in text
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data["draft"] == "eagle+suffix+ngram" and data["load"] == 0.5
+    served = sum(r["seconds"] for r in data["requests"])
+    assert data["serve_wall_s"] >= 2 * served * 0.99          # waited as long as it served
