@@ -143,3 +143,15 @@ def test_measured_step_rates_keep_speculation_where_it_wins():
         c = policy.choose([seq])
         policy.observe_wall([seq], c is not None, 4 if c is not None else 1, 0.06 if c is not None else 0.05)
     assert sum(policy.choose([seq]) is None for _ in range(64)) <= 1
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_engine_times_whole_steps_only_for_a_policy_that_reads_them(fresh_engine, adaptive):
+    """The fixed tree never reads end-to-end step rates, so the engine's hot path skips timing
+    them for it; the adaptive policy gets one observation per decode step."""
+    eng = fresh_engine("tiny-llama", "ngram", SpecConfig(depth=3, adaptive=adaptive))
+    seen = []
+    eng.policy.observe_wall = lambda seqs, speculated, tokens, seconds: seen.append(tokens)
+    eng.generate_batch([[5, 6, 7, 5, 6, 7, 5, 6]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert eng.policy.reads_step_rates is adaptive
+    assert (len(seen) > 0) is adaptive and sum(seen) <= 8

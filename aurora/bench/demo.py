@@ -15,7 +15,8 @@ import time
 
 DEFAULT_REQUESTS = 45
 DEFAULT_MAX_TOKENS = 48
-ONLINE_SYSTEMS = ("online", "eagle+suffix+ngram", "eagle+suffix+ngram-adaptive", "eagle+suffix")     # bench systems that learn online
+ONLINE_SYSTEMS = ("online", "eagle+suffix+ngram", "eagle+suffix+ngram-adaptive",   # `aurora bench` systems
+                  "eagle+suffix")                                                 # that learn online
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="serving torch threads (default on CPU: every CPU; the trainer takes turns with serving)")
     p.add_argument("--system", default="online", choices=ONLINE_SYSTEMS,
-                   help="the learning system, an `aurora bench` name (default online = eagle+ngram, fixed "
-                        "tree; session 6 measured it ahead of eagle+suffix+ngram with and without the "
-                        "adaptive policy in this demo)")
+                   help="the learning system, an `aurora bench` name (default online = eagle+ngram with "
+                        "the fixed tree, the fastest of these in this demo on a 2-core CPU; README)")
     p.add_argument("--load", type=float, default=1.0,
                    help="fraction of wall time spent serving (default 1.0: back to back); below 1 the demo "
                         "waits after each request so that serving takes this share, as arrivals would "
@@ -182,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                           title=f"Aurora flywheel on {args.model}: τ per request", window=5, phases=phases)
     wall = time.perf_counter() - t_start
     (out_dir / "demo.json").write_text(json.dumps(
-        {"model": args.model, "system": args.system, "load": args.load, "draft": draft, "hardware": report.hardware_line(threads), "max_tokens": args.max_tokens,
+        {"model": args.model, "system": args.system, "draft": draft, "load": args.load,
+         "hardware": report.hardware_line(threads), "max_tokens": args.max_tokens,
          "requests": rows, "phases": [list(p) for p in phases], "baseline_tokens_per_s": base,
          "speedup": speedup, "speedup_over_ngram": speedup_ngram, "baseline_ngram_tokens_per_s": base_ngram,
-         "tau_first_third": tau_early, "tau_last_third": tau_late, "stats": extra, "serve_wall_s": serve_wall, "wall_s": wall}, indent=2, default=str) + "\n")
+         "tau_first_third": tau_early, "tau_last_third": tau_late, "stats": extra,
+         "serve_wall_s": serve_wall, "wall_s": wall}, indent=2, default=str) + "\n")
     print(f"plot: {png.resolve()}\ndone in {wall:.0f} s")
     return 0
 

@@ -86,6 +86,7 @@ class SpeculationPolicy:
 
 class AdaptivePolicy(SpeculationPolicy):
     reads_step_rates = True
+
     def __init__(self, spec: SpecConfig, seed: int = 0):
         super().__init__(spec)
         self.costs = StepCostModel()
