@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {'on' if d.online else 'off'})")
     e.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                    help="verify only the draft nodes that pay at the current load, switching speculation "
-                        "off when it does not (SpecConfig.adaptive; measured with suffix+ngram: 1.47x vs fixed 1.51x "
-                        f"at 1 stream, 1.12x vs 0.79x at 16) (default: {'on' if d.spec.adaptive else 'off'})")
+                        "off when it does not (SpecConfig.adaptive; with suffix+ngram it kept the fixed tree's "
+                        "gain at 1 stream and avoided its losses at 16; README, Concurrency sweep) "
+                        f"(default: {'on' if d.spec.adaptive else 'off'})")
     s = serve.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")

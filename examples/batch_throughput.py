@@ -1,8 +1,8 @@
 """Target-only throughput, Aurora vs transformers `generate`, at batch 1 and batch N.
 
 Same weights, same prompts, greedy, same max tokens, one process; each measurement is the
-median of interleaved repeats after a warm-up. transformers runs batch N with left padding, on the engine's worker
-thread (same thread, same OpenMP pool).
+median of interleaved repeats after a warm-up. transformers runs batch N with left padding, on
+the engine's compute thread (same thread, same OpenMP pool).
 `--compile on` serves Aurora through the compiled target step (same bf16 weights; compiling
 takes minutes and happens before anything is timed); transformers stays eager `generate`.
 

@@ -86,34 +86,35 @@ def main() -> None:
         the first stream has finished its last request."""
         params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, seed=1, **MODES[mode])
         queues = [list(ids[j::c]) for j in range(c)]
-        lock, done = threading.Lock(), threading.Event()
-        state = {"tokens": 0, "error": None}
+        lock, done, idle = threading.Lock(), threading.Event(), threading.Event()
+        state = {"tokens": 0, "error": None, "live": c}          # live: streams with a request in flight
 
         def submit(j):
             eng.add_request(queues[j].pop(0), params, lambda out: on_output(j, out))
 
         def on_output(j, out):                         # on the engine's thread
             with lock:
-                if done.is_set():
+                if not done.is_set():
+                    state["tokens"] += len(out.delta_token_ids)
+                if not out.finished:
                     return
-                state["tokens"] += len(out.delta_token_ids)
-                if out.finished:
-                    if out.error:
-                        state["error"] = out.error
-                        done.set()
-                    elif queues[j]:
-                        submit(j)
-                    else:
-                        done.set()                     # the first stream ran dry: stop counting
+                if out.error and not done.is_set():
+                    state["error"] = out.error
+                elif queues[j] and not done.is_set():
+                    submit(j)
+                    return
+                done.set()                             # a stream ran dry (or failed): stop counting
+                state["live"] -= 1
+                if state["live"] == 0:
+                    idle.set()
         t = time.perf_counter()
         for j in range(c):
             submit(j)
         done.wait()
         seconds = time.perf_counter() - t
+        idle.wait()                                    # the other streams finish their requests
         if state["error"]:
             raise RuntimeError(f"a request failed: {state['error']}")
-        while eng.stats()["running"] or eng.stats()["waiting"]:   # let the other streams finish
-            time.sleep(0.01)
         return state["tokens"] / seconds
 
     def hf(ids, mode, c):

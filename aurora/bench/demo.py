@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup_prompts,
     )
     from aurora.bench.systems import (
+        SYSTEMS,
         BuildOptions,
         Unavailable,
         build_system,
@@ -97,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     threads = resolve_threads(args.threads, args.device)
     opts = BuildOptions(model=args.model, dtype=args.dtype, device=args.device, threads=threads, seed=args.seed)
 
-    from aurora.bench.systems import SYSTEMS
     draft = SYSTEMS[args.system].draft
     print(f"aurora demo: {args.model}, draft {draft} learning online from scratch; {n} requests "
           f"({' -> '.join(domains)}), {args.max_tokens} tokens each, greedy, batch 1, "

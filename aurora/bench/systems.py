@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from aurora.engine.worker import ComputeThread
-
 from aurora.types import SamplingParams
 
 REQUEST_TIMEOUT_S = 1800.0
