@@ -76,6 +76,7 @@ class TrainerConfig:
     w_counterfactual: float = 0.0      # KL(p || q) at rejected nodes
     w_accept_len: float = 0.0          # expected accepted length objective
     w_prompt: float = 0.0              # imitation weight of prompt positions (hard label: the next prompt token)
+    distil_prompt: bool = True         # label prompt positions with the target's distribution (trainer.py)
     discard: str = "log"               # "log" (log-space hinge) | "hinge" (old probability-space, for A/B)
     init_from_target: bool = True      # draft LM head + final norm from the target's rows
     top_k: int = 16                    # target distribution kept per traced position

@@ -11,7 +11,11 @@ Arms: init random vs from the target's LM head (imitation only), and imitation o
 imitation + discard (log-space) vs imitation + discard (old probability-space hinge), and
 imitation + the counterfactual KL at rejected nodes without the discard hinge;
 and the learning rate of the default objective (lr_1e-3, lr_3e-3 vs discard_log at 3e-4);
-and prompt positions as hard-label rows (prompt_0.5, prompt_1.0: TrainerConfig.w_prompt).
+and prompt positions as hard-label rows (prompt_0.5, prompt_1.0: TrainerConfig.w_prompt);
+and prompt positions labelled with the target's own distribution (prompt_distil:
+TrainerConfig.distil_prompt, from the final hidden state the traces keep) vs context only.
+Every arm trains on its own copy of the traces; held-out traces are scored on the positions
+verification labelled (their prompt rows are never distilled), so arms stay comparable.
 
     python examples/flywheel_ab.py --collect traces.pt --requests 40
     python examples/flywheel_ab.py --traces traces.pt --steps 1000
@@ -19,6 +23,7 @@ and prompt positions as hard-label rows (prompt_0.5, prompt_1.0: TrainerConfig.w
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from dataclasses import replace
@@ -32,8 +37,9 @@ from aurora.models.eagle import build_head
 from aurora.workloads import load_domain
 
 ARMS = {
-    "random_init": dict(init_from_target=False, w_discard=0.0, w_counterfactual=0.0),
-    "target_init": dict(init_from_target=True, w_discard=0.0, w_counterfactual=0.0),
+    "random_init": dict(init_from_target=False, w_discard=0.0, w_counterfactual=0.0, distil_prompt=False),
+    "target_init": dict(init_from_target=True, w_discard=0.0, w_counterfactual=0.0, distil_prompt=False),
+    "prompt_distil": dict(init_from_target=True, w_discard=0.0, w_counterfactual=0.0, distil_prompt=True),
     "discard_log": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log"),
     "counterfactual_only": dict(init_from_target=True, w_discard=0.0, w_counterfactual=0.5),
     "discard_hinge": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="hinge"),
@@ -66,14 +72,17 @@ def collect(args) -> None:
 
 
 def run_arm(name, eng, records, held, args) -> dict:
-    from aurora.flywheel.traces import TraceRecord
+    records = copy.deepcopy(records)                 # distillation labels rows in place
+    arm = {"distil_prompt": False} | ARMS[name]      # arms without the key: prompt rows stay context
     cfg = replace(TrainerConfig(draft_vocab=args.draft_vocab, batch_tokens=args.batch_tokens, span=args.span,
-                                max_passes=1e9, replay_records=len(records), holdout_every=0), **ARMS[name])
+                                max_passes=1e9, replay_records=len(records), holdout_every=0), **arm)
     head = build_head(eng.runner, cfg.draft_vocab, seed=0)
     if cfg.init_from_target:
         init_from_target(head, eng.runner)
     tr = Trainer(head, eng.runner, cfg)
     tr.add_records(records)
+    while tr.distil_pending():                       # label every prompt row first (not an optimizer step)
+        pass
     windows = tr.eval_windows(held)
     score0 = tr.evaluate(tr.head, windows)
     t0 = time.perf_counter()
@@ -82,7 +91,8 @@ def run_arm(name, eng, records, held, args) -> dict:
         tr.optimizer_step()
         if step % max(1, args.steps // 5) == 0:
             curve.append((step, round(tr.evaluate(tr.head, windows), 4)))
-    return {"arm": name, "steps": tr.steps, "tokens_trained": tr.tokens_trained, "tau_start": round(score0, 4),
+    return {"arm": name, "steps": tr.steps, "tokens_trained": tr.tokens_trained, "rows_distilled": tr.rows_distilled,
+            "replay_rows": tr.replay_rows(), "tau_start": round(score0, 4),
             "tau_end": curve[-1][1] if curve else score0, "curve": curve, "losses": tr.last_losses,
             "train_s": round(time.perf_counter() - t0, 1)}
 
@@ -104,7 +114,7 @@ def main() -> None:
         return collect(args)
     from aurora.flywheel.traces import TraceRecord
     records = [TraceRecord(**d) for d in torch.load(args.traces, weights_only=False)]
-    held = records[::6]
+    held = [replace(r, prompt_hidden=None) for r in records[::6]]
     train = [r for i, r in enumerate(records) if i % 6]
     eng = Engine(EngineConfig(model=args.model, draft="none", online=False))
     torch.set_num_threads(torch.get_num_threads())

@@ -56,12 +56,13 @@ def test_trace_keeps_target_distribution_from_verification():
             p = rec.target_probs[has].float()
             assert (p[:, :-1] >= p[:, 1:]).all() and (p.sum(-1) <= 1.001).all()
             assert rec.features.dtype == torch.bfloat16
+            assert rec.prompt_hidden.shape == (n_prompt - 1, eng.runner.hidden_size)   # for distillation
     finally:
         eng.close()
 
 
 def _fake_view(seq, feats, logits, rows, trees=None, outcomes=None):
-    res = SimpleNamespace(features=feats, logits=logits)
+    res = SimpleNamespace(features=feats, logits=logits, hidden=torch.randn(len(feats), 4))
     return SimpleNamespace(seqs=[seq], trees=trees or [None], rows=rows, outcomes=outcomes or [([], 0)],
                            result=res, draft_version=0)
 
@@ -146,7 +147,9 @@ def test_packed_windows_never_see_each_other():
 
 
 def test_trainer_never_calls_the_target_lm_head():
-    eng = _paused_engine(publish_every_steps=10**6, guard=False)
+    """Where verification kept the target's distribution, training never recomputes it (prompt
+    distillation, the one use of the LM head, is off here; see the test below)."""
+    eng = _paused_engine(publish_every_steps=10**6, guard=False, distil_prompt=False)
     try:
         fw = eng.flywheel
         fw.trainer.add_records(_records(eng))
@@ -159,6 +162,72 @@ def test_trainer_never_calls_the_target_lm_head():
         fw.trainer.runner = NoHead()
         assert fw.trainer.train_step()
         assert fw.trainer.tokens_trained > 0 and fw.trainer.last_losses["imitation"] > 0
+    finally:
+        eng.close()
+
+
+def _target_probs(eng, token_ids):
+    """Reference: the target's next-token distribution at every position of `token_ids`, from
+    transformers' own attention over the whole sequence (no paged cache, no trace)."""
+    from aurora.models.runner import ATTN_NAME, set_attn
+    model = eng.runner.model
+    set_attn(model, "sdpa")
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([token_ids]), use_cache=False).logits[0].float()
+    finally:
+        set_attn(model, ATTN_NAME)
+    return torch.softmax(logits, -1)
+
+
+def test_prompt_distillation_labels_prompt_rows_with_the_target_distribution():
+    """Prompt positions arrive without a target; units of at most `micro_tokens` rows label them
+    with the target's top-k, equal to the reference forward; the LM head runs on those rows only."""
+    eng = _paused_engine(publish_every_steps=10**6, guard=False, micro_tokens=4, holdout_every=0)
+    try:
+        long_prompts = [p * 3 for p in PROMPTS]
+        recs = _records(eng, long_prompts, SamplingParams(max_tokens=8, temperature=0))
+        tr = eng.flywheel.trainer
+        before = {id(r): (~r.has_target).nonzero()[:, 0] for r in recs}
+        assert all(len(b) > 4 for b in before.values())
+        rows_seen = []
+        real = eng.runner.logits_from_hidden
+
+        def counting(h):
+            rows_seen.append(h.shape[0])
+            return real(h)
+        eng.runner.logits_from_hidden = counting
+        tr.add_records(recs)
+        replay_rows = tr.replay_rows()
+        assert tr.has_work() and tr.train_step() and tr.steps == 0          # a distillation unit
+        assert rows_seen == [4]
+        while tr._undistilled:
+            tr.train_step()
+        assert sum(rows_seen) == sum(len(b) for b in before.values()) == tr.rows_distilled
+        assert max(rows_seen) <= 4
+        assert tr.replay_rows() == replay_rows + tr.rows_distilled
+        assert eng.stats()["trainer"]["prompt_rows_distilled"] == tr.rows_distilled
+        for rec in recs:
+            assert rec.prompt_hidden is None and rec.has_target.all()
+            ref = _target_probs(eng, rec.token_ids)                          # [n + 1, V]
+            for i in before[id(rec)].tolist():                                # the hidden is kept in
+                ids, probs = rec.target_ids[i].long(), rec.target_probs[i].float()   # bf16: near-ties may swap
+                assert torch.allclose(probs, ref[i, ids], atol=3e-3)
+                assert probs[0] >= ref[i].max() - 3e-3
+                assert torch.allclose(probs, ref[i].topk(len(ids)).values, atol=3e-3)
+        assert tr.train_step() and tr.tokens_trained > 0                    # then training proper
+    finally:
+        eng.close()
+
+
+def test_prompt_distillation_off_keeps_prompt_rows_as_context():
+    eng = _paused_engine(publish_every_steps=10**6, guard=False, distil_prompt=False)
+    try:
+        recs = _records(eng)
+        assert all(r.prompt_hidden is None and not r.has_target.all() for r in recs)
+        tr = eng.flywheel.trainer
+        tr.add_records(recs)
+        assert not tr._undistilled and tr.rows_distilled == 0
     finally:
         eng.close()
 
@@ -227,7 +296,8 @@ def test_micro_batches_bound_the_unit_of_work():
 
 
 def test_prompt_labels_add_hard_rows_and_keep_real_targets():
-    eng = _paused_engine(publish_every_steps=10**6, guard=False, w_prompt=0.5, span=16, batch_tokens=256)
+    eng = _paused_engine(publish_every_steps=10**6, guard=False, w_prompt=0.5, span=16, batch_tokens=256,
+                         distil_prompt=False)         # hard labels stand in where distillation is off
     try:
         rec = _records(eng)[1]
         lab = with_prompt_labels(rec)

@@ -286,7 +286,8 @@ class AuroraSystem(System):
         if isinstance(stats.get("trainer"), dict):
             t = stats["trainer"]
             out["trainer"] = {k: t.get(k) for k in ("steps", "loss", "losses", "swaps", "rollbacks",
-                                                     "version", "tokens_trained", "error") if k in t}
+                                                     "version", "tokens_trained", "prompt_rows_distilled", "error")
+                              if k in t}
         return out
 
     def trainer_loss(self) -> float | None:

@@ -42,7 +42,7 @@ class Flywheel:
             for slot in getattr(self.proposer, "slots", [self.proposer.head]):
                 init_from_target(slot, engine.runner)
         self.buffer = RingBuffer(config.buffer_bytes)
-        self.collector = TraceCollector(self.buffer, top_k=config.top_k)
+        self.collector = TraceCollector(self.buffer, top_k=config.top_k, keep_prompt_hidden=config.distil_prompt)
         self.trainer = Trainer(self.proposer.head, engine.runner, config)
         self.published = copy.deepcopy(self.trainer.head).eval().requires_grad_(False)
         self.previous = None                       # (version, weights, swap time) before the latest swap
@@ -318,6 +318,7 @@ class Flywheel:
             "steps": t.steps, "losses": dict(t.last_losses), "loss": t.last_losses.get("total"),
             "tokens_trained": t.tokens_trained, "requests": self.num_requests,
             "tokens_trained_per_request": t.tokens_trained / max(1, self.num_requests),
+            "prompt_rows_distilled": t.rows_distilled,
             "busy_fraction": self.busy_s / wall, "recent_fraction": self.budget.fraction(),
             "train_s": t.train_s, "guard_s": self.guard_s,
             "guard_fraction": self.guard_s / max(1e-9, t.train_s + self.guard_s),

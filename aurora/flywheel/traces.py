@@ -5,7 +5,13 @@ requests are windowed, never dropped): its tokens, the target features of each p
 (bf16: fp16 overflows at ~6.5e4, hidden-state outliers go beyond), the target's next-token
 distribution at every position verification produced logits for (top-k ids + probs,
 computed once per step from the logits the engine already has), and the first-rejected
-tree nodes with the target's distribution at each. Training never recomputes the LM head.
+tree nodes with the target's distribution at each. Training never recomputes the LM head
+at those positions.
+
+Prompt positions have features but no logits (prefill computes only the last row's). The
+collector keeps their final hidden state h (bf16, [m, hidden]) and the trainer later turns it
+into the target's own distribution there, p = softmax(lm_head(h)) (`Trainer.distil_pending`),
+off the serving path: every prompt token becomes a training row labelled by the target.
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ class TraceRecord:
     num_accepted: int = 0
     draft_version: int = 0
     label_only: torch.Tensor | None = None     # [n] bool: target is the next token alone (see with_prompt_labels)
+    prompt_hidden: torch.Tensor | None = None  # [m, hidden] bf16 target final hidden at the m positions without
+                                               # a target (in order), to be distilled; None once distilled
     created: float = field(default_factory=time.monotonic)
 
     @property
@@ -48,6 +56,8 @@ class TraceRecord:
         n = self.features.nbytes + self.target_ids.nbytes + self.target_probs.nbytes + 16 * len(self.token_ids)
         if self.rejected_ids is not None:
             n += self.rejected_ids.nbytes + self.rejected_probs.nbytes + 24 * len(self.rejected)
+        if self.prompt_hidden is not None:
+            n += self.prompt_hidden.nbytes
         return n
 
 
@@ -125,7 +135,7 @@ class _Open:
     __slots__ = ("chunks", "start", "next", "rej", "steps", "acc", "ver")
 
     def __init__(self, version: int):
-        self.chunks: deque = deque()   # (features [c, 3h], ids [c, K], probs [c, K])
+        self.chunks: deque = deque()   # (features [c, 3h], ids [c, K], probs [c, K], hidden [c', h] | None)
         self.start = 0                 # absolute position of the first kept row
         self.next = 0                  # absolute position of the next row to come
         self.rej: list = []            # (depth, parent position, token, ids [K], probs [K])
@@ -138,12 +148,12 @@ class _Open:
     def trim(self, cap: int) -> None:
         """Keep the last `cap` positions (a bounded window over long requests)."""
         while self.rows() > cap:
-            f, i, p = self.chunks[0]
+            f, i, p, h = self.chunks[0]
             cut = min(len(f), self.rows() - cap)
             if cut == len(f):
                 self.chunks.popleft()
-            else:
-                self.chunks[0] = (f[cut:], i[cut:], p[cut:])
+            else:                                   # a chunk's hidden rows are its first rows
+                self.chunks[0] = (f[cut:], i[cut:], p[cut:], None if h is None or cut >= len(h) else h[cut:])
             self.start += cut
         self.rej = [r for r in self.rej if r[1] - 1 >= self.start]
 
@@ -151,10 +161,12 @@ class _Open:
 class TraceCollector:
     """Step hook: accumulates per-request rows from each StepView; emits a record at finish."""
 
-    def __init__(self, buffer: RingBuffer, max_positions: int = 1024, top_k: int = TOP_K):
+    def __init__(self, buffer: RingBuffer, max_positions: int = 1024, top_k: int = TOP_K,
+                 keep_prompt_hidden: bool = True):
         self.buffer = buffer
         self.max_positions = max_positions
         self.top_k = top_k
+        self.keep_prompt_hidden = keep_prompt_hidden     # for the trainer's prompt distillation
         self._open: dict[str, _Open] = {}
 
     def open_requests(self) -> int:
@@ -162,7 +174,7 @@ class TraceCollector:
 
     def on_step(self, view) -> None:
         res = view.result
-        feat_rows, logit_rows, plans = [], [], []
+        feat_rows, logit_rows, hid_rows, plans = [], [], [], []
         for seq, tree, r, (path, _) in zip(view.seqs, view.trees, view.rows, view.outcomes):
             if seq.finished:                              # failed in verification: nothing to keep
                 self._open.pop(seq.request_id, None)
@@ -185,12 +197,17 @@ class TraceCollector:
                 on_path, frontier = set(path), set([-1] + path)          # nodes whose children were judged
                 rej = [n for n in range(len(tree)) if n not in on_path and tree.parents[n] in frontier]
                 logit_rows += [r.logit_start + 1 + n for n in rej]
-            plans.append((seq, st, tree, path, rej, f0, len(feat_rows), l0))
+            h0 = len(hid_rows)
+            if self.keep_prompt_hidden:                  # rows without logits: the prompt's (first m - 1)
+                hid_rows += feat_rows[f0:len(feat_rows) - 1 - len(path)]
+            plans.append((seq, st, tree, path, rej, f0, len(feat_rows), l0, h0, len(hid_rows)))
         if not plans:
             return
         feats = res.features[torch.tensor(feat_rows, device=res.features.device)].to("cpu", STORE_DTYPE)
         ids, probs = top_k_probs(res.logits[torch.tensor(logit_rows, device=res.logits.device)], self.top_k)
-        for seq, st, tree, path, rej, f0, f1, l0 in plans:
+        hidden = (res.hidden[torch.tensor(hid_rows, device=res.hidden.device)].to("cpu", STORE_DTYPE)
+                  if hid_rows else None)
+        for seq, st, tree, path, rej, f0, f1, l0, h0, h1 in plans:
             c = f1 - f0
             n_dist = 1 + len(path)                        # root + accepted nodes are the last rows
             cid = torch.full((c, ids.shape[1]), -1, dtype=torch.int32)
@@ -198,7 +215,7 @@ class TraceCollector:
             cid[c - n_dist:] = ids[l0:l0 + n_dist]
             cpr[c - n_dist:] = probs[l0:l0 + n_dist]
             root_pos = st.next + c - n_dist
-            st.chunks.append((feats[f0:f1], cid, cpr))
+            st.chunks.append((feats[f0:f1], cid, cpr, hidden[h0:h1] if h1 > h0 else None))
             st.next += c
             if tree is not None and len(tree):
                 st.steps += 1
@@ -220,11 +237,15 @@ class TraceCollector:
         ids = torch.cat([c[1] for c in st.chunks])[:n]
         probs = torch.cat([c[2] for c in st.chunks])[:n]
         rej = [r for r in st.rej if r[1] - st.start < n]
+        hid = [c[3] for c in st.chunks if c[3] is not None]
+        hidden = torch.cat(hid) if hid else None
+        if hidden is not None and len(hidden) != int((ids[:, 0] < 0).sum()):
+            hidden = None                                  # not aligned with the rows it labels: skip
         rec = TraceRecord(
             request_id=seq.request_id, token_ids=list(seq.token_ids[st.start:st.start + n + 1]), features=feats,
             target_ids=ids, target_probs=probs,
             rejected=[(d, pos - st.start, tok) for d, pos, tok, _, _ in rej],
             rejected_ids=torch.stack([r[3] for r in rej]) if rej else None,
             rejected_probs=torch.stack([r[4] for r in rej]) if rej else None,
-            start=st.start, num_steps=st.steps, num_accepted=st.acc, draft_version=st.ver)
+            start=st.start, num_steps=st.steps, num_accepted=st.acc, draft_version=st.ver, prompt_hidden=hidden)
         self.buffer.put(rec)

@@ -9,6 +9,12 @@ micro-batch for its next step. The trainer keeps a bounded
 replay of recent records, makes at most `max_passes` passes over it without new traffic
 (then reports nothing to do, so the flywheel sleeps), and holds back a few *recent*
 records on which the guard scores drafts (simulated greedy accepted length).
+
+Prompt distillation (`distil_prompt`): a record's prompt positions arrive with the target's
+final hidden state h but no distribution; a unit of work turns up to `micro_tokens` of them
+into the target's top-k of softmax(lm_head(h)) (one [rows, hidden] x [hidden, V] GEMM, the
+only place training touches the target's LM head), so prompts train the draft like generated
+text does. Without it those rows stay context only.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch
 from aurora.config import TrainerConfig
 from aurora.flywheel import losses
 from aurora.flywheel.packing import Packed, pack, visibility
-from aurora.flywheel.traces import with_prompt_labels
+from aurora.flywheel.traces import top_k_probs, with_prompt_labels
 
 log = logging.getLogger("aurora.flywheel")
 EVAL_POSITIONS = 128      # last positions of each held-back record scored by the guard
@@ -62,6 +68,8 @@ class Trainer:
         self.autocast = _use_autocast(config.autocast, self.device)
         self._pending: list[list[tuple]] = []    # micro-batches (window groups) left in this optimizer step
         self._num_micro = 0                      # micro-batches in this optimizer step
+        self._undistilled: deque = deque()       # [record, rows [m] without a target, next offset]
+        self.rows_distilled = 0
 
     def _make_opt(self):
         params = [p for p in self.head.parameters() if p.requires_grad]
@@ -79,10 +87,17 @@ class Trainer:
             if int(rec.has_target.sum()) < 2:
                 continue
             self.num_records += 1
+            distil = self.config.distil_prompt and rec.prompt_hidden is not None
+            if distil:
+                rows = (~rec.has_target).nonzero()[:, 0]
+                if len(rows) == len(rec.prompt_hidden):
+                    self._undistilled.append([rec, rows, 0])
+                else:
+                    rec.prompt_hidden, distil = None, False
             if self.config.holdout_every and (self.num_records - 2) % self.config.holdout_every == 0:
                 self.holdout.append(rec)
             else:
-                if self.config.w_prompt > 0:
+                if self.config.w_prompt > 0 and not distil:
                     rec = with_prompt_labels(rec)          # the prompt's positions become training rows too
                 if len(self.replay) == self.replay.maxlen:
                     self._replay_rows -= int(self.replay[0].has_target.sum())
@@ -98,6 +113,14 @@ class Trainer:
         self.replay.extend(replay)
         self._replay_rows = sum(int(r.has_target.sum()) for r in self.replay)
         self.rows_since_new = 0
+        self._undistilled.clear()
+        for rec in (*self.holdout, *self.replay):       # saved before their prompts were distilled
+            if rec.prompt_hidden is not None:
+                rows = (~rec.has_target).nonzero()[:, 0]
+                if self.config.distil_prompt and len(rows) == len(rec.prompt_hidden):
+                    self._undistilled.append([rec, rows, 0])
+                else:
+                    rec.prompt_hidden = None
 
     def replay_rows(self) -> int:
         """Positions with a target in the replay (kept as a count: stats() reads it from other threads)."""
@@ -109,7 +132,30 @@ class Trainer:
         return self.rows_since_new / max(1, self.replay_rows() * self.config.unroll)
 
     def has_work(self) -> bool:
-        return bool(self.replay) and self.passes < self.config.max_passes
+        return bool(self._undistilled) or (bool(self.replay) and self.passes < self.config.max_passes)
+
+    @torch.no_grad()
+    def distil_pending(self, max_rows: int | None = None) -> int:
+        """Label up to `max_rows` prompt positions of the oldest undistilled record with the
+        target's top-k distribution from its stored final hidden state; returns the rows done."""
+        if not self._undistilled:
+            return 0
+        item = self._undistilled[0]
+        rec, rows, off = item
+        n = max_rows or self.config.micro_tokens
+        idx, h = rows[off:off + n], rec.prompt_hidden[off:off + n]
+        runner = self.runner
+        ids, probs = top_k_probs(runner.logits_from_hidden(h.to(runner.device, runner.dtype)), self.config.top_k)
+        k = min(ids.shape[1], rec.target_ids.shape[1])
+        rec.target_ids[idx, :k], rec.target_probs[idx, :k] = ids[:, :k], probs[:, :k]
+        if any(r is rec for r in self.replay):
+            self._replay_rows += len(idx)
+        item[2] = off + len(idx)
+        if item[2] >= len(rows):
+            rec.prompt_hidden = None
+            self._undistilled.popleft()
+        self.rows_distilled += len(idx)
+        return len(idx)
 
     def _window(self, rec) -> tuple[int, int, int]:
         """(start, end, loss rows): a span of positions with stored targets plus context before it."""
@@ -265,6 +311,10 @@ class Trainer:
         if not self._pending and not self.has_work():
             return False
         t0 = time.perf_counter()
+        if self._undistilled:                    # labelling prompt rows is a unit of work of its own
+            self.distil_pending()
+            self.train_s += time.perf_counter() - t0
+            return True
         if not self._pending:
             self._pending = self.sample_micro_batches()
             self._num_micro = len(self._pending)

@@ -56,6 +56,8 @@ TRAINER_SCALARS = (
     ("trainer", "tokens_trained", "aurora_trainer_tokens_trained", "Rows (tokens) trained on by the online trainer", True),
     ("trainer", "tokens_trained_per_request", "aurora_trainer_tokens_trained_per_request",
      "Trained rows per finished request", False),
+    ("trainer", "prompt_rows_distilled", "aurora_trainer_prompt_rows_distilled",
+     "Prompt positions labelled with the target's distribution for training", True),
     ("trainer", "busy_fraction", "aurora_trainer_busy_fraction", "Fraction of wall time the trainer computed", False),
     ("trainer", "guard_fraction", "aurora_trainer_guard_fraction", "Fraction of trainer time spent guarding", False),
     ("trainer", "rejected_candidates", "aurora_draft_rejected_candidates", "Candidate drafts the guard refused", True),

@@ -1,0 +1,68 @@
+"""examples/corpus_pretrain.py: a distilled corpus record is the trace serving would write for
+the same tokens (features and the target's distribution), and its trained head loads as a draft."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aurora import Engine, EngineConfig, SamplingParams, TrainerConfig
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    path = Path(__file__).resolve().parents[1] / "examples" / "corpus_pretrain.py"
+    spec = importlib.util.spec_from_file_location("corpus_pretrain", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["corpus_pretrain"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_distilled_record_matches_the_served_trace(pretrain):
+    eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32",
+                              trainer=TrainerConfig(distil_prompt=False)))
+    eng.flywheel.pause()
+    try:
+        eng.generate_batch(["the cat sat on the mat, the cat"], SamplingParams(max_tokens=24, temperature=0))
+        served = eng.flywheel.buffer.drain()[0]
+        rec = eng.run_on_worker(pretrain.distil, eng.runner, served.token_ids)
+        n = len(served.features)
+        assert rec.features.shape == served.features.shape and len(rec.token_ids) == n + 1
+        assert torch.allclose(rec.features.float(), served.features.float(), rtol=2e-2, atol=2e-2)
+        has = served.has_target
+        assert has.sum() > 10 and rec.has_target.all()
+        assert torch.equal(rec.target_ids[has, 0], served.target_ids[has, 0])
+        assert torch.allclose(rec.target_probs[has].float(), served.target_probs[has].float(), atol=2e-3)
+    finally:
+        eng.close()
+
+
+def test_trained_head_loads_as_a_draft(pretrain, tmp_path):
+    from aurora.flywheel.checkpoint import save_head
+    from aurora.flywheel.trainer import Trainer
+    from aurora.models.eagle import build_head
+    eng = Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="float32"))
+    try:
+        ids = list(range(3, 60)) * 2
+        recs = [eng.run_on_worker(pretrain.distil, eng.runner, ids)]
+        cfg = TrainerConfig(max_passes=1e9, holdout_every=0, batch_tokens=64, micro_tokens=64, lr=3e-3)
+        tr = Trainer(build_head(eng.runner, cfg.draft_vocab), eng.runner, cfg)
+        tr.add_records(recs)
+        w = tr.eval_windows(recs)
+        before = tr.evaluate(tr.head, w)
+        for _ in range(30):
+            tr.optimizer_step()
+        assert tr.evaluate(tr.head, w) > before                # it learns the distilled rows
+        save_head(tr.head.eval(), tmp_path / "d", {"feature_layers": list(eng.runner.feature_layers)})
+    finally:
+        eng.close()
+    eng = Engine(EngineConfig(model="tiny-llama", draft=f"eagle:{tmp_path / 'd'}+ngram", dtype="float32"))
+    try:
+        out = eng.generate_batch(["1 2 3"], SamplingParams(max_tokens=8, temperature=0))[0]
+        assert len(out.token_ids) == 8
+    finally:
+        eng.close()
