@@ -9,7 +9,7 @@ from aurora.bench import stream
 from aurora.config import SpecConfig
 from aurora.drafts import ProposeContext
 from aurora.drafts.base import Proposer
-from aurora.drafts.compose import EXPLORE_EVERY, ComposedProposer
+from aurora.drafts.compose import EXPLORE_EVERY, EXPLORE_MAX, ComposedProposer
 from aurora.engine.tree import DraftTree
 
 
@@ -91,6 +91,25 @@ def test_gate_closes_when_gain_is_below_cost():
     assert max(learned.depths[before:]) <= 2
     stats = comp.source_stats()
     assert stats["learned_gain"] < stats["learned_cost"] or stats["learned_gain"] < 0.05
+
+
+def test_closed_gate_probes_less_often_until_the_draft_changes():
+    """While the gate stays closed on one draft version, the probe interval doubles up to
+    EXPLORE_MAX; a swap (new version) is probed at once and resets the interval."""
+    learned, ngram = _Fixed([7, 8, 9, 10], True), _Fixed([1], False)
+    comp = _composed(learned, ngram)
+    _run(comp, accepted_depths=0, steps=20 * EXPLORE_EVERY)
+    assert not comp.gate_open
+    before = learned.calls
+    _run(comp, accepted_depths=0, steps=16 * EXPLORE_MAX)
+    assert comp.explore_every == EXPLORE_MAX
+    assert learned.calls - before <= 16 + 4                        # ~one probe per EXPLORE_MAX steps
+    learned.version = 1                                             # the trainer swapped in new weights
+    before = learned.calls
+    _run(comp, accepted_depths=0, steps=1)
+    assert learned.calls - before == 1 and comp.source_stats()["explore_every"] == 2 * EXPLORE_EVERY
+    _run(comp, accepted_depths=0, steps=EXPLORE_EVERY)
+    assert learned.calls - before == 2                              # the next probe EXPLORE_EVERY later
 
 
 def test_gate_opens_and_deepens_when_learned_tokens_pay():

@@ -9,8 +9,12 @@ Cost-aware gate for the learned branch, re-estimated online (exponential average
   engine/costs.py, the model the adaptive tree policy uses too);
 * the branch pays when g > tau_base * c (a step of tau_base tokens costing 1 + c must
   yield more than tau_base tokens per unit of time). It then drafts as deep as the depths
-  whose own gain exceeds their own cost; otherwise it runs only every `EXPLORE_EVERY`-th
-  step (shallow, `EXPLORE_DEPTH`) so it can earn its way back as it trains.
+  whose own gain exceeds their own cost; otherwise it runs only every k-th step (shallow,
+  `EXPLORE_DEPTH`) so it can earn its way back as it trains. k starts at `EXPLORE_EVERY` and
+  doubles (up to `EXPLORE_MAX`) after every probe that leaves the gate closed: the same weights
+  on the same traffic rarely start paying, and each probe costs a draft call and extra nodes.
+  A new draft version (a swap) is probed at once and resets k: new weights are what can
+  change the gain.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from aurora.engine.costs import StepCostModel
 from aurora.engine.tree import DraftTree
 
 EXPLORE_EVERY = 8
+EXPLORE_MAX = 64        # probe interval cap while the gate stays closed on one draft version
 EXPLORE_DEPTH = 2
 DECAY = 0.97            # exponential averaging of gains and costs (per observed step)
 MAX_DEPTH = 32
@@ -43,6 +48,9 @@ class ComposedProposer(Proposer):
         self.learnable = any(p.learnable for p in parts)
         self.num_steps = 0
         self.gate_open = True
+        self.explore_every = EXPLORE_EVERY     # probe interval while closed (backs off, see above)
+        self._explore_version = None           # learned draft version the interval applies to
+        self._next_probe = EXPLORE_EVERY
         self.depth_limit = 0                  # learned depth of the latest step that ran it
         self._gain_by_depth = [_Ema(PRIOR_GAIN * 0.7 ** d) for d in range(MAX_DEPTH)]  # optimistic: explore first
         self._nodes_by_depth = [_Ema() for _ in range(MAX_DEPTH)]
@@ -106,15 +114,32 @@ class ComposedProposer(Proposer):
     def source_stats(self) -> dict:
         return {"learned_gain": self.gain, "learned_cost": self.cost, "tau_base": self.tau_base,
                 "gate_open": self.gate_open, "learned_depth": self.depth_limit,
+                "explore_every": self.explore_every,
                 "node_cost": self._per_node(), "draft_cost": self._draft_units.value,
                 "gain_by_depth": [round(g.value, 4) for g in self._gain_by_depth[:8]]}
 
     # ------------------------------------------------------------ proposing
+    def _probe_now(self, gate_open: bool) -> bool:
+        """Open gate: probe one level deeper every `EXPLORE_EVERY` steps. Closed: probe at
+        `_next_probe`, then wait twice as long; a new learned draft version is probed at once."""
+        version = getattr(self.learned, "version", None)
+        if version != self._explore_version:             # new weights: what can change the gain
+            self._explore_version, self.explore_every = version, EXPLORE_EVERY
+            self._next_probe = self.num_steps
+        if gate_open:
+            self.explore_every, self._next_probe = EXPLORE_EVERY, self.num_steps + EXPLORE_EVERY
+            return self.num_steps % EXPLORE_EVERY == 0
+        if self.num_steps < self._next_probe:
+            return False
+        self._next_probe = self.num_steps + self.explore_every
+        self.explore_every = min(EXPLORE_MAX, 2 * self.explore_every)
+        return True
+
     def propose(self, seqs, ctx):
         self.num_steps += 1
         depth = self._choose_depth(ctx.spec.depth)
         self.gate_open = depth > 0
-        if self.num_steps % EXPLORE_EVERY == 0:          # probe one level deeper (or shallow, if closed)
+        if self._probe_now(self.gate_open):              # probe one level deeper (or shallow, if closed)
             depth = min(ctx.spec.depth, depth + 1 if depth else EXPLORE_DEPTH)
         use_learned = depth > 0
         if use_learned:
