@@ -349,6 +349,19 @@ def test_share_budget_spends_idle_time_first():
     assert b.allows() and b.fraction() == 0
 
 
+def test_share_budget_counts_idle_time_offered_even_if_unused():
+    """A trainer that slept through idle time (nothing to do) was offered its share: no turns
+    from busy serving; under sustained load (little idle time) it takes them."""
+    now = [0.0]
+    b = ShareBudget(0.15, window_s=10.0, clock=lambda: now[0])
+    now[0] += 10.0
+    b.offered(4.0)                            # 40 % idle, the trainer trained 0 s of it
+    assert b.fraction() == 0 and not b.allows()
+    now[0] += 11.0                            # that idle time left the window: sustained load
+    b.offered(0.5)
+    assert b.idle_fraction() == pytest.approx(0.05) and b.allows()
+
+
 def test_trainer_takes_no_busy_turns_when_idle_time_gave_its_share():
     eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32",
                               trainer=TrainerConfig(span=16, batch_tokens=128, guard=False)))

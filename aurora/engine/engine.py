@@ -218,6 +218,11 @@ class Engine:
             s[name] = fn()
         return s
 
+    def has_work(self) -> bool:
+        """Requests running, waiting, or submitted but not yet taken in by the compute thread (a
+        trainer must count those as busy, or its next unit runs ahead of their first step)."""
+        return bool(self._inbox) or self.scheduler.has_work
+
     def machine_busy(self) -> bool:
         """Whether any engine on this process's compute thread has requests to serve."""
         return self._compute.busy()

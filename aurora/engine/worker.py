@@ -76,7 +76,7 @@ class ComputeThread:
     def busy(self) -> bool:
         """Whether any engine on this thread has requests to serve (a trainer of an idle engine
         must not take the machine from another engine's serving)."""
-        return any(engine.scheduler.has_work for engine in list(self.engines))
+        return any(engine.has_work() for engine in list(self.engines))
 
     def _loop(self) -> None:
         while True:

@@ -97,18 +97,23 @@ class Flywheel:
     def _serving_busy(self) -> bool:
         if self.on_worker:                       # any engine sharing the compute thread
             return self.engine.machine_busy()
-        return self.engine.scheduler.has_work
+        return self.engine.has_work()
 
     def _run(self) -> None:
         shared = self.on_worker                      # CPU: turns with serving on the worker thread
         try:
             ctx = torch.cuda.stream(self.stream) if self.stream is not None else _Null()
             with ctx:
+                last, was_busy = time.monotonic(), True
                 while not self._closed:
+                    now = time.monotonic()
+                    busy = self._serving_busy()
+                    if not busy and not was_busy:             # idle at both looks: idle in between
+                        self.budget.offered(now - last)
+                    last, was_busy = now, busy
                     if self.paused:
                         time.sleep(0.05)
                         continue
-                    busy = self._serving_busy()
                     if shared and busy and self.config.busy_share < 1 and not self.budget.allows():
                         self.yielded_turns += 1               # idle time already gave it its share
                         time.sleep(0.02)
@@ -165,14 +170,14 @@ class Flywheel:
                 self._vocab_built_at < 0 or t.steps - self._vocab_built_at >= VOCAB_REBUILD_EVERY):
             self._rebuild_vocab()
         stepped = t.train_step()
+        if not stepped:                    # nothing changed the weights: a no-op unit stays cheap
+            return bool(records)
         if not t.weights_finite():
             self.nonfinite_restores += 1
             log.warning("flywheel: non-finite trainer weights; restoring last published draft")
             t.head.load_state_dict(self.published.state_dict())
             t.reset_optimizer()
             return True
-        if not stepped:
-            return bool(records)
         due = (t.steps - self._steps_at_publish >= self.config.publish_every_steps
                or time.monotonic() - self._last_publish >= self.config.publish_every_s)
         if due:

@@ -5,9 +5,11 @@ step's OpenMP barriers, and a second thread with its own OpenMP pool makes every
 barriers sleep instead of spin (see `Engine`). So the trainer's units of work run on the
 engine's worker thread between two steps (`Engine.run_on_worker`): a waiting unit gets the
 next turn, and its share of wall time while serving is busy is bounded by the flywheel
-(`busy_share`). Idle time is spent first: `ShareBudget` counts the trainer's compute over a recent window,
-and while it already reached `busy_share` of that window (from idle time) the trainer does
-not take turns from busy serving at all; only under sustained load does it take its share.
+(`busy_share`). Idle time is spent first: `ShareBudget` counts, over a recent window, the
+trainer's compute and the idle time serving left it. While either reached `busy_share` of that
+window, the trainer takes no turns from busy serving: it trained enough, or it was offered
+enough idle time (and, having nothing left to do then, slept). Only under sustained load, when
+idle time is scarce, does it take its share from serving.
 """
 from __future__ import annotations
 
@@ -22,18 +24,36 @@ class ShareBudget:
     def __init__(self, share: float, window_s: float = 30.0, clock=time.monotonic):
         self.share, self.window_s, self.clock = share, window_s, clock
         self._start = clock()
-        self._units: deque = deque()       # (end time, seconds)
+        self._units: deque = deque()       # (end time, trainer seconds)
         self._sum = 0.0
+        self._idle: deque = deque()        # (end time, idle seconds offered)
+        self._idle_sum = 0.0
 
     def record(self, seconds: float) -> None:
         self._units.append((self.clock(), seconds))
         self._sum += seconds
 
+    def offered(self, seconds: float) -> None:
+        """`seconds` of wall time in which serving had no work (whether or not the trainer used it)."""
+        self._idle.append((self.clock(), seconds))
+        self._idle_sum += seconds
+
+    def _span(self, now: float) -> float:
+        return max(1e-6, min(self.window_s, now - self._start))
+
     def fraction(self) -> float:
+        """Trainer compute / recent wall time."""
         now = self.clock()
         while self._units and self._units[0][0] < now - self.window_s:
             self._sum -= self._units.popleft()[1]
-        return self._sum / max(1e-6, min(self.window_s, now - self._start))
+        return self._sum / self._span(now)
+
+    def idle_fraction(self) -> float:
+        """Idle time offered / recent wall time."""
+        now = self.clock()
+        while self._idle and self._idle[0][0] < now - self.window_s:
+            self._idle_sum -= self._idle.popleft()[1]
+        return self._idle_sum / self._span(now)
 
     def allows(self) -> bool:
-        return self.fraction() < self.share
+        return self.fraction() < self.share and self.idle_fraction() < self.share
