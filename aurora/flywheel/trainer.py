@@ -87,13 +87,7 @@ class Trainer:
             if int(rec.has_target.sum()) < 2:
                 continue
             self.num_records += 1
-            distil = self.config.distil_prompt and rec.prompt_hidden is not None
-            if distil:
-                rows = (~rec.has_target).nonzero()[:, 0]
-                if len(rows) == len(rec.prompt_hidden):
-                    self._undistilled.append([rec, rows, 0])
-                else:
-                    rec.prompt_hidden, distil = None, False
+            distil = self._queue_distillation(rec)
             if self.config.holdout_every and (self.num_records - 2) % self.config.holdout_every == 0:
                 self.holdout.append(rec)
             else:
@@ -115,12 +109,19 @@ class Trainer:
         self.rows_since_new = 0
         self._undistilled.clear()
         for rec in (*self.holdout, *self.replay):       # saved before their prompts were distilled
-            if rec.prompt_hidden is not None:
-                rows = (~rec.has_target).nonzero()[:, 0]
-                if self.config.distil_prompt and len(rows) == len(rec.prompt_hidden):
-                    self._undistilled.append([rec, rows, 0])
-                else:
-                    rec.prompt_hidden = None
+            self._queue_distillation(rec)
+
+    def _queue_distillation(self, rec) -> bool:
+        """Queue `rec`'s prompt rows for labelling if it carries their hidden states (dropped
+        when distillation is off or they do not line up with the rows without a target)."""
+        if rec.prompt_hidden is None:
+            return False
+        rows = (~rec.has_target).nonzero()[:, 0]
+        if not self.config.distil_prompt or len(rows) != len(rec.prompt_hidden):
+            rec.prompt_hidden = None
+            return False
+        self._undistilled.append([rec, rows, 0])
+        return True
 
     def replay_rows(self) -> int:
         """Positions with a target in the replay (kept as a count: stats() reads it from other threads)."""
