@@ -20,12 +20,15 @@ def _fixed_tree_unless_asked():
     speculation off where it does not pay: on tiny random models nothing is accepted, so tests
     of the speculation code paths (exactness, chi-square, isolation, the flywheel) would never
     reach them. In tests, `SpecConfig()` therefore means the fixed tree; tests of the policy ask
-    for it (`SpecConfig(adaptive=True)`), and test_policy checks the real default."""
+    for it (`SpecConfig(adaptive=True)`), and test_policy checks the real default. Likewise the
+    learned draft's confidence cut (`eagle_min_prob`) would stop a random tiny head after one
+    level, so tests get full-depth eagle trees unless they ask for the cut (test_eagle_batch)."""
     import dataclasses
     names = [f.name for f in dataclasses.fields(SpecConfig)]
     defaults = list(SpecConfig.__init__.__defaults__)
     assert len(defaults) == len(names), "every SpecConfig field has a default"
     defaults[names.index("adaptive")] = False
+    defaults[names.index("eagle_min_prob")] = 0.0
     SpecConfig.__init__.__defaults__ = tuple(defaults)
 
 

@@ -5,6 +5,7 @@ different lengths join and leave."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -48,3 +49,56 @@ def test_batched_eagle_proposals_equal_one_sequence_at_a_time(fresh_engine, shap
     outs = eng.generate_batch(prompts, params)
     assert [len(o.token_ids) for o in outs] == [p.max_tokens for p in params]
     assert calls["batched"] >= 5 and calls["checked_trees"] >= 10
+
+
+def test_confidence_cut_expands_only_confident_paths(fresh_engine):
+    """`eagle_min_prob`: a node gets children only while its path probability under the draft is
+    at least the cut. The cut tree is the uncut tree pruned (same tokens where both expand), every
+    expanded node clears the cut, and some node that the uncut tree expands is cut."""
+    import dataclasses
+
+    from aurora.drafts import ProposeContext
+    default = next(f.default for f in dataclasses.fields(SpecConfig) if f.name == "eagle_min_prob")
+    assert default > 0, "serving cuts unconfident paths by default (conftest turns it off for tests)"
+    eng = fresh_engine("tiny-llama", "eagle", SpecConfig(shape="static", depth=4, width=2, max_nodes=30))
+    proposer = eng.proposer
+    with torch.no_grad():                     # a peaked head: path probabilities spread over (0, 1]
+        proposer.head.lm_head.weight.mul_(40.0)
+    seen = {"compared": 0, "cut_somewhere": 0}
+    propose = proposer.propose
+
+    def comparing(seqs, ctx):
+        states = [copy.copy(s.draft_state) for s in seqs]
+        full = propose(seqs, ctx)
+        probs = sorted(math.exp(sum(t.logprobs[a] for a in _path(t, n))) for t in full for n in range(len(t))
+                       if t.depths[n] < ctx.spec.depth)
+        if not probs:
+            return full
+        cut_p = probs[len(probs) // 2]                     # the median expandable path probability
+        for seq, st in zip(seqs, states):
+            seq.draft_state = copy.copy(st)
+        cut = propose(seqs, ProposeContext(dataclasses.replace(ctx.spec, eagle_min_prob=cut_p), ctx.vocab_size))
+        for a, b in zip(full, cut):
+            keep = {}                                      # cut node -> full node with the same path
+            for n in range(len(b)):
+                parent = keep[b.parents[n]] if b.parents[n] >= 0 else -1
+                keep[n] = a.find_child(parent, b.token_ids[n])
+                assert keep[n] >= 0, "the cut tree is a pruning of the uncut tree"
+                if b.parents[n] >= 0:
+                    assert math.exp(sum(b.logprobs[x] for x in _path(b, b.parents[n]))) >= cut_p * (1 - 1e-6)
+            seen["cut_somewhere"] += len(b) < len(a)
+            seen["compared"] += 1
+        return full
+
+    proposer.propose = comparing
+    eng.generate_batch(["the cat sat on the mat and the cat", "one two three four five six"],
+                       SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    assert seen["compared"] >= 10 and seen["cut_somewhere"] >= 5, seen
+
+
+def _path(tree, node: int) -> list[int]:
+    out = []
+    while node >= 0:
+        out.append(node)
+        node = tree.parents[node]
+    return out

@@ -31,6 +31,26 @@ def test_stream_bench_smoke(tmp_path):
 def test_stream_rejects_bad_arguments():
     assert stream.main(["--utilization", "0"]) == 2
     assert stream.main(["--systems", "nope", "--per-domain", "1"]) == 2
+    assert stream.main(["--systems", "ngram,online-ckpt", "--per-domain", "1"]) == 2    # needs --checkpoint
+
+
+def test_stream_online_from_a_checkpoint(tmp_path):
+    """online-ckpt starts eagle+ngram from a saved draft (e.g. the corpus day-0 one) and learns on."""
+    from aurora import Engine, EngineConfig
+    from aurora.flywheel.checkpoint import save_head
+    eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=False, dtype="float32"))
+    save_head(eng.proposer.head, tmp_path / "day0")
+    eng.close()
+    rc = stream.main(["--model", "tiny-llama", "--per-domain", "2", "--domains", "code,chat", "--max-tokens", "8",
+                      "--utilization", "1", "--window", "2", "--dtype", "float32", "--max-prompt-chars", "80",
+                      "--systems", "ngram,online-ckpt", "--checkpoint", str(tmp_path / "day0"),
+                      "--out", str(tmp_path / "out")])
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "stream.json").read_text())
+    rows = res["rows"]["online-ckpt"]
+    assert len(rows) == 4 and all(r["ttft_s"] is not None and r["ttft_s"] > 0 for r in rows)
+    assert "online-ckpt_over_ngram_tok_s" in res["summary"]["domains"][0]
+    assert "requests_until_online_ckpt_beats_ngram_tok_s" in res["summary"]
 
 
 class _Clock:

@@ -24,6 +24,7 @@ STREAM_SYSTEMS = {
     "none": ("Aurora, no draft", "none", False),
     "ngram": ("Aurora, n-gram draft", "ngram", False),
     "online": ("eagle+ngram online from scratch", "eagle+ngram", True),
+    "online-ckpt": ("eagle+ngram online from --checkpoint (e.g. the corpus day-0 draft)", "eagle:{ckpt}+ngram", True),
     "eagle-online": ("eagle online alone", "eagle", True),
     "eagle-static": ("eagle trained on the first domain, then frozen", "eagle", True),
 }
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-prompt-chars", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None,
+                   help="saved draft dir for online-ckpt (examples/corpus_pretrain.py writes a day-0 one)")
     p.add_argument("--out", default="stream_out")
     return p
 
@@ -49,6 +52,7 @@ def serve_stream(name: str, prompts, args, shift_at: list[int], progress=print) 
     """Serve every prompt on one system; one row per request."""
     from aurora import Engine, EngineConfig, SamplingParams
     label, draft, online = STREAM_SYSTEMS[name]
+    draft = draft.replace("{ckpt}", args.checkpoint or "")
     eng = Engine(EngineConfig(model=args.model, draft=draft, online=online, dtype=args.dtype, max_batch=1,
                               seed=args.seed))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
@@ -63,6 +67,7 @@ def serve_stream(name: str, prompts, args, shift_at: list[int], progress=print) 
             dt = time.perf_counter() - t0
             tr = eng.stats().get("trainer") or {}
             rows.append({"i": i, "domain": prompt.domain, "tokens": len(out.token_ids), "seconds": dt,
+                         "ttft_s": out.stats.get("ttft_s"),
                          "tau": out.stats.get("accepted_length"), "draft_version": out.stats.get("draft_version"),
                          "steps": tr.get("steps", 0), "swaps": tr.get("swaps", 0),
                          "tokens_trained": tr.get("tokens_trained", 0)})
@@ -98,18 +103,21 @@ def summarize(runs: dict[str, list[dict]], shift_at: list[int], n: int, window: 
             sel = [rows[i] for i in last]
             d[name] = {"tok_s": sum(r["tokens"] for r in sel) / max(1e-9, sum(r["seconds"] for r in sel)),
                        "tau": _mean(r["tau"] for r in sel),
+                       "ttft_s": _mean(r.get("ttft_s") for r in sel),
                        "tau_start": _mean(r["tau"] for r in rows[a:a + max(1, (b - a) // 3)]),
                        "steps_end": rows[b - 1]["steps"]}
-        if "online" in d and "ngram" in d:
-            d["online_over_ngram_tok_s"] = d["online"]["tok_s"] / max(1e-9, d["ngram"]["tok_s"])
+        for name in ("online", "online-ckpt"):
+            if name in d and "ngram" in d:
+                d[f"{name}_over_ngram_tok_s"] = d[name]["tok_s"] / max(1e-9, d["ngram"]["tok_s"])
         domains.append(d)
     out = {"domains": domains}
     if "ngram" in runs:
         ng = windows(runs["ngram"], window)
-        if "online" in runs:
-            on = windows(runs["online"], window)
-            out["requests_until_online_beats_ngram_tok_s"] = next(
-                (w["end"] for w, g in zip(on, ng) if w["tok_s"] > g["tok_s"]), None)
+        for name in ("online", "online-ckpt"):
+            if name in runs:
+                on = windows(runs[name], window)
+                out[f"requests_until_{name.replace('-', '_')}_beats_ngram_tok_s"] = next(
+                    (w["end"] for w, g in zip(on, ng) if w["tok_s"] > g["tok_s"]), None)
         if "eagle-online" in runs:
             eo = windows(runs["eagle-online"], window)
             out["requests_until_eagle_beats_ngram_tau"] = next(
@@ -158,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"aurora bench --stream: error: unknown systems {unknown}; choose from {list(STREAM_SYSTEMS)}",
               file=sys.stderr)
+        return 2
+    if "online-ckpt" in systems and not args.checkpoint:
+        print("aurora bench --stream: error: online-ckpt needs --checkpoint DIR "
+              "(python examples/corpus_pretrain.py --out DIR builds a day-0 draft)", file=sys.stderr)
         return 2
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     prompts = domain_shift(domains, args.per_domain, seed=args.seed)

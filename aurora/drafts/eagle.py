@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 
 import torch
@@ -148,7 +149,11 @@ class EagleProposer(Proposer):
 
     def _grow(self, head: EagleHead, seqs, trees: list[DraftTree], spec, vocab_size: int) -> None:
         """Expand every sequence's tree level by level; all sequences' new rows of a level form
-        one head call over the concatenated K/V (contexts first, then tree rows as they come)."""
+        one head call over the concatenated K/V (contexts first, then tree rows as they come).
+        A node is expanded only while its path probability under the draft, prod q, stays at or
+        above `spec.eagle_min_prob`: an unconfident draft stops after one level instead of paying
+        for `depth` head calls whose nodes the target would reject. Which nodes get children
+        depends only on their ancestors, so sampled verification stays lossless."""
         ctxs = self._contexts(head, seqs)
         embed = self.runner.embed_tokens
         dev = ctxs[0][0].device
@@ -162,6 +167,7 @@ class EagleProposer(Proposer):
         rows_of: list[dict[int, int]] = [{} for _ in seqs]   # node -> row in K/V
         frontiers = [[(-1, c[2], 0.0)] for c in ctxs]      # (node, hidden, cumulative logprob)
         q_lists: list[list] = [[] for _ in seqs]
+        min_lp = math.log(spec.eagle_min_prob) if spec.eagle_min_prob > 0 else -math.inf
         for depth in range(1, spec.depth + 1):
             live = [i for i in range(len(seqs)) if frontiers[i]]
             if not live:
@@ -177,6 +183,9 @@ class EagleProposer(Proposer):
                 hid = {node: h for node, h, _ in f}
                 for score, parent, t, lpv, qr in cands[:max(budget - len(trees[i]), 0)]:
                     new.append((i, trees[i].add(t, parent, lpv, qr), hid[parent], score))
+            # only nodes that get children need a head row: not at the last depth, not past the
+            # node budget, not below the confidence cut (their subtree would rarely be accepted)
+            new = [c for c in new if depth < spec.depth and len(trees[c[0]]) < budget and c[3] >= min_lp]
             if not new:
                 break
             S, N = K.shape[0], len(new)
@@ -195,8 +204,7 @@ class EagleProposer(Proposer):
             frontiers = [[] for _ in seqs]
             for j, (i, node, _, score) in enumerate(new):
                 rows_of[i][node] = S + j
-                if len(trees[i]) < budget:
-                    frontiers[i].append((node, hn[j], score))
+                frontiers[i].append((node, hn[j], score))
         for tree, q_list in zip(trees, q_lists):
             if q_list:
                 tree.q_probs = torch.stack(q_list)
