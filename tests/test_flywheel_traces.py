@@ -272,7 +272,8 @@ def test_several_windows_per_step_and_bounded_passes():
 def test_micro_batches_bound_the_unit_of_work():
     """An optimizer step is split into micro-batches (each one turn of the trainer, so serving waits
     at most one): weights change only after the last micro-batch of a step."""
-    eng = _paused_engine(publish_every_steps=10**6, guard=False, batch_tokens=512, micro_tokens=48, span=16)
+    eng = _paused_engine(publish_every_steps=10**6, guard=False, batch_tokens=512, micro_tokens=48, span=16,
+                         max_passes=1e9)
     try:
         tr = eng.flywheel.trainer
         tr.add_records(_records(eng))
@@ -291,6 +292,16 @@ def test_micro_batches_bound_the_unit_of_work():
         assert units > 1
         assert any(not torch.equal(before[k], v) for k, v in tr.head.state_dict().items())
         assert tr.optimizer_step() and tr.steps == 2
+        # each micro-batch is two units, forward then backward: a request waits for half of one
+        assert tr.train_step() and tr.mid_micro_batch
+        assert all(p.grad is None for p in tr.head.parameters())
+        assert tr.train_step() and not tr.mid_micro_batch
+        assert any(p.grad is not None for p in tr.head.parameters())
+        assert tr.train_step() and tr.mid_micro_batch
+        with torch.no_grad():                       # weights replaced between the halves (a rollback):
+            tr.head.fc.weight.add_(1.0)             # the stale graph is dropped, training goes on
+        tr.reset_optimizer()
+        assert not tr.mid_micro_batch and tr.optimizer_step() and tr.steps == 3
     finally:
         eng.close()
 

@@ -166,13 +166,15 @@ class Flywheel:
                 self.vocab.update(rec.token_ids)
             self.trainer.add_records(records)
         t = self.trainer
-        if t.num_records >= VOCAB_FIRST_RECORDS and (
+        if not t.mid_micro_batch and t.num_records >= VOCAB_FIRST_RECORDS and (
                 self._vocab_built_at < 0 or t.steps - self._vocab_built_at >= VOCAB_REBUILD_EVERY):
             self._rebuild_vocab()
+        seen = (t.steps, t.skipped_nonfinite)
         stepped = t.train_step()
         if not stepped:                    # nothing changed the weights: a no-op unit stays cheap
             return bool(records)
-        if not t.weights_finite():
+        # weights change only at optimizer steps; a non-finite loss or gradient may mean they broke
+        if (t.steps, t.skipped_nonfinite) != seen and not t.weights_finite():
             self.nonfinite_restores += 1
             log.warning("flywheel: non-finite trainer weights; restoring last published draft")
             t.head.load_state_dict(self.published.state_dict())
@@ -290,8 +292,8 @@ class Flywheel:
         with self._state_lock:
             t = self.trainer
             self.published.load_state_dict(head.state_dict())
+            t.reset_optimizer()                # also drops a half-done micro-batch
             t.head.load_state_dict(state["trainer_head"] if state else head.state_dict())
-            t.opt = t._make_opt()
             if state:
                 t.opt.load_state_dict(state["optimizer"])
                 self.vocab.counts = state["counts"]

@@ -68,17 +68,21 @@ class Trainer:
         self.autocast = _use_autocast(config.autocast, self.device)
         self._pending: list[list[tuple]] = []    # micro-batches (window groups) left in this optimizer step
         self._num_micro = 0                      # micro-batches in this optimizer step
+        self._graph: torch.Tensor | None = None  # a micro-batch's loss between its forward and backward units
         self._undistilled: deque = deque()       # [record, rows [m] without a target, next offset]
         self.rows_distilled = 0
 
     def _make_opt(self):
         params = [p for p in self.head.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        try:                                     # fused: one kernel over all tensors (24 -> 4 ms per step on CPU)
+            return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=True)
+        except (RuntimeError, TypeError):        # a device or torch without the fused kernel
+            return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def reset_optimizer(self) -> None:
         """Fresh AdamW state; drops a half-accumulated step (its gradients may not fit anymore)."""
         self.opt = self._make_opt()
-        self._pending, self._num_micro = [], 0
+        self._pending, self._num_micro, self._graph = [], 0, None
         self.head.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ data
@@ -307,37 +311,58 @@ class Trainer:
 
     # ------------------------------------------------------------------ one unit of work
     def train_step(self) -> bool:
-        """One micro-batch: forward + backward, gradients accumulated; the optimizer steps
-        (`steps` += 1) after the last micro-batch of a step. False: nothing to train on."""
-        if not self._pending and not self.has_work():
+        """One unit of work: a prompt-distillation unit, or half a micro-batch. A micro-batch is
+        two units, forward (loss, graph kept) then backward (gradients accumulated), so a request
+        that arrives mid-unit waits for about half as long (serving takes its turns in between).
+        The optimizer steps (`steps` += 1) after the last micro-batch's backward. False: nothing
+        to train on."""
+        if self._graph is None and not self._pending and not self.has_work():
             return False
         t0 = time.perf_counter()
-        if self._undistilled:                    # labelling prompt rows is a unit of work of its own
-            self.distil_pending()
-            self.train_s += time.perf_counter() - t0
+        try:
+            if self._graph is not None:          # second half of a micro-batch
+                loss, self._graph = self._graph, None
+                (loss / self._num_micro).backward()
+                if not self._pending:
+                    self._optimizer_step()
+                return True
+            if self._undistilled:                # labelling prompt rows is a unit of work of its own
+                self.distil_pending()
+                return True
+            if not self._pending:
+                self._pending = self.sample_micro_batches()
+                self._num_micro = len(self._pending)
+                self.opt.zero_grad(set_to_none=True)
+            packed = pack(self._pending.pop(0), self.config.unroll)
+            loss, terms, rows, _ = self._loss(self.head, packed)
+            if torch.isfinite(loss):
+                self._graph = loss
+                self.tokens_trained += rows
+                self.rows_since_new += rows
+                self.last_losses = {k: v.item() for k, v in terms.items()} | {"total": loss.item()}
+            else:
+                self.skipped_nonfinite += 1
+                if not self._pending:
+                    self._optimizer_step()
             return True
-        if not self._pending:
-            self._pending = self.sample_micro_batches()
-            self._num_micro = len(self._pending)
-            self.opt.zero_grad(set_to_none=True)
-        packed = pack(self._pending.pop(0), self.config.unroll)
-        loss, terms, rows, _ = self._loss(self.head, packed)
-        if torch.isfinite(loss):
-            (loss / self._num_micro).backward()
-            self.tokens_trained += rows
-            self.rows_since_new += rows
-            self.last_losses = {k: v.item() for k, v in terms.items()} | {"total": loss.item()}
-        else:
-            self.skipped_nonfinite += 1
-        if not self._pending:
-            grads = [p.grad for p in self.head.parameters() if p.grad is not None]
-            if grads and all(torch.isfinite(g).all() for g in grads):
-                torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.config.grad_clip)
+        finally:
+            self.train_s += time.perf_counter() - t0
+
+    @property
+    def mid_micro_batch(self) -> bool:
+        """A forward's graph waits for its backward: the weights must not change in between."""
+        return self._graph is not None
+
+    def _optimizer_step(self) -> None:
+        if any(p.grad is not None for p in self.head.parameters()):
+            # the total norm is non-finite iff some gradient is: one pass checks and clips
+            norm = torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.config.grad_clip)
+            if torch.isfinite(norm):
                 self.opt.step()
                 self.steps += 1
-            self.opt.zero_grad(set_to_none=True)
-        self.train_s += time.perf_counter() - t0
-        return True
+            else:
+                self.skipped_nonfinite += 1
+        self.opt.zero_grad(set_to_none=True)
 
     def optimizer_step(self) -> bool:
         """Run micro-batches until one optimizer step completes (offline A/Bs, tests)."""
