@@ -3,7 +3,8 @@
 Each system serves the whole stream alone (one at a time, so no system's trainer takes
 the CPU from another's serving), at batch 1, with idle gaps that hold utilisation at
 `--utilization` (an open-loop arrival approximation: after a request of d seconds the
-system waits d * (1/u - 1)). Systems: none, ngram, eagle+ngram online from scratch, eagle
+system waits d * (1/u - 1)). Systems: none, ngram, eagle+ngram online from scratch, eagle+ngram
+online from a saved draft (`online-ckpt --checkpoint DIR`, e.g. the corpus day-0 draft), eagle
 online alone, eagle static (online on the first domain, then frozen). Reports per-window
 tau and tok/s, trainer steps and swaps; the last third of each domain; requests until
 eagle+ngram online beats ngram in tok/s and until eagle alone beats ngram in tau; and a
