@@ -220,6 +220,28 @@ def test_prompt_distillation_labels_prompt_rows_with_the_target_distribution():
         eng.close()
 
 
+def test_prompt_distillation_skips_records_evicted_before_their_turn():
+    """A record that left the replay before its prompt rows were labelled is not labelled (its
+    hidden states are dropped); the replay's row count stays exact."""
+    eng = _paused_engine(publish_every_steps=10**6, guard=False, replay_records=2, holdout_every=0)
+    try:
+        tr = eng.flywheel.trainer
+        recs = _records(eng)
+        assert len(recs) >= 3 and all(r.prompt_hidden is not None for r in recs)
+        prompt_rows = {id(r): int((~r.has_target).sum()) for r in recs}
+        tr.add_records(recs)                                    # only the last two stay in the replay
+        evicted, kept = recs[:-2], recs[-2:]
+        while tr.distil_pending():
+            pass
+        assert all(r.prompt_hidden is None for r in recs)
+        assert tr.rows_distilled == sum(prompt_rows[id(r)] for r in kept) > 0
+        assert all(not r.has_target.all() for r in evicted)     # never labelled
+        assert all(r.has_target.all() for r in kept)
+        assert tr.replay_rows() == sum(int(r.has_target.sum()) for r in kept)
+    finally:
+        eng.close()
+
+
 def test_prompt_distillation_off_keeps_prompt_rows_as_context():
     eng = _paused_engine(publish_every_steps=10**6, guard=False, distil_prompt=False)
     try:

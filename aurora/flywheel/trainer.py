@@ -143,6 +143,13 @@ class Trainer:
     def distil_pending(self, max_rows: int | None = None) -> int:
         """Label up to `max_rows` prompt positions of the oldest undistilled record with the
         target's top-k distribution from its stored final hidden state; returns the rows done."""
+        while self._undistilled:                 # a record evicted before its turn: nothing to label
+            rec = self._undistilled[0][0]
+            in_replay = any(r is rec for r in self.replay)
+            if in_replay or any(r is rec for r in self.holdout):
+                break
+            rec.prompt_hidden = None
+            self._undistilled.popleft()
         if not self._undistilled:
             return 0
         item = self._undistilled[0]
@@ -153,7 +160,7 @@ class Trainer:
         ids, probs = top_k_probs(runner.logits_from_hidden(h.to(runner.device, runner.dtype)), self.config.top_k)
         k = min(ids.shape[1], rec.target_ids.shape[1])
         rec.target_ids[idx, :k], rec.target_probs[idx, :k] = ids[:, :k], probs[:, :k]
-        if any(r is rec for r in self.replay):
+        if in_replay:
             self._replay_rows += len(idx)
         item[2] = off + len(idx)
         if item[2] >= len(rows):
