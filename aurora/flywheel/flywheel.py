@@ -174,7 +174,7 @@ class Flywheel:
         if not stepped:                    # nothing changed the weights: a no-op unit stays cheap
             return bool(records)
         # weights change only at optimizer steps; a non-finite loss or gradient may mean they broke
-        if (t.steps, t.skipped_nonfinite) != seen and not t.weights_finite():
+        if (t.steps, t.skipped_nonfinite) != seen and not all_finite(t.head):
             self.nonfinite_restores += 1
             log.warning("flywheel: non-finite trainer weights; restoring last published draft")
             t.head.load_state_dict(self.published.state_dict())

@@ -397,6 +397,3 @@ class Trainer:
             return float("nan")
         _, _, _, tau = self._loss(head, pack(windows, self.config.unroll), with_grad_terms=False)
         return float(tau.mean())
-
-    def weights_finite(self) -> bool:
-        return all(torch.isfinite(p).all() for p in self.head.parameters())
