@@ -27,7 +27,11 @@ if not CUDA:  # the interpreter must be chosen before triton is first imported
 
 import torch.nn.functional as F
 from aurora.kernels.reference import paged_tree_attention_ref, tree_attention_dense_ref
-from aurora.kernels.train_attention import tree_attention_flex, tree_block_mask
+from aurora.kernels.train_attention import (
+    cuda_kernel_options,
+    tree_attention_flex,
+    tree_block_mask,
+)
 from aurora.kernels.tree_attention_triton import paged_tree_attention_triton
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -147,7 +151,8 @@ def paged_row(cfg, prefix, tree, flex, warmup, reps) -> dict:
         block_mask = tree_block_mask(mask)
 
         def run_flex():
-            return flex(q, k_kv, v_kv, block_mask=block_mask, scale=scale, enable_gqa=True)
+            return flex(q, k_kv, v_kv, block_mask=block_mask, scale=scale, enable_gqa=True,
+                        kernel_options=cuda_kernel_options() if CUDA else None)
 
         run_flex()
         if CUDA:

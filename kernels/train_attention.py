@@ -14,6 +14,16 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 _compiled = None
 
 
+def cuda_kernel_options() -> dict:
+    """FlexAttention's main Triton kernel, never its decoding kernel. Flex picks the decoding
+    kernel for short queries (a 64-node tree is one), which has no backward, and which torch
+    2.11 failed to lower on an H200 for these shapes (`NoValidChoicesError`, examples/gpu_check.sh).
+    Newer torch names the choice `BACKEND`; older torch has the legacy knob."""
+    from torch.nn.attention import flex_attention as fa
+    known = getattr(getattr(fa, "FlexKernelOptions", None), "__annotations__", {})
+    return {"BACKEND": "TRITON"} if "BACKEND" in known else {"FORCE_USE_FLEX_ATTENTION": True}
+
+
 def _flex(device: torch.device):
     global _compiled
     if device.type != "cuda":
@@ -45,5 +55,6 @@ def tree_attention_flex(
 ) -> torch.Tensor:        # [B, H, T, D]
     if block_mask is None:
         block_mask = tree_block_mask(mask)
+    options = cuda_kernel_options() if q.device.type == "cuda" else None
     return _flex(q.device)(q, k, v, block_mask=block_mask, scale=scale,
-                           enable_gqa=q.shape[1] != k.shape[1])
+                           enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
