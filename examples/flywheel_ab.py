@@ -46,6 +46,11 @@ ARMS = {
     # learning rate of the default objective (target init + log-space discard)
     "lr_1e-3": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", lr=1e-3),
     "lr_3e-3": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", lr=3e-3),
+    # the serving defaults (TrainerConfig()) at three learning rates: for fine-tuning a saved
+    # draft (--init), where the default rate may undo what it learned
+    "defaults": dict(distil_prompt=True),
+    "defaults_lr_1e-4": dict(distil_prompt=True, lr=1e-4),
+    "defaults_lr_3e-5": dict(distil_prompt=True, lr=3e-5),
     # the prompt's positions as extra rows with hard labels (the next prompt token)
     "prompt_0.5": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", w_prompt=0.5),
     "prompt_1.0": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", w_prompt=1.0),
@@ -76,9 +81,14 @@ def run_arm(name, eng, records, held, args) -> dict:
     arm = {"distil_prompt": False} | ARMS[name]      # arms without the key: prompt rows stay context
     cfg = replace(TrainerConfig(draft_vocab=args.draft_vocab, batch_tokens=args.batch_tokens, span=args.span,
                                 max_passes=1e9, replay_records=len(records), holdout_every=0), **arm)
-    head = build_head(eng.runner, cfg.draft_vocab, seed=0)
-    if cfg.init_from_target:
-        init_from_target(head, eng.runner)
+    if args.init:                                    # a saved draft (e.g. the corpus day-0 draft)
+        from aurora.flywheel.checkpoint import load_any
+        head, _ = load_any(args.init, eng.runner)
+        cfg = replace(cfg, draft_vocab=len(head.d2t))
+    else:
+        head = build_head(eng.runner, cfg.draft_vocab, seed=0)
+        if cfg.init_from_target:
+            init_from_target(head, eng.runner)
     tr = Trainer(head, eng.runner, cfg)
     tr.add_records(records)
     while tr.distil_pending():                       # label every prompt row first (not an optimizer step)
@@ -109,6 +119,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=256)
     ap.add_argument("--span", type=int, default=32)
     ap.add_argument("--arms", default="random_init,target_init,discard_log,discard_hinge")
+    ap.add_argument("--init", help="start every arm from this saved draft instead of a new head")
     args = ap.parse_args()
     if args.collect:
         return collect(args)

@@ -147,3 +147,34 @@ def test_cli_persist_flag_default_dir_and_export(tmp_path, monkeypatch):
     assert cfg["speculators_model_type"] == "eagle3" and (out / "model.safetensors").exists()
     assert cli.main(["export-draft", str(tmp_path / "x"), "--model", "tiny-llama",
                      "--draft-dir", str(tmp_path / "none")]) == 2
+
+
+def test_a_saved_draft_served_online_keeps_its_weights(tmp_path):
+    """A saved draft at version 0 (how the corpus day-0 draft is saved) is not a draft from
+    scratch: serving it online must not overwrite its LM head and norm with the target's rows
+    (`TrainerConfig.init_from_target` is for new heads only; it used to key on version 0)."""
+    from aurora.flywheel.checkpoint import save_head
+    from aurora.models.eagle import build_head
+    with Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="float32")) as eng:
+        head = build_head(eng.runner, 200, seed=3)
+        layers = list(eng.runner.feature_layers)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+    save_head(head, tmp_path, {"feature_layers": layers, "version": 0})
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    fresh = _engine(TrainerConfig(guard=False, draft_vocab=200))
+    with Engine(EngineConfig(model="tiny-llama", draft=f"eagle:{tmp_path}", online=True, dtype="float32",
+                             trainer=TrainerConfig(guard=False, draft_vocab=200))) as eng:
+        eng.flywheel.pause()
+        for name in ("lm_head.weight", "norm.weight"):
+            assert torch.equal(eng.proposer.head.state_dict()[name].cpu(), saved[name]), name
+            assert torch.equal(eng.flywheel.trainer.head.state_dict()[name].cpu(), saved[name]), name
+        served = eng.proposer.head.lm_head.weight
+        target_rows = eng.runner.lm_head.weight[eng.proposer.head.d2t]
+        assert not torch.allclose(served, target_rows.to(served))
+    try:                                                    # while a new head does start from the target's rows
+        head = fresh.proposer.head
+        torch.testing.assert_close(head.lm_head.weight, fresh.runner.lm_head.weight[head.d2t].to(head.lm_head.weight))
+    finally:
+        fresh.close()

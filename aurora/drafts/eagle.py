@@ -27,8 +27,9 @@ class EagleProposer(Proposer):
     name = "eagle"
     learnable = True
 
-    def __init__(self, runner, head: EagleHead, version: int = 0):
+    def __init__(self, runner, head: EagleHead, version: int = 0, pretrained: bool = False):
         self.runner = runner
+        self.pretrained = pretrained      # loaded from a saved draft: the flywheel keeps its weights
         head = head.to(device=runner.device, dtype=runner.dtype).eval().requires_grad_(False)
         self.slots = [head, copy.deepcopy(head)]
         self.active = 0
@@ -47,7 +48,7 @@ class EagleProposer(Proposer):
                 log.info("eagle draft %s was trained on target layer outputs %s; tapping those instead of %s",
                          checkpoint, taps, runner.feature_layers)
                 runner.feature_layers = taps          # features must come from the layers the draft learned on
-            return cls(runner, head, version=int(meta.get("version", 0)))
+            return cls(runner, head, version=int(meta.get("version", 0)), pretrained=True)
         return cls(runner, build_head(runner, config.trainer.draft_vocab, config.seed))
 
     # ------------------------------------------------------------ double buffer

@@ -38,7 +38,9 @@ class Flywheel:
         self.config = config
         proposer = engine.proposer
         self.proposer = getattr(proposer, "learned", None) or proposer
-        if config.init_from_target and self.proposer.version == 0:      # a draft from scratch
+        # a draft from scratch only: a saved one (the corpus day-0 draft is saved at version 0)
+        # keeps the LM head and norm it was trained with
+        if config.init_from_target and not getattr(self.proposer, "pretrained", False):
             for slot in getattr(self.proposer, "slots", [self.proposer.head]):
                 init_from_target(slot, engine.runner)
         self.buffer = RingBuffer(config.buffer_bytes)
