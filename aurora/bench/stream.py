@@ -4,8 +4,9 @@ Each system serves the whole stream alone (one at a time, so no system's trainer
 the CPU from another's serving), at batch 1, with idle gaps that hold utilisation at
 `--utilization` (an open-loop arrival approximation: after a request of d seconds the
 system waits d * (1/u - 1)). Systems: none, ngram, eagle+ngram online from scratch, eagle+ngram
-online from a saved draft (`online-ckpt --checkpoint DIR`, e.g. the corpus day-0 draft), eagle
-online alone, eagle static (online on the first domain, then frozen). Reports per-window
+online from a saved draft (`online-ckpt --checkpoint DIR`, e.g. the corpus day-0 draft) and the
+same draft frozen (`frozen-ckpt`), eagle online alone, eagle static (online on the first domain,
+then frozen). Reports per-window
 tau and tok/s, trainer steps and swaps; the last third of each domain; requests until
 eagle+ngram online beats ngram in tok/s and until eagle alone beats ngram in tau; and a
 plot of tau and tok/s vs request index with swaps marked.
@@ -26,6 +27,7 @@ STREAM_SYSTEMS = {
     "ngram": ("Aurora, n-gram draft", "ngram", False),
     "online": ("eagle+ngram online from scratch", "eagle+ngram", True),
     "online-ckpt": ("eagle+ngram online from --checkpoint (e.g. the corpus day-0 draft)", "eagle:{ckpt}+ngram", True),
+    "frozen-ckpt": ("eagle+ngram from --checkpoint, frozen (never trained on the stream)", "eagle:{ckpt}+ngram", False),
     "eagle-online": ("eagle online alone", "eagle", True),
     "eagle-static": ("eagle trained on the first domain, then frozen", "eagle", True),
 }
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-chars", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None,
-                   help="saved draft dir for online-ckpt (examples/corpus_pretrain.py writes a day-0 one)")
+                   help="saved draft dir for online-ckpt and frozen-ckpt (examples/corpus_pretrain.py writes a day-0 one)")
     p.add_argument("--out", default="stream_out")
     return p
 
@@ -107,7 +109,7 @@ def summarize(runs: dict[str, list[dict]], shift_at: list[int], n: int, window: 
                        "ttft_s": _mean(r.get("ttft_s") for r in sel),
                        "tau_start": _mean(r["tau"] for r in rows[a:a + max(1, (b - a) // 3)]),
                        "steps_end": rows[b - 1]["steps"]}
-        for name in ("online", "online-ckpt"):
+        for name in ("online", "online-ckpt", "frozen-ckpt"):
             if name in d and "ngram" in d:
                 d[f"{name}_over_ngram_tok_s"] = d[name]["tok_s"] / max(1e-9, d["ngram"]["tok_s"])
         domains.append(d)
@@ -168,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aurora bench --stream: error: unknown systems {unknown}; choose from {list(STREAM_SYSTEMS)}",
               file=sys.stderr)
         return 2
-    if "online-ckpt" in systems and not args.checkpoint:
-        print("aurora bench --stream: error: online-ckpt needs --checkpoint DIR "
+    needing = [s for s in systems if "{ckpt}" in STREAM_SYSTEMS[s][1]]
+    if needing and not args.checkpoint:
+        print(f"aurora bench --stream: error: {', '.join(needing)} needs --checkpoint DIR "
               "(python examples/corpus_pretrain.py --out DIR builds a day-0 draft)", file=sys.stderr)
         return 2
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
