@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     needing = [s for s in systems if "{ckpt}" in STREAM_SYSTEMS[s][1]]
     if needing and not args.checkpoint:
-        print(f"aurora bench --stream: error: {', '.join(needing)} needs --checkpoint DIR "
+        print(f"aurora bench --stream: error: {', '.join(needing)}: --checkpoint DIR is required "
               "(python examples/corpus_pretrain.py --out DIR builds a day-0 draft)", file=sys.stderr)
         return 2
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
