@@ -8,6 +8,8 @@ SDPA with a dense mask is measured by `examples/bench_kernels.py`, not assumed.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -19,9 +21,15 @@ def cuda_kernel_options() -> dict:
     kernel for short queries (a 64-node tree is one), which has no backward, and which torch
     2.11 failed to lower on an H200 for these shapes (`NoValidChoicesError`, examples/gpu_check.sh).
     Newer torch names the choice `BACKEND`; older torch has the legacy knob."""
+    return {"BACKEND": "TRITON"} if _has_backend_option() else {"FORCE_USE_FLEX_ATTENTION": True}
+
+
+@functools.cache
+def _has_backend_option() -> bool:
+    """Whether this torch's FlexAttention takes `kernel_options["BACKEND"]` (read once; a fresh
+    dict per call, since flex may fill in defaults)."""
     from torch.nn.attention import flex_attention as fa
-    known = getattr(getattr(fa, "FlexKernelOptions", None), "__annotations__", {})
-    return {"BACKEND": "TRITON"} if "BACKEND" in known else {"FORCE_USE_FLEX_ATTENTION": True}
+    return "BACKEND" in getattr(getattr(fa, "FlexKernelOptions", None), "__annotations__", {})
 
 
 def _flex(device: torch.device):

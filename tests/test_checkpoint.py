@@ -163,7 +163,6 @@ def test_a_saved_draft_served_online_keeps_its_weights(tmp_path):
             p.normal_(0, 0.05)
     save_head(head, tmp_path, {"feature_layers": layers, "version": 0})
     saved = {k: v.clone() for k, v in head.state_dict().items()}
-    fresh = _engine(TrainerConfig(guard=False, draft_vocab=200))
     with Engine(EngineConfig(model="tiny-llama", draft=f"eagle:{tmp_path}", online=True, dtype="float32",
                              trainer=TrainerConfig(guard=False, draft_vocab=200))) as eng:
         eng.flywheel.pause()
@@ -173,8 +172,6 @@ def test_a_saved_draft_served_online_keeps_its_weights(tmp_path):
         served = eng.proposer.head.lm_head.weight
         target_rows = eng.runner.lm_head.weight[eng.proposer.head.d2t]
         assert not torch.allclose(served, target_rows.to(served))
-    try:                                                    # while a new head does start from the target's rows
+    with _engine(TrainerConfig(guard=False, draft_vocab=200)) as fresh:   # a new head does start from the target's rows
         head = fresh.proposer.head
         torch.testing.assert_close(head.lm_head.weight, fresh.runner.lm_head.weight[head.d2t].to(head.lm_head.weight))
-    finally:
-        fresh.close()
