@@ -211,3 +211,41 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero():
 def test_draw_rejects_an_invalid_distribution(bad):
     with pytest.raises(ValueError, match="invalid probability distribution"):
         draw(torch.tensor(bad), make_generator(0))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(top_k=40),
+                                    SamplingParams(temperature=1.3, top_k=300, top_p=0.95)])
+def test_candidate_path_equals_the_full_vocabulary_path(params):
+    """Truncated rows are computed on their top candidates only; the result (values and support)
+    equals the full-vocabulary computation, and rows it cannot settle exactly (a nucleus wider
+    than the candidates, a tie across the cut) take the full path."""
+    from aurora.engine.sampling import _full, _truncated, processed
+    g = torch.Generator().manual_seed(17)
+    logits = torch.randn(8, 6000, generator=g) * 4
+    logits[1] *= 0.02                                              # flat: nucleus beyond 64 candidates
+    logits[2, :500] = 30.0                                         # 500 tied leaders: a tie across any cut
+    logits[3, 400:] = float("-inf")                                # a draft-vocabulary row (-inf outside)
+    z = logits.float() / params.temperature
+    ids, probs, ok = _truncated(z.clone(), params)
+    assert ok[[0, 3, 4, 5, 6, 7]].all() and not ok[2]              # most rows take the candidate path
+    if not params.top_k:
+        assert not ok[1]
+    got, support = processed(logits, params, with_support=True)
+    want = _full(z.clone(), params)
+    assert ((got > 0) == (want > 0)).all()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for i in range(8):
+        if ok[i]:
+            assert torch.equal(support[i], want[i].nonzero().squeeze(-1))
+        else:
+            assert support[i] is None
+
+
+def test_a_draw_over_the_support_picks_the_same_token_as_over_the_vocabulary():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.zeros(5000)
+    support = torch.randperm(5000, generator=g)[:40].sort().values
+    probs[support] = torch.rand(40, generator=g)
+    dense = draw(probs, make_generator(9), 500)
+    sparse = draw(probs, make_generator(9), 500, support=support)
+    assert torch.equal(dense, sparse) and torch.isin(sparse, support).all()

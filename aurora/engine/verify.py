@@ -34,6 +34,7 @@ def verify_sampling(tree: DraftTree,
     """The residual is copied only when a child is rejected (an accepted level allocates nothing);
     a deterministic proposal (point mass at x) makes the residual r with r(x) zeroed, renormalised."""
     path, node = [], -1
+    support = getattr(target_probs, "support", None)
     while True:
         residual = target_probs[node + 1]           # r: target distribution at this node (a view)
         owned = False
@@ -61,7 +62,7 @@ def verify_sampling(tree: DraftTree,
                 residual, owned = target_probs[node + 1], False
             else:
                 residual /= total
-        if accepted < 0:
-            return path, sample(residual, generator)
+        if accepted < 0:                           # residual <= the row: zero outside its support
+            return path, sample(residual, generator, support(node + 1) if support else None)
         path.append(accepted)
         node = accepted
