@@ -28,6 +28,37 @@ def test_stream_bench_smoke(tmp_path):
     assert static[-1]["steps"] == static[2]["steps"] or static[-1]["steps"] - static[2]["steps"] <= 1
 
 
+def test_interleaved_stream_trains_only_the_serving_system(monkeypatch):
+    """Request by request, every system in turn; while one serves (and idles after), the other
+    systems' trainers are paused, and eagle-static's stays paused after the first domain."""
+    import argparse
+    from aurora.workloads.corpora import Prompt
+    seen = []
+
+    def fake_serve(eng, i, prompt, args):
+        seen.append((i, {n: e.flywheel.paused for n, e in engines.items() if e.flywheel is not None}, eng))
+        return {"i": i, "tau": 1.0, "steps": 0, "swaps": 0}
+
+    engines = {}
+    real_engine = stream._engine
+
+    def make(name, args):
+        engines[name] = real_engine(name, args)
+        return engines[name]
+    monkeypatch.setattr(stream, "_serve_one", fake_serve)
+    monkeypatch.setattr(stream, "_engine", make)
+    args = argparse.Namespace(model="tiny-llama", checkpoint=None, dtype="float32", seed=0, window=10)
+    prompts = [Prompt("a b", "code", "t"), Prompt("c d", "chat", "t"), Prompt("e f", "chat", "t")]
+    runs = stream.serve_interleaved(["ngram", "online", "eagle-static"], prompts, args, [1], progress=None)
+    assert [r["i"] for r in runs["online"]] == [0, 1, 2] and len(seen) == 9
+    for k, (i, paused, eng) in enumerate(seen):
+        serving = next(n for n, e in engines.items() if e is eng)
+        assert serving == ["ngram", "online", "eagle-static"][k % 3]
+        want = {"online": serving != "online",
+                "eagle-static": serving != "eagle-static" or i >= 1}
+        assert paused == want, (i, serving, paused)
+
+
 def test_stream_rejects_bad_arguments():
     assert stream.main(["--utilization", "0"]) == 2
     assert stream.main(["--systems", "nope", "--per-domain", "1"]) == 2
@@ -44,7 +75,7 @@ def test_stream_online_from_a_checkpoint(tmp_path):
     rc = stream.main(["--model", "tiny-llama", "--per-domain", "2", "--domains", "code,chat", "--max-tokens", "8",
                       "--utilization", "1", "--window", "2", "--dtype", "float32", "--max-prompt-chars", "80",
                       "--systems", "ngram,online-ckpt", "--checkpoint", str(tmp_path / "day0"),
-                      "--out", str(tmp_path / "out")])
+                      "--sequential", "--out", str(tmp_path / "out")])
     assert rc == 0
     res = json.loads((tmp_path / "out" / "stream.json").read_text())
     rows = res["rows"]["online-ckpt"]

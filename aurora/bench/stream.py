@@ -1,9 +1,12 @@
 """`aurora bench --stream`: a long stream of real requests with abrupt domain shifts.
 
-Each system serves the whole stream alone (one at a time, so no system's trainer takes
-the CPU from another's serving), at batch 1, with idle gaps that hold utilisation at
-`--utilization` (an open-loop arrival approximation: after a request of d seconds the
-system waits d * (1/u - 1)). Systems: none, ngram, eagle+ngram online from scratch, eagle+ngram
+All systems are alive at once and serve the stream interleaved, request by request (request i
+on each system in turn), at batch 1, each request followed by an idle gap that holds
+utilisation at `--utilization` (an open-loop arrival approximation: after a request of d
+seconds the system waits d * (1/u - 1)). Only the serving system's trainer runs, in its
+request and its own gap, so no system's trainer takes the CPU from another's serving.
+`--sequential` serves the whole stream on one system after another instead (a slow drift of
+the machine then falls on some systems only). Systems: none, ngram, eagle+ngram online from scratch, eagle+ngram
 online from a saved draft (`online-ckpt --checkpoint DIR`, e.g. the corpus day-0 draft) and the
 same draft frozen (`frozen-ckpt`), eagle online alone, eagle static (online on the first domain,
 then frozen). Reports per-window
@@ -47,41 +50,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None,
                    help="saved draft dir for online-ckpt and frozen-ckpt (examples/corpus_pretrain.py writes a day-0 one)")
+    p.add_argument("--sequential", action="store_true",
+                   help="serve the whole stream on one system after another (default: interleaved, request "
+                        "by request, so machine drift falls on every system alike)")
     p.add_argument("--out", default="stream_out")
     return p
 
 
+def _engine(name: str, args):
+    from aurora import Engine, EngineConfig
+    _, draft, online = STREAM_SYSTEMS[name]
+    return Engine(EngineConfig(model=args.model, draft=draft.replace("{ckpt}", args.checkpoint or ""),
+                               online=online, dtype=args.dtype, max_batch=1, seed=args.seed))
+
+
+def _serve_one(eng, i: int, prompt, args) -> dict:
+    """One request on one engine, then its idle gap (an online system's trainer works in it)."""
+    from aurora import SamplingParams
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    out = eng.generate_batch([prompt.text[:args.max_prompt_chars]], params)[0]
+    dt = time.perf_counter() - t0
+    tr = eng.stats().get("trainer") or {}
+    if args.utilization < 1:
+        time.sleep(dt * (1 / args.utilization - 1))
+    return {"i": i, "domain": prompt.domain, "tokens": len(out.token_ids), "seconds": dt,
+            "ttft_s": out.stats.get("ttft_s"),
+            "tau": out.stats.get("accepted_length"), "draft_version": out.stats.get("draft_version"),
+            "steps": tr.get("steps", 0), "swaps": tr.get("swaps", 0),
+            "tokens_trained": tr.get("tokens_trained", 0)}
+
+
+def _frozen_now(name: str, i: int, shift_at: list[int]) -> bool:
+    return name == "eagle-static" and bool(shift_at) and i >= shift_at[0]    # frozen after the first domain
+
+
+def _progress(progress, name: str, i: int, n: int, rows: list[dict], args) -> None:
+    if progress and (i + 1) % args.window == 0:
+        progress(f"  {name}: {i + 1}/{n} requests, tau {rows[-1]['tau']}, "
+                 f"steps {rows[-1]['steps']}, swaps {rows[-1]['swaps']}")
+
+
 def serve_stream(name: str, prompts, args, shift_at: list[int], progress=print) -> list[dict]:
     """Serve every prompt on one system; one row per request."""
-    from aurora import Engine, EngineConfig, SamplingParams
-    label, draft, online = STREAM_SYSTEMS[name]
-    draft = draft.replace("{ckpt}", args.checkpoint or "")
-    eng = Engine(EngineConfig(model=args.model, draft=draft, online=online, dtype=args.dtype, max_batch=1,
-                              seed=args.seed))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    eng = _engine(name, args)
     rows = []
     try:
         for i, prompt in enumerate(prompts):
-            if name == "eagle-static" and shift_at and i == shift_at[0] and eng.flywheel is not None:
-                eng.flywheel.pause()                              # frozen after the first domain
-            text = prompt.text[:args.max_prompt_chars]
-            t0 = time.perf_counter()
-            out = eng.generate_batch([text], params)[0]
-            dt = time.perf_counter() - t0
-            tr = eng.stats().get("trainer") or {}
-            rows.append({"i": i, "domain": prompt.domain, "tokens": len(out.token_ids), "seconds": dt,
-                         "ttft_s": out.stats.get("ttft_s"),
-                         "tau": out.stats.get("accepted_length"), "draft_version": out.stats.get("draft_version"),
-                         "steps": tr.get("steps", 0), "swaps": tr.get("swaps", 0),
-                         "tokens_trained": tr.get("tokens_trained", 0)})
-            if args.utilization < 1:
-                time.sleep(dt * (1 / args.utilization - 1))
-            if progress and (i + 1) % args.window == 0:
-                progress(f"  {name}: {i + 1}/{len(prompts)} requests, tau {rows[-1]['tau']}, "
-                         f"steps {rows[-1]['steps']}, swaps {rows[-1]['swaps']}")
+            if _frozen_now(name, i, shift_at) and eng.flywheel is not None:
+                eng.flywheel.pause()
+            rows.append(_serve_one(eng, i, prompt, args))
+            _progress(progress, name, i, len(prompts), rows, args)
     finally:
         eng.close()
     return rows
+
+
+def serve_interleaved(names: list[str], prompts, args, shift_at: list[int], progress=print) -> dict[str, list[dict]]:
+    """Every system alive at once, request by request: request i goes to each system in turn, so
+    a slow or fast stretch of the machine falls on all of them alike. Only the serving system's
+    trainer runs (the others are paused), during its request and its own idle gap; a unit of
+    work it already started finishes after the pause (one unit: tens of milliseconds)."""
+    engines: dict[str, object] = {}
+    try:
+        for name in names:
+            engines[name] = _engine(name, args)
+            if engines[name].flywheel is not None:
+                engines[name].flywheel.pause()
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for i, prompt in enumerate(prompts):
+            for name, eng in engines.items():
+                fw = eng.flywheel
+                if fw is not None and not _frozen_now(name, i, shift_at):
+                    fw.resume()
+                try:
+                    runs[name].append(_serve_one(eng, i, prompt, args))
+                finally:
+                    if fw is not None:
+                        fw.pause()
+                _progress(progress, name, i, len(prompts), runs[name], args)
+        return runs
+    finally:
+        for eng in engines.values():
+            eng.close()
 
 
 def windows(rows: list[dict], size: int) -> list[dict]:
@@ -180,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     shift_at = [i for i in range(1, len(prompts)) if prompts[i].domain != prompts[i - 1].domain]
     print(f"aurora bench --stream: {len(prompts)} requests ({' -> '.join(domains)}), systems {systems}, "
           f"utilization {args.utilization}", flush=True)
-    runs = {}
-    for name in systems:
-        runs[name] = serve_stream(name, prompts, args, shift_at, progress=lambda m: print(m, flush=True))
+    say = lambda m: print(m, flush=True)                                  # noqa: E731
+    if args.sequential:
+        runs = {name: serve_stream(name, prompts, args, shift_at, progress=say) for name in systems}
+    else:
+        runs = serve_interleaved(systems, prompts, args, shift_at, progress=say)
     results = {"config": vars(args), "shift_at": shift_at,
                "windows": {k: windows(v, args.window) for k, v in runs.items()},
                "summary": summarize(runs, shift_at, len(prompts), args.window), "rows": runs}
