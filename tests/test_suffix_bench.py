@@ -26,6 +26,7 @@ def test_multiturn_prompt_carries_this_systems_replies():
     assert [p.turn for p in prompts] == [0, 1, 2]
     bench = object.__new__(_Bench)
     bench.tokenizer, bench.prompts = tok, prompts
+    bench.cfg, bench.order = BenchConfig(), ["a", "b"]
     bench.prompt_ids = [encode(tok, p) for p in prompts]
     bench.runs = {"a": {"outputs": [], "wall_s": 0.0}, "b": {"outputs": [], "wall_s": 0.0}}
     for name, reply in (("a", "Alpha reply."), ("b", "Beta reply.")):
@@ -42,6 +43,8 @@ def test_multiturn_prompt_carries_this_systems_replies():
                                           "messages": fill_history(prompts[1], {(prompts[1].conversation, 0):
                                                                                 "Alpha reply."})}))
     assert ids_a == want and bench.runs["a"]["prompt_lens"] == {0: len(bench.prompt_ids[0])}
+    bench.cfg, bench.order = BenchConfig(shared_history=True), ["a", "b"]   # every system: a's replies
+    assert bench.prompt_for("b", 1) == want and bench.prompt_for("a", 1) == want
 
 
 @pytest.mark.parametrize("name,adaptive,ngram_depth,online,w_discard", [

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", action="store_true",
                    help="serve request i on every system before request i+1 (fairer on a noisy "
                         "machine; trainers pause while other systems run)")
+    p.add_argument("--shared-history", action="store_true",
+                   help="multi-turn: every system's later turns carry the first system's replies (the "
+                        "reference's when it runs), so all systems serve the same prompts")
     p.add_argument("--quick", action="store_true", help="4 requests per domain x 48 tokens (~5 min on a 2-core CPU)")
     p.add_argument("--out", default=None,
                    help="directory for results.json, results.md and tau.png; must not hold an earlier run's "
@@ -77,7 +80,8 @@ def config_from_args(args):
         requests=args.requests, max_tokens=max_tokens, warmup=args.warmup, temperature=args.temperature,
         seed=args.seed, dtype=args.dtype, device=args.device, checkpoint=args.checkpoint,
         lookup_tokens=args.lookup_tokens, max_prompt_chars=args.max_prompt_chars,
-        threads=args.threads, interleave=args.interleave, save_draft=args.save_draft)
+        threads=args.threads, interleave=args.interleave, shared_history=args.shared_history,
+        save_draft=args.save_draft)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,7 @@ class BenchConfig:
     kv_tokens: int = 8192
     threads: int | None = None           # torch threads of every system; None = auto_threads()
     interleave: bool = False
+    shared_history: bool = False         # multi-turn: every system gets the first system's replies
     save_draft: str | None = None        # save the `online` system's draft here at the end
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -258,14 +259,19 @@ class _Bench:
 
     def prompt_for(self, name: str, i: int) -> list[int]:
         """Token ids of request i for this system: a multi-turn request carries the replies this
-        system produced for the conversation's earlier turns (as a chat client sends them)."""
+        system produced for the conversation's earlier turns (as a chat client sends them), or,
+        with `shared_history`, those of the first system (the reference when it runs), so every
+        system serves the same prompts: bf16 near-ties make greedy replies of exact systems
+        differ, and each difference would otherwise change all later turns' prompts."""
         prompt = self.prompts[i]
         if not prompt.conversation or not prompt.turn:
             return self.prompt_ids[i]
         from dataclasses import replace
 
         from aurora.workloads import fill_history
-        replies = self.runs[name].setdefault("replies", {})
+        source = self.order[0] if self.cfg.shared_history else name
+        replies = self.runs.get(source, {}).get("replies", {}) if source != name \
+            else self.runs[name].setdefault("replies", {})
         return encode(self.tokenizer, replace(prompt, messages=fill_history(prompt, replies)))
 
     def serve(self, name: str, i: int) -> None:
@@ -347,7 +353,8 @@ def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
                  "threads": threads, "hardware": report.hardware_line(threads),
                  "num_requests": len(prompts), "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
                  "warmup": cfg.warmup, "domains": list(cfg.domains), "switches": switch_indices(prompts),
-                 "interleave": cfg.interleave, "stop_token_ids": list(params.stop_token_ids),
+                 "interleave": cfg.interleave, "shared_history": cfg.shared_history,
+                 "stop_token_ids": list(params.stop_token_ids),
                  "config": asdict(cfg), "notes": notes},
         "reference": ref_name,
         "systems": systems,
