@@ -81,6 +81,38 @@ def test_trainer_crash_keeps_serving(reference):
         eng.close()
 
 
+def test_pause_can_wait_for_a_unit_under_way():
+    """pause(wait=True) returns only after a unit of work already running has finished (a
+    benchmark timing another system next must not pay for it); pause() alone does not wait."""
+    import threading
+    eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32", trainer=FAST))
+    try:
+        fw = eng.flywheel
+        started, ended = threading.Event(), []
+
+        def slow_unit():
+            started.set()
+            time.sleep(0.4)
+            ended.append(time.monotonic())
+            return False
+        fw._locked_work = slow_unit
+        assert started.wait(30), "the trainer never ran a unit"
+        fw.pause()
+        assert not ended, "pause() alone should not wait"
+        started.clear()
+        fw.resume()
+        assert started.wait(30)
+        fw.pause(wait=True)
+        returned = time.monotonic()
+        assert ended and ended[-1] <= returned and not fw._in_unit
+        time.sleep(0.2)
+        n = len(ended)
+        time.sleep(0.6)
+        assert len(ended) == n, "a paused trainer ran another unit"
+    finally:
+        eng.close()
+
+
 def test_nan_never_reaches_serving_slot(reference):
     eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32", trainer=FAST))
     try:

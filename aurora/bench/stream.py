@@ -127,7 +127,7 @@ def serve_interleaved(names: list[str], prompts, args, shift_at: list[int], prog
                     runs[name].append(_serve_one(eng, i, prompt, args))
                 finally:
                     if fw is not None:
-                        fw.pause()
+                        fw.pause(wait=True)
                 _progress(progress, name, i, len(prompts), runs[name], args)
         return runs
     finally:

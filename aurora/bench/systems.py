@@ -265,7 +265,7 @@ class AuroraSystem(System):
 
     def pause(self):
         if self.flywheel is not None:
-            self.flywheel.pause()
+            self.flywheel.pause(wait=True)
 
     def resume(self):
         if self.flywheel is not None:

@@ -57,6 +57,7 @@ class Flywheel:
         self.guard_s = self.busy_s = 0.0
         self.error: str | None = None
         self.paused = False
+        self._in_unit = False                      # a unit of work is queued or running
         self.sleeping = False
         self._closed = False
         self._started = time.monotonic()
@@ -113,22 +114,28 @@ class Flywheel:
                     if not busy and not was_busy:             # idle at both looks: idle in between
                         self.budget.offered(now - last)
                     last, was_busy = now, busy
+                    self._in_unit = True                      # before the check: see pause(wait=True)
                     if self.paused:
+                        self._in_unit = False
                         time.sleep(0.05)
                         continue
                     if shared and busy and self.config.busy_share < 1 and not self.budget.allows():
+                        self._in_unit = False
                         self.yielded_turns += 1               # idle time already gave it its share
                         time.sleep(0.02)
                         continue
-                    if shared:
-                        try:
-                            worked, dt = self.engine.run_on_worker(self._timed_work)
-                        except RuntimeError:
-                            if self._closed or self.engine.closed:
-                                return
-                            raise
-                    else:
-                        worked, dt = self._timed_work()
+                    try:
+                        if shared:
+                            try:
+                                worked, dt = self.engine.run_on_worker(self._timed_work)
+                            except RuntimeError:
+                                if self._closed or self.engine.closed:
+                                    return
+                                raise
+                        else:
+                            worked, dt = self._timed_work()
+                    finally:
+                        self._in_unit = False
                     self.sleeping = not worked
                     if not worked:
                         time.sleep(0.05)
@@ -262,8 +269,14 @@ class Flywheel:
         publish(self.proposer, self.published, self.version, self.stream)
 
     # ------------------------------------------------------------ control
-    def pause(self) -> None:
+    def pause(self, wait: bool = False, timeout: float = 60.0) -> None:
+        """Take no further turns. `wait`: also return only once a unit of work already queued or
+        running has finished (a benchmark timing another system next must not pay for it). Never
+        wait from the engine's worker thread: a queued unit runs there."""
         self.paused = True
+        end = time.monotonic() + timeout
+        while wait and self._in_unit and time.monotonic() < end and self._thread.is_alive():
+            time.sleep(0.002)
 
     def resume(self) -> None:
         self.paused = False
