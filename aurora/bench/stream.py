@@ -109,8 +109,8 @@ def serve_stream(name: str, prompts, args, shift_at: list[int], progress=print) 
 def serve_interleaved(names: list[str], prompts, args, shift_at: list[int], progress=print) -> dict[str, list[dict]]:
     """Every system alive at once, request by request: request i goes to each system in turn, so
     a slow or fast stretch of the machine falls on all of them alike. Only the serving system's
-    trainer runs (the others are paused), during its request and its own idle gap; a unit of
-    work it already started finishes after the pause (one unit: tens of milliseconds)."""
+    trainer runs (the others are paused), during its request and its own idle gap; the pause
+    waits for a unit of work under way, so the next system's first token never waits for it."""
     engines: dict[str, object] = {}
     try:
         for name in names:
