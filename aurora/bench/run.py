@@ -270,8 +270,7 @@ class _Bench:
 
         from aurora.workloads import fill_history
         source = self.order[0] if self.cfg.shared_history else name
-        replies = self.runs.get(source, {}).get("replies", {}) if source != name \
-            else self.runs[name].setdefault("replies", {})
+        replies = self.runs[source].setdefault("replies", {}) if source in self.runs else {}
         return encode(self.tokenizer, replace(prompt, messages=fill_history(prompt, replies)))
 
     def serve(self, name: str, i: int) -> None:
