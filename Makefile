@@ -1,5 +1,7 @@
 # Aurora — make targets. Every target installs what it needs first, saying what it does.
-#   make demo   create/reuse .venv, install the runtime, run the flywheel demo on the default model
+#   make demo   create/reuse .venv, install the runtime, build the day-0 draft once (~16 min on 2
+#               cores; DEMO_DRAFT=scratch skips it), run the flywheel demo on the default model
+#   make draft  only build the day-0 draft (`aurora pretrain-draft`) into $(DAY0)
 #   make serve  same install, then the OpenAI-compatible server on 127.0.0.1:8000 (ARGS="--port 8001")
 #   make test   runtime + test tools (pytest, openai, scipy, triton for the kernel tests), run the suite
 PYTHON ?= python3
@@ -11,13 +13,18 @@ PIP    := $(PY) -m pip
 # On a laptop, install the CPU build into .venv first (see README, "Install").
 TORCH_SPEC ?= torch==2.13.0
 ARGS   ?=
+# The day-0 draft `make demo` starts from: ShareGPT distilled through the target, built once
+# (aurora.models.loader.cache_dir()/drafts/<model>-day0). DEMO_DRAFT=scratch: start untrained.
+AURORA_CACHE := $(or $(AURORA_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/aurora)
+DAY0       ?= $(AURORA_CACHE)/drafts/smollm2-135m-day0
+DEMO_DRAFT ?= day0
 STAMP      := $(VENV)/.aurora-installed
 TEST_STAMP := $(VENV)/.aurora-test-installed
 # pip lists every package it fetches; progress bars only on a terminal (off in CI logs)
 PIP_INSTALL := $(PIP) install $(if $(CI),--progress-bar off,)
 STEP   := sh scripts/long_step.sh
 
-.PHONY: install install-test test test-all test-fast demo bench serve lint clean
+.PHONY: install install-test test test-all test-fast demo draft bench serve lint clean
 
 $(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -60,9 +67,17 @@ test-all: $(TEST_STAMP)
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests
 
-demo: $(STAMP)
+# config.json is written last: its presence means a complete draft (an interrupted build restarts)
+$(DAY0)/config.json: | $(STAMP)
+	@echo "[aurora] building the day-0 draft once into $(DAY0): ShareGPT distilled through the target, then trained (~16 min on 2 CPU cores; progress below)"
+	$(PY) -m aurora pretrain-draft --out $(DAY0)
+
+draft: $(DAY0)/config.json
+
+demo: $(STAMP) $(if $(filter day0,$(DEMO_DRAFT)),$(DAY0)/config.json,)
 	@echo "[aurora] starting the demo (the first run converts the model once, 25-60 s)"
-	$(PY) -m aurora demo $(if $(DEMO_REQUESTS),--requests $(DEMO_REQUESTS),) $(ARGS)
+	$(PY) -m aurora demo $(if $(DEMO_REQUESTS),--requests $(DEMO_REQUESTS),) \
+		$(if $(filter day0,$(DEMO_DRAFT)),--checkpoint $(DAY0),) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m aurora bench --quick $(ARGS)

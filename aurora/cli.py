@@ -1,7 +1,8 @@
-"""The `aurora` command: `serve` (HTTP server), `export-draft`, `bench` and `demo` (forwarded).
+"""The `aurora` command: `serve` (HTTP server), `export-draft`, and (forwarded) `bench`, `demo`
+and `pretrain-draft`.
 
-`bench` and `demo` hand their arguments to `aurora.bench.cli:main` and
-`aurora.bench.demo:main`, imported only when used, so a missing or broken module
+Forwarded commands hand their arguments to the `main(argv)` of `aurora.bench.cli`,
+`aurora.bench.demo` and `aurora.flywheel.pretrain`, imported only when used, so a missing or broken module
 breaks only its own subcommand. Heavy imports (torch, the engine) happen in `serve`.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ import time
 from dataclasses import replace
 
 FORWARDED = {"bench": ("aurora.bench.cli", "run benchmarks"),
-             "demo": ("aurora.bench.demo", "run the live demo")}
+             "demo": ("aurora.bench.demo", "run the live demo"),
+             "pretrain-draft": ("aurora.flywheel.pretrain", "build a day-0 draft from installed corpora")}
 
 
 def version() -> str:
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aurora", description="Online speculative-decoding LLM engine.",
                                      epilog="Set AURORA_DEBUG=1 to see the traceback behind an error message.")
     parser.add_argument("--version", action="version", version=f"aurora {version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,export-draft,bench,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,export-draft,bench,demo,pretrain-draft}")
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
                            description="Serve an OpenAI-compatible API (completions, chat, metrics) from one "
                                        "process with the engine embedded. Unset engine flags fall back to "

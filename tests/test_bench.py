@@ -126,6 +126,27 @@ def test_demo_tiny(tmp_path, capsys):
     assert "learned branch: +" in text.out                  # the learned branch's gain against its cost
 
 
+def test_demo_from_a_saved_draft(tmp_path, capsys):
+    """`--checkpoint DIR` starts the learning draft from a saved one (the day-0 draft `make demo`
+    passes); a directory without a draft is one clear error before anything loads."""
+    from aurora import Engine, EngineConfig
+    from aurora.bench.demo import main
+    assert main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "no saved draft there" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32"))
+    try:
+        ckpt = eng.flywheel.save(tmp_path / "d")
+    finally:
+        eng.close()
+    rc = main(["--model", "tiny-llama", "--requests", "2", "--max-tokens", "6", "--baseline", "0",
+               "--domains", "chat", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"draft eagle:{ckpt}+ngram learning online from the saved draft {ckpt}" in text
+    data = json.loads((tmp_path / "o" / "demo.json").read_text())
+    assert data["draft"] == f"eagle:{ckpt}+ngram" and data["checkpoint"] == str(ckpt)
+
+
 def test_demo_system_choice(tmp_path, capsys):
     """`--system` picks the learning system (here with the traffic memory); unknown names are
     refused; `--load 0.5` waits after each request as long as it served."""

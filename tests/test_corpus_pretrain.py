@@ -1,10 +1,6 @@
-"""examples/corpus_pretrain.py: a distilled corpus record is the trace serving would write for
+"""aurora/flywheel/pretrain.py (`aurora pretrain-draft`): a distilled corpus record is the trace serving would write for
 the same tokens (features and the target's distribution), and its trained head loads as a draft."""
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +10,7 @@ from aurora import Engine, EngineConfig, SamplingParams, TrainerConfig
 
 @pytest.fixture(scope="module")
 def pretrain():
-    path = Path(__file__).resolve().parents[1] / "examples" / "corpus_pretrain.py"
-    spec = importlib.util.spec_from_file_location("corpus_pretrain", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["corpus_pretrain"] = module
-    spec.loader.exec_module(module)
+    from aurora.flywheel import pretrain as module
     return module
 
 
@@ -66,3 +58,29 @@ def test_trained_head_loads_as_a_draft(pretrain, tmp_path):
         assert len(out.token_ids) == 8
     finally:
         eng.close()
+
+
+def test_pretrain_draft_command_saves_a_draft_and_keeps_an_existing_one(tmp_path, capsys):
+    """`aurora pretrain-draft` end to end on the tiny model: real ShareGPT conversations, held-out
+    τ scored, a loadable checkpoint saved; a second run into the same directory is refused."""
+    from aurora.cli import main
+    from aurora.flywheel.checkpoint import has_checkpoint, load_head
+    out = tmp_path / "day0"
+    argv = ["pretrain-draft", "--model", "tiny-llama", "--convs", "22", "--max-len", "64", "--steps", "4",
+            "--evals", "1", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert has_checkpoint(out) and '"tau_held"' in text and "saved the day-0 draft" in text
+    head, meta = load_head(out)
+    assert meta["trainer_steps"] == 4 and meta["pretrain"]["convs"] == 22
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and "already holds a draft" in capsys.readouterr().err
+
+
+def test_default_day0_dir_sits_next_to_the_persisted_draft(monkeypatch, tmp_path):
+    from aurora.flywheel.checkpoint import default_draft_dir
+    from aurora.flywheel.pretrain import default_day0_dir
+    monkeypatch.setenv("AURORA_CACHE_DIR", str(tmp_path))
+    assert default_day0_dir("smollm2-135m") == tmp_path / "drafts" / "smollm2-135m-day0"
+    assert default_day0_dir("smollm2-135m").parent == default_draft_dir("smollm2-135m").parent

@@ -1,5 +1,7 @@
-"""`aurora demo`: the flywheel live. An engine starts from an untrained learned draft (default
-`--system online`: eagle+ngram; `eagle+suffix+ngram[-adaptive]` adds the traffic memory), serves a
+"""`aurora demo`: the flywheel live. An engine starts from a learned draft (default `--system
+online`: eagle+ngram; `eagle+suffix+ngram[-adaptive]` adds the traffic memory), untrained or,
+with `--checkpoint DIR`, the day-0 draft `aurora pretrain-draft` saved there (`make demo` builds
+and passes one), serves a
 domain-shifting workload (code -> finance -> chat) one request at a time and learns from it;
 one console line per request, a per-phase summary (tau early vs late), short baselines
 (no draft, and prompt lookup alone) for the speedups, and the tau plot.
@@ -15,8 +17,10 @@ import time
 
 DEFAULT_REQUESTS = 45
 DEFAULT_MAX_TOKENS = 48
-ONLINE_SYSTEMS = ("online", "eagle+suffix+ngram", "eagle+suffix+ngram-adaptive",   # `aurora bench` systems
-                  "eagle+suffix")                                                 # that learn online
+# `aurora bench` systems that learn online -> the same system starting from --checkpoint
+ONLINE_SYSTEMS = {"online": "online-ckpt", "eagle+suffix+ngram": "eagle+suffix+ngram-ckpt",
+                  "eagle+suffix+ngram-adaptive": "eagle+suffix+ngram-adaptive-ckpt",
+                  "eagle+suffix": "eagle+suffix-ckpt"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="serving torch threads (default on CPU: every CPU; the trainer takes turns with serving)")
-    p.add_argument("--system", default="online", choices=ONLINE_SYSTEMS,
+    p.add_argument("--system", default="online", choices=tuple(ONLINE_SYSTEMS),
                    help="the learning system, an `aurora bench` name (default online = eagle+ngram with "
                         "the fixed tree, the fastest of these in this demo on a 2-core CPU; README)")
     p.add_argument("--load", type=float, default=1.0,
                    help="fraction of wall time spent serving (default 1.0: back to back); below 1 the demo "
                         "waits after each request so that serving takes this share, as arrivals would "
                         "on a server with idle time, and the trainer learns in the gaps")
+    p.add_argument("--checkpoint", default=None,
+                   help="start the learned draft from this saved draft (e.g. the day-0 draft of `aurora "
+                        "pretrain-draft`; `make demo` passes ~/.cache/aurora/drafts/<model>-day0) instead of "
+                        "from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-draft", default=None, help="save the learned draft here at the end")
     p.add_argument("--out", default=None,
@@ -62,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--requests and --max-tokens must be >= 1, --baseline >= 0")
         if not 0.05 <= args.load <= 1:
             raise ValueError("--load must be in [0.05, 1]")
+        if args.checkpoint is not None:
+            args.checkpoint = checked_checkpoint(args.checkpoint)
     except ValueError as exc:
         print(f"aurora demo: error: {exc}", file=sys.stderr)
         return 2
@@ -96,16 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0,
                             stop_token_ids=stop_ids(tokenizer, args.model))
     threads = resolve_threads(args.threads, args.device)
-    opts = BuildOptions(model=args.model, dtype=args.dtype, device=args.device, threads=threads, seed=args.seed)
-
-    draft = SYSTEMS[args.system].draft
-    print(f"aurora demo: {args.model}, draft {draft} learning online from scratch; {n} requests "
+    opts = BuildOptions(model=args.model, dtype=args.dtype, device=args.device, threads=threads, seed=args.seed,
+                        checkpoint=args.checkpoint)
+    system = ONLINE_SYSTEMS[args.system] if args.checkpoint else args.system
+    draft = SYSTEMS[system].draft.format(ckpt=args.checkpoint)
+    start = f"from the saved draft {args.checkpoint}" if args.checkpoint else "from scratch"
+    print(f"aurora demo: {args.model}, draft {draft} learning online {start}; {n} requests "
           f"({' -> '.join(domains)}), {args.max_tokens} tokens each, greedy, batch 1, "
           + ("back to back" if args.load >= 1 else f"serving {args.load:.0%} of the time (the trainer "
              "learns in the gaps)"), flush=True)
     try:
         with report.heartbeat("loading the engine (target, draft, trainer)"):
-            online = build_system(args.system, opts)
+            online = build_system(system, opts)
     except Unavailable as exc:
         print(f"aurora demo: the online draft is unavailable here: {exc}", file=sys.stderr)
         return 1
@@ -182,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                           title=f"Aurora flywheel on {args.model}: τ per request", window=5, phases=phases)
     wall = time.perf_counter() - t_start
     (out_dir / "demo.json").write_text(json.dumps(
-        {"model": args.model, "system": args.system, "draft": draft, "load": args.load,
+        {"model": args.model, "system": args.system, "draft": draft, "checkpoint": args.checkpoint, "load": args.load,
          "hardware": report.hardware_line(threads), "max_tokens": args.max_tokens,
          "requests": rows, "phases": [list(p) for p in phases], "baseline_tokens_per_s": base,
          "speedup": speedup, "speedup_over_ngram": speedup_ngram, "baseline_ngram_tokens_per_s": base_ngram,
@@ -190,6 +202,18 @@ def main(argv: list[str] | None = None) -> int:
          "serve_wall_s": serve_wall, "wall_s": wall}, indent=2, default=str) + "\n")
     print(f"plot: {png.resolve()}\ndone in {wall:.0f} s")
     return 0
+
+
+def checked_checkpoint(path: str) -> str:
+    """`path` expanded, or ValueError saying how to build a draft there."""
+    from pathlib import Path
+
+    from aurora.flywheel.checkpoint import has_checkpoint
+    p = Path(path).expanduser()
+    if not has_checkpoint(p):
+        raise ValueError(f"--checkpoint {path}: no saved draft there (config.json + draft.safetensors); "
+                         f"`aurora pretrain-draft --out {path}` builds a day-0 draft (~16 min on 2 CPU cores)")
+    return str(p)
 
 
 def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources: dict | None) -> str | None:

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-chars", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None,
-                   help="saved draft dir for online-ckpt and frozen-ckpt (examples/corpus_pretrain.py writes a day-0 one)")
+                   help="saved draft dir for online-ckpt and frozen-ckpt (`aurora pretrain-draft` writes a day-0 one)")
     p.add_argument("--sequential", action="store_true",
                    help="serve the whole stream on one system after another (default: interleaved, request "
                         "by request, so machine drift falls on every system alike)")
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     needing = [s for s in systems if "{ckpt}" in STREAM_SYSTEMS[s][1]]
     if needing and not args.checkpoint:
         print(f"aurora bench --stream: error: {', '.join(needing)}: --checkpoint DIR is required "
-              "(python examples/corpus_pretrain.py --out DIR builds a day-0 draft)", file=sys.stderr)
+              "(`aurora pretrain-draft --out DIR` builds a day-0 draft)", file=sys.stderr)
         return 2
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     prompts = domain_shift(domains, args.per_domain, seed=args.seed)

@@ -66,6 +66,11 @@ SYSTEMS: dict[str, SystemSpec] = {
                                               "aurora", "eagle+suffix+ngram", online=True, adaptive=True),
     "eagle+suffix+ngram-ckpt": SystemSpec("Aurora, eagle+suffix+ngram online from checkpoint", "aurora",
                                           "eagle:{ckpt}+suffix+ngram", online=True, needs_checkpoint=True),
+    "eagle+suffix+ngram-adaptive-ckpt": SystemSpec(
+        "Aurora, eagle+suffix+ngram online from checkpoint, adaptive tree policy", "aurora",
+        "eagle:{ckpt}+suffix+ngram", online=True, needs_checkpoint=True, adaptive=True),
+    "eagle+suffix-ckpt": SystemSpec("Aurora, eagle+suffix online from checkpoint", "aurora", "eagle:{ckpt}+suffix",
+                                    online=True, needs_checkpoint=True),
     "compiled": SystemSpec("Aurora, no draft, compiled target", "aurora", "none", compile="on"),
     "compiled-int4": SystemSpec("Aurora, no draft, compiled int4 target", "aurora", "none", compile="on",
                                 quantize="int4"),
