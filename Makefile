@@ -1,5 +1,5 @@
 # Aurora — make targets. Every target installs what it needs first, saying what it does.
-#   make demo   create/reuse .venv, install the runtime, build the day-0 draft once (~16 min on 2
+#   make demo   create/reuse .venv, install the runtime, build the day-0 draft once (~22 min on 2
 #               cores; DEMO_DRAFT=scratch skips it), run the flywheel demo on the default model
 #   make draft  only build the day-0 draft (`aurora pretrain-draft`) into $(DAY0)
 #   make serve  same install, then the OpenAI-compatible server on 127.0.0.1:8000 (ARGS="--port 8001")
@@ -69,7 +69,7 @@ test-fast: $(TEST_STAMP)
 
 # config.json is written last: its presence means a complete draft (an interrupted build restarts)
 $(DAY0)/config.json: | $(STAMP)
-	@echo "[aurora] building the day-0 draft once into $(DAY0): ShareGPT distilled through the target, then trained (~16 min on 2 CPU cores; progress below)"
+	@echo "[aurora] building the day-0 draft once into $(DAY0): ShareGPT distilled through the target, then trained (~22 min on 2 CPU cores; progress below)"
 	$(PY) -m aurora pretrain-draft --out $(DAY0)
 
 draft: $(DAY0)/config.json

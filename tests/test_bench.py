@@ -119,9 +119,13 @@ def test_demo_tiny(tmp_path, capsys):
         pytest.skip("online draft unavailable: " + text.err.strip())
     assert rc == 0
     assert "#0" in text.out and "#2" in text.out and "τ early" in text.out
+    lines = {ln.split()[0]: ln for ln in text.out.splitlines() if ln.startswith("#")}
+    # baselines served right after the learning engine, on requests 0 and 2 (spread evenly), not 1
+    assert "| no draft" in lines["#0"] and "| no draft" in lines["#2"] and "| no draft" not in lines["#1"]
     assert (tmp_path / "demo_tau.png").exists()
     data = json.loads((tmp_path / "demo.json").read_text())
     assert len(data["requests"]) == 3 and data["speedup"] is not None
+    assert sorted(data["baseline_tokens_per_s"]) == sorted(data["baseline_ngram_tokens_per_s"]) == ["0", "2"]
     assert data["system"] == "online" and data["draft"] == "eagle+ngram"
     assert "learned branch: +" in text.out                  # the learned branch's gain against its cost
 

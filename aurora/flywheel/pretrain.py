@@ -14,7 +14,7 @@ bench/demo prompts (`load_domain(d, 100, seed)` for seeds 0-3) are skipped.
 Reports simulated greedy chain tau (the guard's score, unroll 3, at most 4) on held-out
 conversations and, with `--traces`, on real serving traces (examples/flywheel_ab.py --collect).
 Defaults (400 conversations, 1,500 steps at lr 1e-3) are the measured best on the 2-core CPU:
-~4 min distilling + ~12 min training; held-out tau 1.28 -> 1.44 (README, "A day-0 draft").
+~5 min distilling + ~18 min training; held-out tau 1.00 -> 1.45 (README, "A day-0 draft").
 
     aurora pretrain-draft                      # -> ~/.cache/aurora/drafts/<model>-day0/
     aurora demo --checkpoint ~/.cache/aurora/drafts/smollm2-135m-day0
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     _say(f"{args.model}: distilling {args.convs} ShareGPT conversations through the target, then "
-         f"{args.steps} training steps (about 4 + 12 min with the defaults on 2 CPU cores)")
+         f"{args.steps} training steps (about 5 + 18 min with the defaults on 2 CPU cores)")
     eng = Engine(EngineConfig(model=args.model, draft="none", online=False))
     try:
         recs = distil_corpus(eng, args.convs, args.max_len, args.turns)
