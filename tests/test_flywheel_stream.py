@@ -218,3 +218,6 @@ def test_demo_verdict_lines():
     assert "did not rise" in verdict(0.8, 0.9, 1.9, 1.5, {"steps": 500}, None)
     line = verdict(0.9, 0.95, 1.5, 1.9, {"steps": 500}, {"learned_gain": 0.1, "learned_cost": 0.3})
     assert "gate mostly closed" in line
+    paying = {"learned_gain": 0.36, "learned_cost": 0.10}
+    assert "take their CPU share from serving" in verdict(1.2, 0.87, 1.9, 1.7, {"steps": 13}, paying)
+    assert "take their CPU share" not in verdict(1.2, 0.87, 1.9, 1.7, {"steps": 13}, paying, load=0.6)

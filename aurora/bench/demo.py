@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
               f"trainer's CPU cost included): {report.fmt(speedup)}× median (requests {sorted(base)})")
     if base_ngram:
         print(f"speedup over the n-gram draft alone (same prompts): {report.fmt(speedup_ngram)}× median")
-        why = verdict(speedup, speedup_ngram, tau_early, tau_late, trainer, extra.get("draft_sources"))
+        why = verdict(speedup, speedup_ngram, tau_early, tau_late, trainer, extra.get("draft_sources"), args.load)
         if why:
             print(why)
     if extra.get("saved_draft"):
@@ -237,11 +237,17 @@ def checked_checkpoint(path: str) -> str:
     return str(p)
 
 
-def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources: dict | None) -> str | None:
+def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources: dict | None,
+            load: float = 1.0) -> str | None:
     """One line saying why learning has not paid yet (None when it has)."""
     if speedup is not None and speedup_ngram is not None and speedup > 1.0 and speedup_ngram >= 1.0:
         return None
     steps = trainer.get("steps", 0) or 0
+    gain, cost = (sources or {}).get("learned_gain", 0), (sources or {}).get("learned_cost", 0)
+    if load >= 1 and gain > cost:
+        return (f"learning has not paid yet: the learned branch pays per step (+{gain:.2f} accepted tokens for "
+                f"{cost:.2f}), but back to back the trainer's {steps} steps take their CPU share from serving "
+                "(README, Trainer overhead); `--load 0.6` leaves it idle time, as a server has")
     if steps < 50:
         return (f"learning has not paid yet: the trainer made only {steps} optimizer steps in this demo "
                 "(too little traffic and idle time to learn from)")
