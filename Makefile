@@ -1,6 +1,6 @@
 # Aurora — make targets. Every target installs what it needs first, saying what it does.
-#   make demo   create/reuse .venv, install the runtime, build the day-0 draft once (~22 min on 2
-#               cores; DEMO_DRAFT=scratch skips it), run the flywheel demo on the default model
+#   make demo   create/reuse .venv, install the runtime, run the flywheel demo on the default model
+#               (DEMO_DRAFT=day0: from the day-0 draft, built once, ~22 min on 2 cores)
 #   make draft  only build the day-0 draft (`aurora pretrain-draft`) into $(DAY0)
 #   make serve  same install, then the OpenAI-compatible server on 127.0.0.1:8000 (ARGS="--port 8001")
 #   make test   runtime + test tools (pytest, openai, scipy, triton for the kernel tests), run the suite
@@ -13,11 +13,11 @@ PIP    := $(PY) -m pip
 # On a laptop, install the CPU build into .venv first (see README, "Install").
 TORCH_SPEC ?= torch==2.13.0
 ARGS   ?=
-# The day-0 draft `make demo` starts from: ShareGPT distilled through the target, built once
-# (aurora.models.loader.cache_dir()/drafts/<model>-day0). DEMO_DRAFT=scratch: start untrained.
+# DEMO_DRAFT=day0: `make demo` starts from the day-0 draft, ShareGPT distilled through the target,
+# built once into aurora.models.loader.cache_dir()/drafts/<model>-day0. Default scratch: untrained.
 AURORA_CACHE := $(or $(AURORA_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/aurora)
 DAY0       ?= $(AURORA_CACHE)/drafts/smollm2-135m-day0
-DEMO_DRAFT ?= day0
+DEMO_DRAFT ?= scratch
 STAMP      := $(VENV)/.aurora-installed
 TEST_STAMP := $(VENV)/.aurora-test-installed
 # pip lists every package it fetches; progress bars only on a terminal (off in CI logs)

@@ -44,21 +44,21 @@ def test_demo_and_serve_do_not_install_test_tools(tmp_path):
 
 
 @needs_make
-def test_demo_builds_the_day0_draft_once_unless_scratch(tmp_path):
-    """`make demo` builds the day-0 draft when it is missing and starts the demo from it;
-    with it present only the demo runs; DEMO_DRAFT=scratch neither builds nor passes it."""
+def test_demo_day0_builds_the_draft_once(tmp_path):
+    """`make demo DEMO_DRAFT=day0` builds the day-0 draft when it is missing and starts the demo
+    from it; with it present only the demo runs; by default neither builds nor passes it."""
     day0 = tmp_path / "day0"
 
     def plan(*extra):
         return subprocess.run(["make", "-n", "-C", str(ROOT), "demo", f"VENV={tmp_path / 'v'}", f"DAY0={day0}",
                                *extra], capture_output=True, text=True, timeout=60, check=True).stdout
-    first = plan()
+    first = plan("DEMO_DRAFT=day0")
     assert f"pretrain-draft --out {day0}" in first and f"--checkpoint {day0}" in first
     day0.mkdir()
     (day0 / "config.json").write_text("{}")
-    again = plan()
+    again = plan("DEMO_DRAFT=day0")
     assert "pretrain-draft" not in again and f"--checkpoint {day0}" in again
-    scratch = plan("DEMO_DRAFT=scratch")
+    scratch = plan()
     assert "pretrain-draft" not in scratch and "--checkpoint" not in scratch
 
 
