@@ -1,9 +1,9 @@
 """`aurora demo`: the flywheel live. An engine starts from a learned draft (default `--system
 online`: eagle+ngram; `eagle+suffix+ngram[-adaptive]` adds the traffic memory), untrained or,
-with `--checkpoint DIR`, the day-0 draft `aurora pretrain-draft` saved there (`make demo` builds
-and passes one), serves a
-domain-shifting workload (code -> finance -> chat) one request at a time and learns from it;
-one console line per request, a per-phase summary (tau early vs late), and the tau plot.
+with `--checkpoint DIR`, the day-0 draft `aurora pretrain-draft` saved there (`make demo
+DEMO_DRAFT=day0` builds and passes one), serves a domain-shifting workload (code -> finance ->
+chat) one request at a time and learns from it; one console line per request, a per-phase
+summary (tau early vs late), and the tau plot.
 
 Speedups come from baselines served interleaved: engines with no draft and with prompt lookup
 alone (`ngram`) stay loaded, and every k-th request is served by them right after the learning
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "on a server with idle time, and the trainer learns in the gaps")
     p.add_argument("--checkpoint", default=None,
                    help="start the learned draft from this saved draft (e.g. the day-0 draft of `aurora "
-                        "pretrain-draft`; `make demo` passes ~/.cache/aurora/drafts/<model>-day0) instead of "
+                        "pretrain-draft`; `make demo DEMO_DRAFT=day0` passes ~/.cache/aurora/drafts/<model>-day0) instead of "
                         "from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-draft", default=None, help="save the learned draft here at the end")
@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             with report.heartbeat(f"loading the {name!r} baseline engine"):
                 baselines[name] = build_system(name, opts)
         with report.heartbeat("warm-up request (not counted)"):
-            for system in (online, *baselines.values()):
+            for eng in (online, *baselines.values()):
                 for ids in warm_ids:
-                    system.generate(ids, params)
+                    eng.generate(ids, params)
         online.mark()
         idx = set(baseline_indices(n, args.baseline))
         print(f"engines ready in {time.perf_counter() - t_start:.1f} s; serving (requests {sorted(idx)} also "
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_draft:
             extra["saved_draft"] = online.save_draft(args.save_draft)
     finally:
-        for system in (online, *baselines.values()):
-            system.close()
+        for eng in (online, *baselines.values()):
+            eng.close()
     del online
 
     phases = segments(prompts)
