@@ -253,9 +253,9 @@ def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources:
                 "(too little traffic and idle time to learn from)")
     if tau_early is not None and tau_late is not None and tau_late <= tau_early:
         return f"learning has not paid yet: τ did not rise ({tau_early:.2f} → {tau_late:.2f}) after {steps} steps"
-    if sources and sources.get("learned_gain", 0) <= sources.get("learned_cost", 0):
-        return (f"learning has not paid yet: the learned branch adds {sources['learned_gain']:.2f} accepted "
-                f"tokens/step but costs {sources['learned_cost']:.2f} (gate mostly closed; n-gram carries it)")
+    if sources and gain <= cost:
+        return (f"learning has not paid yet: the learned branch adds {gain:.2f} accepted "
+                f"tokens/step but costs {cost:.2f} (gate mostly closed; n-gram carries it)")
     return (f"learning has not paid yet: τ rose ({tau_early:.2f} → {tau_late:.2f}) but not enough to beat "
             "the draft's own cost on this CPU")
 
