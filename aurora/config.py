@@ -96,6 +96,8 @@ class TrainerConfig:
     buffer_bytes: int = 256 << 20
     threads: int = 0                   # CPU: torch threads of a training unit (0 = the serving threads; units run between steps)
     busy_share: float = 0.15           # CPU: max fraction of wall time the trainer computes while serving is busy
+    min_busy_share: float = 0.03       # CPU: the busy share while training stops earning (flywheel.py; capped by busy_share)
+    earn_gain: float = 0.01            # relative guard gain per publish that keeps (or doubles back) the busy share
     draft_vocab: int = 8192            # 0 = full target vocabulary
     seed: int = 0
 
@@ -108,6 +110,10 @@ class TrainerConfig:
             raise ValueError("TrainerConfig loss weights must be >= 0")
         if not 0 < self.busy_share <= 1:
             raise ValueError("TrainerConfig.busy_share must be in (0, 1]")
+        if not 0 < self.min_busy_share <= 1:
+            raise ValueError("TrainerConfig.min_busy_share must be in (0, 1]")
+        if self.earn_gain < 0:
+            raise ValueError("TrainerConfig.earn_gain must be >= 0")
         if not 0 < self.guard_share <= 1:
             raise ValueError("TrainerConfig.guard_share must be in (0, 1]")
         if self.discard not in ("log", "hinge"):

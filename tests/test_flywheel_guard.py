@@ -92,6 +92,42 @@ def test_no_rollback_for_a_domain_shift_alone():
         eng.close()
 
 
+def test_busy_share_is_earned_by_guard_verdicts():
+    """Training that stops beating the active draft halves the trainer's busy share (down to
+    min_busy_share); a candidate that beats it by earn_gain doubles it back (up to busy_share)."""
+    eng = _engine(publish_every_steps=10**6, publish_every_s=1e9, holdout_every=3, max_passes=1e9, span=32,
+                  busy_share=0.2, min_busy_share=0.04, earn_gain=0.01, guard_share=1.0)
+    fw = eng.flywheel
+    fw.pause()
+    try:
+        _feed(eng, rounds=3)
+        start = copy.deepcopy(fw.published)
+        assert fw.stats()["busy_share"] == 0.2
+        shares = []
+        for _ in range(3):                                         # candidates worse than the active draft
+            fw.trainer.head.load_state_dict(_noise(start).state_dict())
+            fw._maybe_publish()
+            shares.append(fw.budget.share)
+        assert shares == [0.1, 0.05, 0.04] and fw.share_cuts == 3
+        fw.trainer.head.load_state_dict(start.state_dict())
+        cand = _trained(eng)                                       # better than the untrained active draft
+        assert cand > fw.trainer.evaluate(fw.published) * 1.01
+        fw._maybe_publish()
+        assert fw.budget.share == 0.08
+        st = fw.stats()
+        assert st["busy_share"] == 0.08 and st["share_cuts"] == 3
+        fw._earn(float("nan"), float("nan"))                       # nothing judged: unchanged
+        assert fw.budget.share == 0.08
+    finally:
+        eng.close()
+    unlimited = _engine(busy_share=1.0)
+    try:
+        unlimited.flywheel._earn(0.5, 1.0)                         # busy_share 1: never limited
+        assert unlimited.flywheel.budget.share == 1.0
+    finally:
+        unlimited.close()
+
+
 def test_guard_time_is_capped():
     eng = _engine(publish_every_steps=1, holdout_every=3, guard_share=0.1, span=32, max_passes=1e9)
     fw = eng.flywheel

@@ -4,9 +4,17 @@ Attaches to an `Engine` through its hooks: a step hook collects traces, a finish
 seals them into the ring buffer, and a step-boundary hook flips weight slots. Training
 runs in its own thread. CPU: serving and training take turns with all cores (`share.py`);
 when the engine is idle the trainer trains back to back; while serving has work it takes
-turns only if idle time did not already give it `busy_share` of recent wall time, and then
+turns only if idle time did not already give it its busy share of recent wall time, and then
 at most that share; after `max_passes` passes over its replay with nothing new it sleeps. GPU: its own
-CUDA stream. Guard and rollback score drafts on the same recent held-back traces (with
+CUDA stream.
+
+The busy share is earned. Trainer time under load costs serving that fraction of its tokens
+now; a better draft repays it only through a higher τ later. So each guard verdict moves the
+share s: the candidate beat the active draft by at least `earn_gain` (relative, on the recent
+held-back traces) -> s doubles, up to `busy_share`; otherwise s halves, down to
+`min_busy_share`. At s = 0.15 a 1 % gain per ~30 s publish interval pays back within ~15
+intervals of serving. A draft that stopped improving (a converged or day-0 draft on familiar
+traffic) costs serving ~`min_busy_share`, not `busy_share`; idle time is never limited. Guard and rollback score drafts on the same recent held-back traces (with
 the stored target distribution), within `guard_share` of trainer time. A trainer crash
 stops training only.
 """
@@ -69,7 +77,8 @@ class Flywheel:
         # CPU: the trainer thread only schedules; each unit of work runs on the engine's worker
         # thread between two steps (turns with serving, one OpenMP pool; see Engine)
         self.on_worker = engine.device.type == "cpu"
-        self.budget = ShareBudget(config.busy_share)   # trainer compute over recent wall time
+        self.budget = ShareBudget(config.busy_share)   # trainer compute over recent wall time; .share is earned
+        self.share_cuts = 0                            # guard verdicts that halved the busy share
         self.yielded_turns = 0                         # turns not taken: idle time already gave the share
         engine.step_hooks.append(self._on_step)
         engine.finish_hooks.append(self._on_finish)
@@ -119,7 +128,8 @@ class Flywheel:
                         self._in_unit = False
                         time.sleep(0.05)
                         continue
-                    if shared and busy and self.config.busy_share < 1 and not self.budget.allows():
+                    limited = shared and busy and self.config.busy_share < 1
+                    if limited and not self.budget.allows():
                         self._in_unit = False
                         self.yielded_turns += 1               # idle time already gave it its share
                         time.sleep(0.02)
@@ -142,8 +152,8 @@ class Flywheel:
                         continue
                     self.busy_s += dt
                     self.budget.record(dt)
-                    if shared and busy and self.config.busy_share < 1:
-                        self._yield_to_serving(dt * (1 / self.config.busy_share - 1))
+                    if limited:
+                        self._yield_to_serving(dt * (1 / self.budget.share - 1))
         except Exception as exc:                    # serving continues with the last good draft
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("flywheel trainer crashed; training stopped, serving continues")
@@ -227,6 +237,7 @@ class Flywheel:
                 windows = t.eval_windows()
                 cand, active = t.evaluate(t.head, windows), t.evaluate(self.published, windows)
                 self.guard_scores = {"candidate": cand, "active": active}
+                self._earn(cand, active)
                 restored = self._rollback_target(windows, cand, active)
                 if restored is not None:
                     self._roll_back(restored)
@@ -237,6 +248,20 @@ class Flywheel:
                 self.rejected_candidates += 1
                 return
         self._publish(t.head)
+
+    def _earn(self, cand: float, active: float) -> None:
+        """Move the busy share by one guard verdict (module docstring): x2 when the candidate
+        beats the active draft by `earn_gain` relative, else /2; within [min_busy_share, busy_share]."""
+        c, budget = self.config, self.budget
+        if c.busy_share >= 1 or not active > 0:            # unlimited, or nothing judged (nan)
+            return
+        if cand >= active * (1 + c.earn_gain):
+            budget.share = min(c.busy_share, 2 * budget.share)
+        else:
+            floor = min(c.min_busy_share, c.busy_share)
+            if budget.share > floor:
+                self.share_cuts += 1
+            budget.share = max(floor, budget.share / 2)
 
     def _rollback_target(self, windows, cand: float, active: float):
         """The weights to roll back to, or None. Rolls back when the active draft scores below
@@ -342,6 +367,7 @@ class Flywheel:
             "tokens_trained_per_request": t.tokens_trained / max(1, self.num_requests),
             "prompt_rows_distilled": t.rows_distilled,
             "busy_fraction": self.busy_s / wall, "recent_fraction": self.budget.fraction(),
+            "busy_share": self.budget.share, "share_cuts": self.share_cuts,
             "train_s": t.train_s, "guard_s": self.guard_s,
             "guard_fraction": self.guard_s / max(1e-9, t.train_s + self.guard_s),
             "passes": t.passes, "sleeping": self.sleeping,

@@ -57,7 +57,7 @@ def banner_lines(engine, config, url: str) -> list[str]:
     if getattr(engine, "flywheel", None) is not None:
         trainer = "on (its own thread and CUDA stream)" if engine.device.type == "cuda" \
             else (f"on (takes turns with serving: at most {ec.trainer.busy_share:.0%} of wall time while "
-                  f"requests run, every core when idle)")
+                  f"requests run, less while training stops earning; every core when idle)")
     if config.save_dir:
         saved = f"learned drafts are saved to {os.path.abspath(config.save_dir)} (on shutdown and on " \
                 f"POST /v1/speculator {{\"action\": \"save\"}})"

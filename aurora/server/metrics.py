@@ -59,6 +59,8 @@ TRAINER_SCALARS = (
     ("trainer", "prompt_rows_distilled", "aurora_trainer_prompt_rows_distilled",
      "Prompt positions labelled with the target's distribution for training", True),
     ("trainer", "busy_fraction", "aurora_trainer_busy_fraction", "Fraction of wall time the trainer computed", False),
+    ("trainer", "busy_share", "aurora_trainer_busy_share",
+     "Earned share of wall time the trainer may compute while serving is busy", False),
     ("trainer", "guard_fraction", "aurora_trainer_guard_fraction", "Fraction of trainer time spent guarding", False),
     ("trainer", "rejected_candidates", "aurora_draft_rejected_candidates", "Candidate drafts the guard refused", True),
     ("buffer", "fill", "aurora_buffer_fill", "Fill of the trace buffer (fraction)", False),
