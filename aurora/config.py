@@ -97,6 +97,7 @@ class TrainerConfig:
     threads: int = 0                   # CPU: torch threads of a training unit (0 = the serving threads; units run between steps)
     busy_share: float = 0.15           # CPU: max fraction of wall time the trainer computes while serving is busy
     min_busy_share: float = 0.03       # CPU: the busy share while training stops earning (flywheel.py; capped by busy_share)
+    idle_grace_s: float = 0.1          # CPU: serving counts as busy until idle this long (a back-to-back client's gap is not idle time)
     earn_gain: float = 0.01            # relative guard gain per publish that keeps (or doubles back) the busy share
     draft_vocab: int = 8192            # 0 = full target vocabulary
     seed: int = 0
@@ -112,6 +113,8 @@ class TrainerConfig:
             raise ValueError("TrainerConfig.busy_share must be in (0, 1]")
         if not 0 < self.min_busy_share <= 1:
             raise ValueError("TrainerConfig.min_busy_share must be in (0, 1]")
+        if self.idle_grace_s < 0:
+            raise ValueError("TrainerConfig.idle_grace_s must be >= 0")
         if self.earn_gain < 0:
             raise ValueError("TrainerConfig.earn_gain must be >= 0")
         if not 0 < self.guard_share <= 1:

@@ -415,6 +415,24 @@ def test_trainer_takes_no_busy_turns_when_idle_time_gave_its_share():
         eng.close()
 
 
+def test_a_back_to_back_gap_is_not_idle_time():
+    """Right after a request finishes, serving still counts as busy for `idle_grace_s`: a trainer
+    unit started in the gap before a client's next request would make that request wait it out.
+    Idle longer than that, the trainer may take the whole machine."""
+    eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32",
+                              trainer=TrainerConfig(idle_grace_s=1.0)))
+    try:
+        fw = eng.flywheel
+        fw.pause()
+        eng.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0))
+        assert not eng.machine_busy() and eng.machine_idle_s() < 1.0
+        assert fw._serving_busy()                 # in the gap: still busy for the trainer
+        time.sleep(1.2)
+        assert eng.machine_idle_s() >= 1.0 and not fw._serving_busy()
+    finally:
+        eng.close()
+
+
 def test_serving_keeps_every_core(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32"))

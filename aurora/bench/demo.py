@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nτ overall {report.fmt(report.mean([r['tau'] for r in rows]))}; acceptance by depth "
           f"{report.fmt_depths(extra.get('acceptance_by_depth'))}; trainer: {trainer.get('steps', 0)} steps, "
           f"{trainer.get('swaps', 0)} swaps, {trainer.get('rollbacks', 0)} rollbacks, "
-          f"loss {report.fmt(trainer.get('loss'))}")
+          f"loss {report.fmt(trainer.get('loss'))}, computed {_pct(trainer.get('busy_fraction'))} of wall time "
+          f"(busy share at the end {_pct(trainer.get('busy_share'))}, cut {trainer.get('share_cuts') or 0}×)")
     src = extra.get("draft_sources") or {}
     if "learned_gain" in src:
         print(f"learned branch: +{src['learned_gain']:.2f} accepted tokens per step for a cost of "
@@ -258,6 +259,10 @@ def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources:
                 f"tokens/step but costs {cost:.2f} (gate mostly closed; n-gram carries it)")
     return (f"learning has not paid yet: τ rose ({tau_early:.2f} → {tau_late:.2f}) but not enough to beat "
             "the draft's own cost on this CPU")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def baseline_indices(n: int, k: int) -> list[int]:

@@ -227,6 +227,10 @@ class Engine:
         """Whether any engine on this process's compute thread has requests to serve."""
         return self._compute.busy()
 
+    def machine_idle_s(self) -> float:
+        """Seconds since any engine on this process's compute thread last stepped (0 while busy)."""
+        return self._compute.idle_s()
+
     @property
     def closed(self) -> bool:
         return self._closed

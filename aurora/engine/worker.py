@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
+import time
 
 import torch
 
@@ -41,6 +42,7 @@ class ComputeThread:
         self.wake = threading.Event()
         self._jobs: collections.deque = collections.deque()
         self._lock = threading.Lock()
+        self.last_step = time.monotonic()          # when a serving step last ended (any engine)
         self.thread = threading.Thread(target=self._loop, name=THREAD_NAME, daemon=True)
         self.thread.start()
 
@@ -78,6 +80,12 @@ class ComputeThread:
         must not take the machine from another engine's serving)."""
         return any(engine.has_work() for engine in list(self.engines))
 
+    def idle_s(self) -> float:
+        """Seconds since serving last stepped; 0 while any engine has requests. A client sending
+        its next request right after the last one finished leaves a gap of milliseconds: a trainer
+        that took that gap for idle time would make the request wait out its whole unit."""
+        return 0.0 if self.busy() else max(0.0, time.monotonic() - self.last_step)
+
     def _loop(self) -> None:
         while True:
             run_jobs(self._jobs, self._lock)
@@ -87,7 +95,9 @@ class ComputeThread:
                 if torch.get_num_threads() != threads:
                     torch.set_num_threads(threads)
                 busy = engine.tick() or busy
-            if not busy:
+            if busy:
+                self.last_step = time.monotonic()
+            else:
                 self.wake.wait(0.05)
                 self.wake.clear()
 

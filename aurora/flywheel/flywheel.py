@@ -3,7 +3,9 @@
 Attaches to an `Engine` through its hooks: a step hook collects traces, a finish hook
 seals them into the ring buffer, and a step-boundary hook flips weight slots. Training
 runs in its own thread. CPU: serving and training take turns with all cores (`share.py`);
-when the engine is idle the trainer trains back to back; while serving has work it takes
+when the engine is idle (no step for `idle_grace_s`: a back-to-back client's next request
+arrives within milliseconds, and must not wait out a unit started in that gap) the trainer
+trains back to back; while serving has work it takes
 turns only if idle time did not already give it its busy share of recent wall time, and then
 at most that share; after `max_passes` passes over its replay with nothing new it sleeps. GPU: its own
 CUDA stream.
@@ -107,8 +109,10 @@ class Flywheel:
 
     # ------------------------------------------------------------ trainer thread
     def _serving_busy(self) -> bool:
-        if self.on_worker:                       # any engine sharing the compute thread
-            return self.engine.machine_busy()
+        """CPU: any engine sharing the compute thread has work or stepped within `idle_grace_s`
+        (the gap before a back-to-back client's next request is not idle time)."""
+        if self.on_worker:
+            return self.engine.machine_idle_s() < self.config.idle_grace_s
         return self.engine.has_work()
 
     def _run(self) -> None:
