@@ -1,6 +1,7 @@
 # Aurora — make targets. Every target installs what it needs first, saying what it does.
 #   make demo   create/reuse .venv, install the runtime, run the flywheel demo on the default model
-#               (DEMO_DRAFT=day0: from the day-0 draft, built once, ~22 min on 2 cores)
+#               (from the day-0 draft when `make draft` built it, else from scratch; DEMO_DRAFT=day0
+#               builds it first, ~22 min on 2 cores; DEMO_DRAFT=scratch never uses it)
 #   make draft  only build the day-0 draft (`aurora pretrain-draft`) into $(DAY0)
 #   make serve  same install, then the OpenAI-compatible server on 127.0.0.1:8000 (ARGS="--port 8001")
 #   make test   runtime + test tools (pytest, openai, scipy, triton for the kernel tests), run the suite
@@ -13,11 +14,13 @@ PIP    := $(PY) -m pip
 # On a laptop, install the CPU build into .venv first (see README, "Install").
 TORCH_SPEC ?= torch==2.13.0
 ARGS   ?=
-# DEMO_DRAFT=day0: `make demo` starts from the day-0 draft, ShareGPT distilled through the target,
-# built once into aurora.models.loader.cache_dir()/drafts/<model>-day0. Default scratch: untrained.
+# The day-0 draft: ShareGPT distilled through the target, built once (`make draft`) into
+# aurora.models.loader.cache_dir()/drafts/<model>-day0. DEMO_DRAFT=auto (default): `make demo`
+# starts from it when it is there, else from scratch; day0: build it first; scratch: never use it.
 AURORA_CACHE := $(or $(AURORA_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/aurora)
 DAY0       ?= $(AURORA_CACHE)/drafts/smollm2-135m-day0
-DEMO_DRAFT ?= scratch
+DEMO_DRAFT ?= auto
+USE_DAY0   := $(or $(filter day0,$(DEMO_DRAFT)),$(and $(filter auto,$(DEMO_DRAFT)),$(wildcard $(DAY0)/config.json)))
 STAMP      := $(VENV)/.aurora-installed
 TEST_STAMP := $(VENV)/.aurora-test-installed
 # pip lists every package it fetches; progress bars only on a terminal (off in CI logs)
@@ -75,9 +78,10 @@ $(DAY0)/config.json: | $(STAMP)
 draft: $(DAY0)/config.json
 
 demo: $(STAMP) $(if $(filter day0,$(DEMO_DRAFT)),$(DAY0)/config.json,)
-	@echo "[aurora] starting the demo (the first run converts the model once, 25-60 s)"
+	@echo "[aurora] starting the demo (the first run converts the model once, 25-60 s), the learning draft \
+	$(if $(USE_DAY0),from the day-0 draft in $(DAY0),from scratch$(if $(filter auto,$(DEMO_DRAFT)), (no day-0 draft yet: 'make draft' builds it once, ~22 min; from scratch the learned draft does not pay within a demo - README),))"
 	$(PY) -m aurora demo $(if $(DEMO_REQUESTS),--requests $(DEMO_REQUESTS),) \
-		$(if $(filter day0,$(DEMO_DRAFT)),--checkpoint $(DAY0),) $(ARGS)
+		$(if $(USE_DAY0),--checkpoint $(DAY0),) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m aurora bench --quick $(ARGS)

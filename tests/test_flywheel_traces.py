@@ -382,6 +382,22 @@ def test_share_budget_spends_idle_time_first():
     assert b.allows() and b.fraction() == 0
 
 
+def test_share_budget_restart_forgets_the_window():
+    now = [0.0]
+    b = ShareBudget(0.1, window_s=10.0, clock=lambda: now[0])
+    now[0] += 10.0
+    b.record(5.0)
+    b.offered(3.0)
+    b.share = 0.05
+    assert not b.allows()
+    now[0] += 1.0
+    b.restart()
+    assert b.fraction() == 0 and b.idle_fraction() == 0 and b.share == 0.05 and b.allows()
+    now[0] += 2.0
+    b.record(0.2)                             # 0.2 s of the 2 s since the restart: 10 % > 5 %
+    assert b.fraction() == pytest.approx(0.1) and not b.allows()
+
+
 def test_share_budget_counts_idle_time_offered_even_if_unused():
     """A trainer that slept through idle time (nothing to do) was offered its share: no turns
     from busy serving; under sustained load (little idle time) it takes them."""
@@ -429,8 +445,15 @@ def test_a_back_to_back_gap_is_not_idle_time():
         assert fw._serving_busy()                 # in the gap: still busy for the trainer
         time.sleep(1.2)
         assert eng.machine_idle_s() >= 1.0 and not fw._serving_busy()
+        fw.budget.record(1e6)                     # a pause's wall time is no credit after it:
+        fw.resume()                               # the budget restarts on resume
+        assert fw.budget.fraction() == 0
     finally:
         eng.close()
+    from aurora.flywheel.flywheel import Flywheel
+    serving = SimpleNamespace(machine_busy=lambda: True, machine_idle_s=lambda: 0.0)
+    no_grace = SimpleNamespace(on_worker=True, engine=serving, config=TrainerConfig(idle_grace_s=0))
+    assert Flywheel._serving_busy(no_grace)       # grace 0: busy exactly while serving has work
 
 
 def test_serving_keeps_every_core(monkeypatch):

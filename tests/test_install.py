@@ -46,7 +46,8 @@ def test_demo_and_serve_do_not_install_test_tools(tmp_path):
 @needs_make
 def test_demo_day0_builds_the_draft_once(tmp_path):
     """`make demo DEMO_DRAFT=day0` builds the day-0 draft when it is missing and starts the demo
-    from it; with it present only the demo runs; by default neither builds nor passes it."""
+    from it; with it present only the demo runs. By default (auto) the demo uses it when it is
+    there and never builds it; DEMO_DRAFT=scratch never uses it."""
     day0 = tmp_path / "day0"
 
     def plan(*extra):
@@ -54,11 +55,15 @@ def test_demo_day0_builds_the_draft_once(tmp_path):
                                *extra], capture_output=True, text=True, timeout=60, check=True).stdout
     first = plan("DEMO_DRAFT=day0")
     assert f"pretrain-draft --out {day0}" in first and f"--checkpoint {day0}" in first
+    absent = plan()
+    assert "pretrain-draft" not in absent and "--checkpoint" not in absent and "make draft" in absent
     day0.mkdir()
     (day0 / "config.json").write_text("{}")
     again = plan("DEMO_DRAFT=day0")
     assert "pretrain-draft" not in again and f"--checkpoint {day0}" in again
-    scratch = plan()
+    auto = plan()
+    assert "pretrain-draft" not in auto and f"--checkpoint {day0}" in auto
+    scratch = plan("DEMO_DRAFT=scratch")
     assert "pretrain-draft" not in scratch and "--checkpoint" not in scratch
 
 

@@ -112,7 +112,7 @@ class Flywheel:
         """CPU: any engine sharing the compute thread has work or stepped within `idle_grace_s`
         (the gap before a back-to-back client's next request is not idle time)."""
         if self.on_worker:
-            return self.engine.machine_idle_s() < self.config.idle_grace_s
+            return self.engine.machine_busy() or self.engine.machine_idle_s() < self.config.idle_grace_s
         return self.engine.has_work()
 
     def _run(self) -> None:
@@ -308,6 +308,10 @@ class Flywheel:
             time.sleep(0.002)
 
     def resume(self) -> None:
+        """Take turns again. The share budget restarts: a pause's wall time (another system
+        serving, in a benchmark) is no credit for a burst of training once it resumes."""
+        if self.paused:
+            self.budget.restart()
         self.paused = False
 
     # ------------------------------------------------------------ persistence (resumable learning)

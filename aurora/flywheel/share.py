@@ -29,6 +29,13 @@ class ShareBudget:
         self._idle: deque = deque()        # (end time, idle seconds offered)
         self._idle_sum = 0.0
 
+    def restart(self) -> None:
+        """Forget the window (keeps `share`): wall time from now on only."""
+        self._start = self.clock()
+        self._units.clear()
+        self._idle.clear()
+        self._sum = self._idle_sum = 0.0
+
     def record(self, seconds: float) -> None:
         self._units.append((self.clock(), seconds))
         self._sum += seconds
