@@ -382,20 +382,22 @@ def test_share_budget_spends_idle_time_first():
     assert b.allows() and b.fraction() == 0
 
 
-def test_share_budget_restart_forgets_the_window():
+def test_share_budget_clock_stops_while_paused():
+    """Paused wall time (another system serving, in a benchmark) is no credit: the trainer's
+    compute before the pause still fills the window right after it."""
     now = [0.0]
     b = ShareBudget(0.1, window_s=10.0, clock=lambda: now[0])
     now[0] += 10.0
-    b.record(5.0)
-    b.offered(3.0)
-    b.share = 0.05
+    b.record(1.5)                             # 15 % of the last 10 s
     assert not b.allows()
-    now[0] += 1.0
-    b.restart()
-    assert b.fraction() == 0 and b.idle_fraction() == 0 and b.share == 0.05 and b.allows()
-    now[0] += 2.0
-    b.record(0.2)                             # 0.2 s of the 2 s since the restart: 10 % > 5 %
-    assert b.fraction() == pytest.approx(0.1) and not b.allows()
+    b.pause()
+    now[0] += 100.0                           # long pause: without the stop, the unit left the window
+    b.resume()
+    assert b.fraction() == pytest.approx(0.15) and not b.allows()
+    now[0] += 6.0                             # 6 s of running later: still inside the window
+    assert b.fraction() == pytest.approx(0.15)
+    now[0] += 5.0                             # the unit left the (running-time) window
+    assert b.fraction() == 0 and b.allows()
 
 
 def test_share_budget_counts_idle_time_offered_even_if_unused():
@@ -445,9 +447,12 @@ def test_a_back_to_back_gap_is_not_idle_time():
         assert fw._serving_busy()                 # in the gap: still busy for the trainer
         time.sleep(1.2)
         assert eng.machine_idle_s() >= 1.0 and not fw._serving_busy()
-        fw.budget.record(1e6)                     # a pause's wall time is no credit after it:
-        fw.resume()                               # the budget restarts on resume
-        assert fw.budget.fraction() == 0
+        frozen = fw.budget._now()                 # the share budget's clock stops while paused
+        time.sleep(0.2)
+        assert fw.budget._now() == frozen
+        fw.resume()
+        time.sleep(0.05)
+        assert fw.budget._now() > frozen
     finally:
         eng.close()
     from aurora.flywheel.flywheel import Flywheel

@@ -124,7 +124,7 @@ class Flywheel:
                 while not self._closed:
                     now = time.monotonic()
                     busy = self._serving_busy()
-                    if not busy and not was_busy:             # idle at both looks: idle in between
+                    if not busy and not was_busy and not self.paused:   # idle at both looks: idle in between
                         self.budget.offered(now - last)
                     last, was_busy = now, busy
                     self._in_unit = True                      # before the check: see pause(wait=True)
@@ -303,15 +303,14 @@ class Flywheel:
         running has finished (a benchmark timing another system next must not pay for it). Never
         wait from the engine's worker thread: a queued unit runs there."""
         self.paused = True
+        self.budget.pause()
         end = time.monotonic() + timeout
         while wait and self._in_unit and time.monotonic() < end and self._thread.is_alive():
             time.sleep(0.002)
 
     def resume(self) -> None:
-        """Take turns again. The share budget restarts: a pause's wall time (another system
-        serving, in a benchmark) is no credit for a burst of training once it resumes."""
-        if self.paused:
-            self.budget.restart()
+        """Take turns again. The share budget's clock ran only while not paused (ShareBudget.pause)."""
+        self.budget.resume()
         self.paused = False
 
     # ------------------------------------------------------------ persistence (resumable learning)

@@ -23,26 +23,36 @@ class ShareBudget:
 
     def __init__(self, share: float, window_s: float = 30.0, clock=time.monotonic):
         self.share, self.window_s, self.clock = share, window_s, clock
+        self._paused_s, self._paused_at = 0.0, None
         self._start = clock()
         self._units: deque = deque()       # (end time, trainer seconds)
         self._sum = 0.0
         self._idle: deque = deque()        # (end time, idle seconds offered)
         self._idle_sum = 0.0
 
-    def restart(self) -> None:
-        """Forget the window (keeps `share`): wall time from now on only."""
-        self._start = self.clock()
-        self._units.clear()
-        self._idle.clear()
-        self._sum = self._idle_sum = 0.0
+    def pause(self) -> None:
+        """Stop the budget's clock: wall time while the trainer is paused (another system serving,
+        in a benchmark) is neither credit for a burst of training afterwards nor idle time."""
+        if self._paused_at is None:
+            self._paused_at = self.clock()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self._paused_s += self.clock() - self._paused_at
+            self._paused_at = None
+
+    def _now(self) -> float:
+        """Wall time with paused stretches taken out."""
+        now = self.clock() if self._paused_at is None else self._paused_at
+        return now - self._paused_s
 
     def record(self, seconds: float) -> None:
-        self._units.append((self.clock(), seconds))
+        self._units.append((self._now(), seconds))
         self._sum += seconds
 
     def offered(self, seconds: float) -> None:
         """`seconds` of wall time in which serving had no work (whether or not the trainer used it)."""
-        self._idle.append((self.clock(), seconds))
+        self._idle.append((self._now(), seconds))
         self._idle_sum += seconds
 
     def _span(self, now: float) -> float:
@@ -50,14 +60,14 @@ class ShareBudget:
 
     def fraction(self) -> float:
         """Trainer compute / recent wall time."""
-        now = self.clock()
+        now = self._now()
         while self._units and self._units[0][0] < now - self.window_s:
             self._sum -= self._units.popleft()[1]
         return self._sum / self._span(now)
 
     def idle_fraction(self) -> float:
         """Idle time offered / recent wall time."""
-        now = self.clock()
+        now = self._now()
         while self._idle and self._idle[0][0] < now - self.window_s:
             self._idle_sum -= self._idle.popleft()[1]
         return self._idle_sum / self._span(now)
