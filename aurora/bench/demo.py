@@ -245,13 +245,16 @@ def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources:
         return None
     steps = trainer.get("steps", 0) or 0
     gain, cost = (sources or {}).get("learned_gain", 0), (sources or {}).get("learned_cost", 0)
+    share = trainer.get("busy_share")
+    share = f" (busy share {100 * share:.0f}% at the end)" if share is not None else ""
     if load >= 1 and gain > cost:
         return (f"learning has not paid yet: the learned branch pays per step (+{gain:.2f} accepted tokens for "
-                f"{cost:.2f}), but back to back the trainer's {steps} steps take their CPU share from serving "
-                "(README, Trainer overhead); `--load 0.6` leaves it idle time, as a server has")
+                f"{cost:.2f}), but back to back the trainer's {steps} steps take their CPU share from serving"
+                f"{share} (README, Trainer overhead); `--load 0.6` leaves it idle time, as a server has")
     if steps < 50:
-        return (f"learning has not paid yet: the trainer made only {steps} optimizer steps in this demo "
-                "(too little traffic and idle time to learn from)")
+        return (f"learning has not paid yet: the trainer made only {steps} optimizer steps in this demo{share} "
+                "(too little traffic and idle time to learn from); a draft from scratch needs hundreds: start from "
+                "the day-0 draft (`make draft`, then `make demo`)")
     if tau_early is not None and tau_late is not None and tau_late <= tau_early:
         return f"learning has not paid yet: τ did not rise ({tau_early:.2f} → {tau_late:.2f}) after {steps} steps"
     if sources and gain <= cost:
