@@ -2,23 +2,24 @@
 
 Attaches to an `Engine` through its hooks: a step hook collects traces, a finish hook
 seals them into the ring buffer, and a step-boundary hook flips weight slots. Training
-runs in its own thread. CPU: serving and training take turns with all cores (`share.py`);
-when the engine is idle (no step for `idle_grace_s`: a back-to-back client's next request
-arrives within milliseconds, and must not wait out a unit started in that gap) the trainer
-trains back to back; while serving has work it takes
-turns only if idle time did not already give it its busy share of recent wall time, and then
-at most that share; after `max_passes` passes over its replay with nothing new it sleeps. GPU: its own
-CUDA stream.
+runs in its own thread. GPU: its own CUDA stream. CPU: serving and training take turns with
+all cores (`share.py`). When the engine is idle (no step for `idle_grace_s`: a back-to-back
+client's next request arrives within milliseconds and must not wait out a unit started in
+that gap) the trainer trains back to back. While serving has work it takes turns only if idle
+time did not already give it its busy share of recent wall time, and then at most that share.
+After `max_passes` passes over its replay with nothing new it sleeps.
 
 The busy share is earned. Trainer time under load costs serving that fraction of its tokens
 now; a better draft repays it only through a higher τ later. So each guard verdict moves the
 share s: the candidate beat the active draft by at least `earn_gain` (relative, on the recent
 held-back traces) -> s doubles, up to `busy_share`; otherwise s halves, down to
-`min_busy_share`. At s = 0.15 a 1 % gain per ~30 s publish interval pays back within ~15
-intervals of serving. A draft that stopped improving (a converged or day-0 draft on familiar
-traffic) costs serving ~`min_busy_share`, not `busy_share`; idle time is never limited. Guard and rollback score drafts on the same recent held-back traces (with
-the stored target distribution), within `guard_share` of trainer time. A trainer crash
-stops training only.
+`min_busy_share`. Roughly: at s = 0.15, a 1 % gain per ~30 s publish interval repays its cost
+after ~15 intervals of serving with the better draft. A draft that stopped improving (a
+converged one, or a day-0 draft on familiar traffic) costs loaded serving ~`min_busy_share`,
+not `busy_share`; idle time is never limited.
+
+Guard and rollback score drafts on the same recent held-back traces (with the stored target
+distribution), within `guard_share` of trainer time. A trainer crash stops training only.
 """
 from __future__ import annotations
 
