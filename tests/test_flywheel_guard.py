@@ -104,8 +104,9 @@ def test_busy_share_is_earned_by_guard_verdicts():
         start = copy.deepcopy(fw.published)
         assert fw.stats()["busy_share"] == 0.2
         shares = []
-        for _ in range(3):                                         # candidates worse than the active draft
-            fw.trainer.head.load_state_dict(_noise(start).state_dict())
+        assert fw.trainer.evaluate(start) > 0
+        for _ in range(3):                                         # candidates no better than the active draft
+            fw.trainer.head.load_state_dict(start.state_dict())   # (a noisy one can beat an untrained draft)
             fw._maybe_publish()
             shares.append(fw.budget.share)
         assert shares == [0.1, 0.05, 0.04] and fw.share_cuts == 3

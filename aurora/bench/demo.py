@@ -1,7 +1,7 @@
 """`aurora demo`: the flywheel live. An engine starts from a learned draft (default `--system
 online`: eagle+ngram; `eagle+suffix+ngram[-adaptive]` adds the traffic memory), untrained or,
-with `--checkpoint DIR`, the day-0 draft `aurora pretrain-draft` saved there (`make demo
-DEMO_DRAFT=day0` builds and passes one), serves a domain-shifting workload (code -> finance ->
+with `--checkpoint DIR`, the day-0 draft `aurora pretrain-draft` saved there (`make demo` passes
+it once `make draft` built it), serves a domain-shifting workload (code -> finance ->
 chat) one request at a time and learns from it; one console line per request, a per-phase
 summary (tau early vs late), and the tau plot.
 
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on a server with idle time, and the trainer learns in the gaps")
     p.add_argument("--checkpoint", default=None,
                    help="start the learned draft from this saved draft (e.g. the day-0 draft of `aurora "
-                        "pretrain-draft`; `make demo DEMO_DRAFT=day0` passes ~/.cache/aurora/drafts/<model>-day0) instead of "
-                        "from scratch")
+                        "pretrain-draft`; `make demo` passes ~/.cache/aurora/drafts/<model>-day0 once `make draft` "
+                        "built it) instead of from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-draft", default=None, help="save the learned draft here at the end")
     p.add_argument("--out", default=None,
@@ -246,13 +246,13 @@ def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources:
     steps = trainer.get("steps", 0) or 0
     gain, cost = (sources or {}).get("learned_gain", 0), (sources or {}).get("learned_cost", 0)
     share = trainer.get("busy_share")
-    share = f" (busy share {100 * share:.0f}% at the end)" if share is not None else ""
+    share_note = f" (busy share {100 * share:.0f}% at the end)" if share is not None else ""
     if load >= 1 and gain > cost:
         return (f"learning has not paid yet: the learned branch pays per step (+{gain:.2f} accepted tokens for "
                 f"{cost:.2f}), but back to back the trainer's {steps} steps take their CPU share from serving"
-                f"{share} (README, Trainer overhead); `--load 0.6` leaves it idle time, as a server has")
+                f"{share_note} (README, Trainer overhead); `--load 0.6` leaves it idle time, as a server has")
     if steps < 50:
-        return (f"learning has not paid yet: the trainer made only {steps} optimizer steps in this demo{share} "
+        return (f"learning has not paid yet: the trainer made only {steps} optimizer steps in this demo{share_note} "
                 "(too little traffic and idle time to learn from); a draft from scratch needs hundreds: start from "
                 "the day-0 draft (`make draft`, then `make demo`)")
     if tau_early is not None and tau_late is not None and tau_late <= tau_early:

@@ -290,8 +290,8 @@ class AuroraSystem(System):
             out["draft_sources"] = stats["draft_sources"]
         if isinstance(stats.get("trainer"), dict):
             t = stats["trainer"]
-            out["trainer"] = {k: t.get(k) for k in ("steps", "loss", "losses", "swaps", "rollbacks",
-                                                     "version", "tokens_trained", "prompt_rows_distilled", "busy_fraction",
+            out["trainer"] = {k: t.get(k) for k in ("steps", "loss", "losses", "swaps", "rollbacks", "version",
+                                                     "tokens_trained", "prompt_rows_distilled", "busy_fraction",
                                                      "busy_share", "share_cuts", "error")
                               if k in t}
         return out

@@ -113,7 +113,7 @@ class Flywheel:
         """CPU: any engine sharing the compute thread has work or stepped within `idle_grace_s`
         (the gap before a back-to-back client's next request is not idle time)."""
         if self.on_worker:
-            return self.engine.machine_busy() or self.engine.machine_idle_s() < self.config.idle_grace_s
+            return self.engine.machine_idle_s() <= self.config.idle_grace_s   # 0 while serving has work
         return self.engine.has_work()
 
     def _run(self) -> None:

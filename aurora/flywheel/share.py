@@ -4,10 +4,10 @@ On a small CPU, a trainer computing next to a serving step that uses every core 
 step's OpenMP barriers, and a second thread with its own OpenMP pool makes every pool's
 barriers sleep instead of spin (see `Engine`). So the trainer's units of work run on the
 engine's worker thread between two steps (`Engine.run_on_worker`): a waiting unit gets the
-next turn, and its share of wall time while serving is busy is bounded by the flywheel
-(`share`, earned by the flywheel's guard verdicts). Idle time is spent first: `ShareBudget` counts, over a recent window, the
-trainer's compute and the idle time serving left it. While either reached `share` of that
-window, the trainer takes no turns from busy serving: it trained enough, or it was offered
+next turn, and its share of wall time while serving is busy is bounded by `share` (earned by
+the flywheel's guard verdicts). Idle time is spent first: `ShareBudget` counts, over a recent
+window, the trainer's compute and the idle time serving left it. While either reached `share` of
+that window, the trainer takes no turns from busy serving: it trained enough, or it was offered
 enough idle time (and, having nothing left to do then, slept). Only under sustained load, when
 idle time is scarce, does it take its share from serving.
 """
