@@ -150,6 +150,7 @@ class EngineConfig:
     max_model_len: int = 0             # 0 = the model's own limit
     threads: int = 0                   # CPU torch threads for serving (0 = torch default)
     prefill_chunk: int = 512           # prompt tokens per step while other streams decode (0 = whole prompts)
+    prefix_cache: bool = True          # reuse the KV of prompt prefixes served before (engine/prefix_cache.py)
     seed: int = 0
     compile: str = "off"               # target step: off (eager reference) | on (inductor / CUDA graphs) | static
     quantize: str = "none"             # target linear weights: none | int8 | int4 (CPU, weight-only)

@@ -71,7 +71,7 @@ def test_features_stored_in_bf16_keep_large_values():
     """A hidden-state outlier of 1e5 (fp16 max is 65504) survives the trace."""
     buf = RingBuffer(1 << 20)
     col = TraceCollector(buf)
-    seq = SimpleNamespace(request_id="r", num_cached=0, finished=False, token_ids=[1, 2, 3, 4])
+    seq = SimpleNamespace(request_id="r", num_cached=0, num_prefix_cached=0, finished=False, token_ids=[1, 2, 3, 4])
     feats = torch.full((3, 6), 1e5)
     view = _fake_view(seq, feats, torch.randn(1, 10), [SeqRows(0, 3, 0, 0)])
     col.on_step(view)

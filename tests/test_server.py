@@ -212,6 +212,7 @@ def test_metrics(server, engine):
                  "aurora_time_to_first_token_seconds_count", "aurora_inter_token_latency_seconds_count",
                  "aurora_generated_tokens_total", "aurora_tokens_per_second", "aurora_accepted_length ",
                  'aurora_acceptance_rate{depth="1"}', "aurora_draft_version 0.0", "aurora_kv_blocks_total 1024.0",
+                 "aurora_prefix_cache_hit_tokens_total", "aurora_prefix_cache_blocks",
                  "aurora_trainer_steps_total 12.0", 'aurora_trainer_loss{term="imitation"} 1.5',
                  "aurora_draft_swaps_total 3.0", "aurora_draft_rollbacks_total 1.0", "aurora_buffer_fill 0.5",
                  "aurora_buffer_dropped_total 4.0"):

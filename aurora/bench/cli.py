@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-history", action="store_true",
                    help="multi-turn: every system's later turns carry the first system's replies (the "
                         "reference's when it runs), so all systems serve the same prompts")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="Aurora systems recompute every prompt (EngineConfig.prefix_cache=False), for an A/B")
     p.add_argument("--quick", action="store_true", help="4 requests per domain x 48 tokens (~5 min on a 2-core CPU)")
     p.add_argument("--out", default=None,
                    help="directory for results.json, results.md and tau.png; must not hold an earlier run's "
@@ -81,7 +83,7 @@ def config_from_args(args):
         seed=args.seed, dtype=args.dtype, device=args.device, checkpoint=args.checkpoint,
         lookup_tokens=args.lookup_tokens, max_prompt_chars=args.max_prompt_chars,
         threads=args.threads, interleave=args.interleave, shared_history=args.shared_history,
-        save_draft=args.save_draft)
+        save_draft=args.save_draft, prefix_cache=not args.no_prefix_cache)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,7 +112,8 @@ def fmt_exact(entry: dict) -> str:
     return f"{'yes' if entry['exact'] else 'NO'} ({ok}/{n})"
 
 
-TABLE_HEADERS = ("system", "tok/s", "speedup", "τ", "accept by depth", "exact", "serve s", "wall s")
+TABLE_HEADERS = ("system", "tok/s", "speedup", "τ", "TTFT s", "decode tok/s", "accept by depth", "exact", "serve s",
+                 "wall s")
 
 
 def summary_rows(results: dict) -> list[list]:
@@ -121,7 +122,7 @@ def summary_rows(results: dict) -> list[list]:
         speedup = s.get("speedup")
         rows.append([f"{name}: {s['label']}", s.get("tokens_per_s"),
                      f"{speedup:.2f}×" if speedup is not None else None, s.get("tau"),
-                     fmt_depths(s.get("acceptance_by_depth")), fmt_exact(s), s.get("serve_s"),
+                     s.get("ttft_s"), s.get("decode_tokens_per_s"), fmt_depths(s.get("acceptance_by_depth")), fmt_exact(s), s.get("serve_s"),
                      s.get("wall_s")])
     return rows
 
@@ -145,6 +146,8 @@ def markdown_report(results: dict) -> str:
         ("τ: mean accepted length, tokens emitted per target forward after prefill (transformers: "
         "generated tokens after the first / target forwards after prefill, counted by a forward hook). "
         "Accept by depth: fraction of drafts reaching position d−1 whose token d was accepted. "
+        "TTFT s: median time to first token (prefill); decode tok/s: median of tokens after the first "
+        "/ time after the first token (– where the system does not report its first token). "
         "Serve s: the measured requests; wall s adds loading and warm-up."), "",
         ("Exact: each greedy output compared token for token with transformers target-only greedy "
         "(same stop tokens). Where one side stops earlier (EOS, or max tokens), only the common prefix "

@@ -54,6 +54,7 @@ class BenchConfig:
     threads: int | None = None           # torch threads of every system; None = auto_threads()
     interleave: bool = False
     shared_history: bool = False         # multi-turn: every system gets the first system's replies
+    prefix_cache: bool = True            # Aurora systems reuse the KV of prompt prefixes they served
     save_draft: str | None = None        # save the `online` system's draft here at the end
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -190,7 +191,8 @@ class _Bench:
         self.cfg = cfg
         self.opts = BuildOptions(model=cfg.model, dtype=cfg.dtype, device=cfg.device, checkpoint=cfg.checkpoint,
                                  lookup_tokens=cfg.lookup_tokens, kv_tokens=cfg.kv_tokens,
-                                 threads=resolve_threads(cfg.threads, cfg.device), seed=cfg.seed)
+                                 threads=resolve_threads(cfg.threads, cfg.device), seed=cfg.seed,
+                                 prefix_cache=cfg.prefix_cache)
         tokenizer = self.tokenizer = load_tokenizer(cfg.model)
         self.prompts = load_prompts(cfg)
         self.prompt_ids = [encode(tokenizer, p) for p in self.prompts]
@@ -315,6 +317,10 @@ def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
     for name, run in runs.items():
         outs: list[Output] = run["outputs"]
         tps = [len(o.token_ids) / o.seconds if o.seconds > 0 else None for o in outs]
+        ttft = [o.ttft_s for o in outs]
+        decode_tps = [(len(o.token_ids) - 1) / (o.seconds - o.ttft_s)    # after the first token
+                      if o.ttft_s is not None and o.seconds > o.ttft_s and len(o.token_ids) > 1 else None
+                      for o in outs]
         steps = sum(o.num_forwards or 0 for o in outs)
         decode_tokens = sum(max(0, len(o.token_ids) - 1) for o in outs)
         entry = {
@@ -322,6 +328,8 @@ def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
             "tokens_per_s": report.median(tps),
             "tokens_per_s_total": sum(len(o.token_ids) for o in outs) / max(1e-9, sum(o.seconds for o in outs)),
             "tau": decode_tokens / steps if steps else None,
+            "ttft_s": report.median(ttft),
+            "decode_tokens_per_s": report.median(decode_tps),
             "acceptance_by_depth": run.get("extra", {}).get("acceptance_by_depth") or None,
             "wall_s": run["wall_s"],
             "serve_s": sum(o.seconds for o in outs),
@@ -331,7 +339,7 @@ def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
             "requests": [{"index": i, "domain": prompts[i].domain, "source": prompts[i].source,
                           "prompt_tokens": run.get("prompt_lens", {}).get(i, len(prompt_ids[i])),
                           "tau": o.tau, "tokens": len(o.token_ids),
-                          "seconds": o.seconds, "tokens_per_s": tps[i], "draft_version": o.draft_version,
+                          "seconds": o.seconds, "ttft_s": ttft[i], "tokens_per_s": tps[i], "draft_version": o.draft_version,
                           "finish_reason": o.finish_reason}
                          for i, o in enumerate(outs)],
         }
@@ -353,6 +361,7 @@ def assemble(cfg, prompts, prompt_ids, runs, skipped, params) -> dict:
                  "num_requests": len(prompts), "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
                  "warmup": cfg.warmup, "domains": list(cfg.domains), "switches": switch_indices(prompts),
                  "interleave": cfg.interleave, "shared_history": cfg.shared_history,
+                 "prefix_cache": cfg.prefix_cache,
                  "stop_token_ids": list(params.stop_token_ids),
                  "config": asdict(cfg), "notes": notes},
         "reference": ref_name,

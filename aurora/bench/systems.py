@@ -93,6 +93,7 @@ class BuildOptions:
     kv_tokens: int = 8192
     threads: int = 0                 # torch threads for serving (0 = torch default)
     seed: int = 0
+    prefix_cache: bool = True        # EngineConfig.prefix_cache of every Aurora system
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Output:
     num_forwards: int | None = None  # decode-phase target forwards
     draft_version: int | None = None
     finish_reason: str | None = None
+    ttft_s: float | None = None      # request start to first token (prefill), where the system knows
 
 
 class System:
@@ -257,7 +259,7 @@ class AuroraSystem(System):
             raise RuntimeError(f"{self.name}: request ended with {out.finish_reason}: {out.error}")
         st = out.stats or {}
         return Output(list(out.token_ids), seconds, st.get("accepted_length"), st.get("num_steps"),
-                      st.get("draft_version"), out.finish_reason)
+                      st.get("draft_version"), out.finish_reason, st.get("ttft_s"))
 
     def _counters(self) -> tuple[list[int], list[int]] | None:
         st = getattr(self.engine, "_stats", None)        # raw counters, to window per-depth acceptance
@@ -329,7 +331,7 @@ def build_system(name: str, opts: BuildOptions) -> System:
     config = EngineConfig(trainer=trainer, spec=SpecConfig(adaptive=spec.adaptive, ngram_depth=spec.ngram_depth), model=opts.model,
                           draft=spec.draft.format(ckpt=opts.checkpoint), online=spec.online, dtype=opts.dtype, device=opts.device,
                           kv_tokens=opts.kv_tokens, max_batch=1, threads=opts.threads, seed=opts.seed,
-                          compile=spec.compile, quantize=spec.quantize)
+                          compile=spec.compile, quantize=spec.quantize, prefix_cache=opts.prefix_cache)
     try:
         return AuroraSystem(name, config, spec.label)
     except ImportError as exc:                     # flywheel module not there yet

@@ -63,7 +63,8 @@ class Engine:
         model, self.tokenizer = load_model(config.model, self.dtype, self.device)
         self.runner = TargetRunner(model, config.num_blocks, config.block_size, config.compile, config.quantize)
         self.max_model_len = config.max_model_len or self.runner.max_model_len
-        self.scheduler = Scheduler(self.runner.cache, config.max_batch, config.prefill_chunk)
+        self.scheduler = Scheduler(self.runner.cache, config.max_batch, config.prefill_chunk,
+                                   config.prefix_cache)
         self.proposer = build_proposer(config.draft, self.runner, config)
         self._isolation = ProposalIsolation(self.proposer)   # rebuilt if `proposer` is replaced
         self.policy = build_policy(config.spec, config.seed)
@@ -212,6 +213,8 @@ class Engine:
         alloc = self.runner.cache.allocator
         s["kv_blocks_free"] = alloc.num_free
         s["kv_blocks_total"] = alloc.num_blocks
+        if self.scheduler.prefix is not None:
+            s.update(self.scheduler.prefix.stats())
         s.update(self._isolation.stats())
         s["num_forward_retries"] = self._stats.num_forward_retries
         for name, fn in self.stats_extra.items():
@@ -424,6 +427,7 @@ class Engine:
                 if self._needs_features:
                     self._keep_features(seq, result, r, [])
                 seq.num_cached += r.num_uncached
+                self.scheduler.commit(seq)
                 continue
             decode = seq.num_cached > 0 and r.num_uncached == 1                      # prefill/recompute steps are not decode steps
             base = seq.num_cached + r.num_uncached                # first slot after the root
@@ -446,6 +450,7 @@ class Engine:
             self._append(seq, new_tokens)
             if not seq.finished:
                 self.scheduler.trim(seq)
+                self.scheduler.commit(seq)
 
     @property
     def _needs_features(self) -> bool:

@@ -5,6 +5,8 @@ A sequence owns a list of block ids; token slot s of that sequence lives at flat
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 
@@ -13,30 +15,71 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockAllocator:
-    """Free-list allocator over `num_blocks` block ids; never hands out a block twice."""
+    """Free-list allocator over `num_blocks` block ids with owner counts.
+
+    A block may have several owners (sequences sharing a cached prompt prefix, see
+    `prefix_cache.py`); it leaves its last owner either to the free list or, when `retain(b)`
+    says its KV is worth keeping, to an LRU of evictable blocks. `allocate` takes free blocks
+    first, then evicts the least recently released ones (calling `on_evict(b)`). Evictable
+    blocks count as free: they cost nothing to reclaim."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}                       # block -> owners (>= 1)
+        self._evictable: OrderedDict[int, None] = OrderedDict()   # owned by none, KV kept
+        self.retain = None                                    # fn(block) -> keep its KV at 0 owners
+        self.on_evict = None                                  # fn(block): its KV is about to be reused
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self._evictable)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} KV blocks, {len(self._free)} free of {self.num_blocks}")
-        out = [self._free.pop() for _ in range(n)]
-        self._used.update(out)
+        if n > self.num_free:
+            raise OutOfBlocks(f"need {n} KV blocks, {self.num_free} free of {self.num_blocks}")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._evictable.popitem(last=False)
+                if self.on_evict is not None:
+                    self.on_evict(b)
+            self._refs[b] = 1
+            out.append(b)
         return out
+
+    def share(self, b: int) -> None:
+        """One more owner of block `b` (an owned block, or an evictable one taken back)."""
+        if b in self._evictable:
+            del self._evictable[b]
+            self._refs[b] = 1
+        elif b in self._refs:
+            self._refs[b] += 1
+        else:
+            raise ValueError(f"KV block {b} is free; only owned or evictable blocks can be shared")
+
+    def owners(self, b: int) -> int:
+        return self._refs.get(b, 0)
 
     def free(self, block_ids: list[int]) -> None:
         for b in block_ids:
-            if b not in self._used:
+            n = self._refs.get(b, 0)
+            if n == 0:
                 raise ValueError(f"double free of KV block {b}")
-            self._used.remove(b)
-            self._free.append(b)
+            if n > 1:
+                self._refs[b] = n - 1
+                continue
+            del self._refs[b]
+            if self.retain is not None and self.retain(b):
+                self._evictable[b] = None
+            else:
+                self._free.append(b)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

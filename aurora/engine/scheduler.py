@@ -5,20 +5,24 @@ tree budget. When blocks run out, the most recently admitted sequence is preempt
 its KV is freed and it is recomputed later (its tokens are kept), so nothing fails.
 While some streams decode, prompts advance by at most `prefill_chunk` tokens per step
 (shared, oldest first), so a long prompt never stalls the others for its whole prefill.
+With a prefix cache (`prefix_cache.py`), an admitted request first shares the cached blocks of
+its longest matching prompt prefix and prefills only the rest.
 """
 from __future__ import annotations
 
 from collections import deque
 
 from aurora.engine.kv_cache import KVCache, blocks_needed
+from aurora.engine.prefix_cache import PrefixCache
 from aurora.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_batch: int, prefill_chunk: int = 0):
+    def __init__(self, cache: KVCache, max_batch: int, prefill_chunk: int = 0, prefix_cache: bool = False):
         self.cache = cache
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.prefix = PrefixCache(cache.allocator, cache.block_size) if prefix_cache else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -54,7 +58,11 @@ class Scheduler:
                     break
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
+            if self.prefix is not None and not seq.block_ids:
+                self.prefix.match(seq)
             if not self._grow(seq, tree_budget):
+                if self.prefix is not None:
+                    self.prefix.unmatch(seq)
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -76,10 +84,16 @@ class Scheduler:
                 out.append(seq)
         return out
 
+    def commit(self, seq: Sequence) -> None:
+        """After a step: offer the blocks whose KV is now committed to the prefix cache."""
+        if self.prefix is not None:
+            self.prefix.register(seq)
+
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.commit(seq)                          # its prefix survives: the recompute reuses it
         self.release(seq)
-        seq.num_cached = 0
+        seq.num_cached = seq.num_registered = 0
         seq.features = None
         seq.draft_state.clear()
         seq.num_preemptions += 1
@@ -103,5 +117,6 @@ class Scheduler:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
+        self.commit(seq)
         self.release(seq)
         seq.status = Status.FINISHED

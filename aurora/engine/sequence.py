@@ -43,6 +43,9 @@ class Sequence:
     detok_prefix: int = 0                   # output offsets: decode restarts at prefix, text final to read
     detok_read: int = 0
     draft_state: dict = field(default_factory=dict)
+    num_prefix_cached: int = 0              # tokens whose KV came from the prefix cache at admission
+    num_registered: int = 0                 # leading blocks offered to the prefix cache
+    prefix_keys: list = field(default_factory=list)   # chain keys of the leading full blocks
 
     def __post_init__(self):
         if not self.token_ids:

@@ -181,10 +181,11 @@ class TraceCollector:
                 continue
             st = self._open.get(seq.request_id)
             if st is None or seq.num_cached != st.next:  # new, or preempted and recomputed: restart
-                if seq.num_cached != 0:
+                if seq.num_cached != seq.num_prefix_cached:   # (where the prefix cache left off)
                     self._open.pop(seq.request_id, None)
                     continue
                 st = self._open[seq.request_id] = _Open(view.draft_version)
+                st.start = st.next = seq.num_cached
             m, base = r.num_uncached, r.start + r.num_uncached
             f0 = len(feat_rows)
             feat_rows += range(r.start, base)

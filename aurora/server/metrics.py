@@ -47,6 +47,9 @@ ENGINE_SCALARS = (
     ("waiting", "aurora_waiting_requests", "Sequences waiting in the engine", False),
     ("kv_blocks_free", "aurora_kv_blocks_free", "Free KV cache blocks", False),
     ("kv_blocks_total", "aurora_kv_blocks_total", "KV cache blocks", False),
+    ("prefix_hit_tokens", "aurora_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", True),
+    ("prefix_query_tokens", "aurora_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", True),
+    ("prefix_cached_blocks", "aurora_prefix_cache_blocks", "KV blocks registered in the prefix cache", False),
 )
 TRAINER_SCALARS = (
     ("trainer", "steps", "aurora_trainer_steps", "Optimizer steps of the online trainer", True),
