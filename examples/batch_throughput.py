@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--compile", default="off", choices=("off", "on"))
     args = ap.parse_args()
     eng = Engine(EngineConfig(model=args.model, draft="none", online=False, dtype=args.dtype,
-                              compile=args.compile))
+                              compile=args.compile, prefix_cache=False))   # repeats the prompts: measure prefill
     torch.set_num_threads(eng.serve_threads())
     tok, model = eng.tokenizer, eng.runner.model
     prompts = [p.text[:400] for p in load_domain("chat", args.batch, seed=3)]

@@ -66,7 +66,7 @@ def main() -> None:
             raise SystemExit(f"unknown draft options {sorted(flags - {'fixed', 'freq'})} in {name!r}: use fixed, freq")
         for mode in modes:
             engines[name, mode] = Engine(EngineConfig(
-                model=args.model, draft=draft, online=False, kv_tokens=8192,
+                model=args.model, draft=draft, online=False, kv_tokens=8192, prefix_cache=False,   # repeats
                 spec=SpecConfig(adaptive="fixed" not in flags, suffix_q="frequency" if "freq" in flags else "point")))
     first = next(iter(engines.values()))
     torch.set_num_threads(first.serve_threads())

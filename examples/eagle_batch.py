@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     concs = [int(c) for c in args.conc.split(",")]
-    eng = Engine(EngineConfig(model=args.model, draft="eagle", online=False, kv_tokens=16384))
+    eng = Engine(EngineConfig(model=args.model, draft="eagle", online=False, kv_tokens=16384, prefix_cache=False))
     torch.set_num_threads(eng.serve_threads())
     proposer = eng.proposer
     batched = proposer.propose

@@ -71,7 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     eng = Engine(EngineConfig(model=args.model, draft="none", online=False, kv_tokens=max(lengths) + 2048,
-                              prefill_chunk=args.chunk))
+                              prefill_chunk=args.chunk, prefix_cache=False))   # repeats: time every prefill
     torch.set_num_threads(eng.serve_threads())
     tok, model = eng.tokenizer, eng.runner.model
     params = SamplingParams(max_tokens=1, temperature=0)

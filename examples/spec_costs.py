@@ -35,7 +35,8 @@ def main() -> None:
     ap.add_argument("--quantize", default="none", help="EngineConfig.quantize: none | int8 | int4")
     args = ap.parse_args()
     eng = Engine(EngineConfig(model=args.model, draft="eagle", online=False, dtype="auto", compile=args.compile,
-                              quantize=args.quantize, max_batch=1, threads=args.threads))
+                              quantize=args.quantize, max_batch=1, threads=args.threads,
+                              prefix_cache=False))
     # on the engine's compute thread: a second OpenMP pool in the process slows every step (engine/worker.py)
     out = eng.run_on_worker(measure, eng, args)
     print(json.dumps(out, indent=2))

@@ -57,7 +57,7 @@ def main() -> None:
         measure(name, build_system(name, opts))
     for draft in args.drafts.split(","):
         config = EngineConfig(model=args.model, draft=draft, online=False, threads=1, device="cpu",
-                              dtype="float32", kv_tokens=8192, max_batch=1)
+                              dtype="float32", kv_tokens=8192, max_batch=1, prefix_cache=False)
         measure(draft, AuroraSystem(draft, config))
 
 

@@ -41,8 +41,11 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     prompts = [p.text[:600] for p in load_domain("code", args.requests + 2, seed=5)]
     draft = f"eagle:{args.checkpoint}+ngram" if args.checkpoint else "eagle+ngram"
-    online = Engine(EngineConfig(model=args.model, draft=draft, online=True, trainer=TrainerConfig(**overrides)))
-    ngram = Engine(EngineConfig(model=args.model, draft="ngram", online=False, threads=online.serve_threads()))
+    # each prompt is served more than once per engine: no prefix cache, every prefill is timed
+    online = Engine(EngineConfig(model=args.model, draft=draft, online=True, trainer=TrainerConfig(**overrides),
+                                 prefix_cache=False))
+    ngram = Engine(EngineConfig(model=args.model, draft="ngram", online=False, threads=online.serve_threads(),
+                                prefix_cache=False))
     rates = {"ngram": [], "online, trainer paused": [], "online, trainer running": []}
 
     def run(engine, prompt):

@@ -105,6 +105,11 @@ def test_bench_end_to_end_tiny(tmp_path):
     assert systems["none"]["tau"] == pytest.approx(1.0)
     req = systems["none"]["requests"][0]
     assert {"index", "domain", "tau", "tokens", "seconds", "draft_version"} <= set(req)
+    for r in systems["none"]["requests"]:                            # Aurora knows its first token
+        assert 0 < r["ttft_s"] < r["seconds"]
+    assert 0 < systems["none"]["ttft_s"] and systems["none"]["decode_tokens_per_s"] > 0
+    assert systems["hf"]["ttft_s"] is None and systems["hf"]["decode_tokens_per_s"] is None
+    assert results["meta"]["prefix_cache"] is True
     md = (out / "results.md").read_text()
     assert "| system" in md and "ratios from one run" in md.lower() and "Hardware:" in md
     assert (out / "tau.png").read_bytes()[:4] == b"\x89PNG"
