@@ -184,3 +184,22 @@ def test_a_prefix_hit_still_leaves_an_aligned_trace():
         assert eng.flywheel.collector.open_requests() == 0
     finally:
         eng.close()
+
+
+def test_exact_under_kv_pressure_with_shared_prefixes(fresh_engine):
+    """Twelve concurrent requests over three shared stems in a pool too small for all of them:
+    admission shares blocks, preemption recomputes from the cache, allocation evicts cached
+    blocks; every output equals the same request served with no prefix cache."""
+    stems = ["The history of the river begins in the mountains where ",
+             "def parse(line):\n    fields = line.split(',')\n    return ",
+             "Dear team, thank you for the update on the quarterly numbers. "]
+    prompts = [stems[i % 3] + f"case {i}: " + "x" * (i % 5) for i in range(12)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ref = fresh_engine(draft="ngram", dtype="float32", prefix_cache=False, online=False)
+    want = [o.token_ids for o in ref.generate_batch(prompts, params)]
+    eng = fresh_engine(draft="ngram", dtype="float32", prefix_cache=True, online=False, kv_tokens=640, max_batch=8)
+    got = [o.token_ids for o in eng.generate_batch(prompts, params)]
+    assert got == want
+    s = eng.stats()
+    assert s["prefix_hit_tokens"] > 0 and s["num_preemptions"] > 0 and s["prefix_evicted_blocks"] > 0, s
+    assert s["kv_blocks_free"] == s["kv_blocks_total"]

@@ -34,6 +34,7 @@ class SystemSpec:
     discard: bool = False        # online: also the discard hinge + counterfactual KL on rejected proposals
     adaptive: bool = False       # Aurora: SpecConfig(adaptive=True), verify only the nodes that pay
     ngram_depth: int = 0         # Aurora: SpecConfig.ngram_depth (tokens prompt lookup copies; 0 = default)
+    tree_nodes: int = 0          # Aurora: SpecConfig.max_nodes and suffix_max_depth (0 = defaults, 16)
     compile: str = "off"         # Aurora: EngineConfig.compile (target step)
     quantize: str = "none"       # Aurora: EngineConfig.quantize (target weights)
 
@@ -60,6 +61,8 @@ SYSTEMS: dict[str, SystemSpec] = {
     "ngram-d10": SystemSpec("Aurora, n-gram draft copying up to 10 tokens", "aurora", "ngram", ngram_depth=10),
     "suffix+ngram-d10": SystemSpec("Aurora, suffix+ngram, prompt lookup copying up to 10 tokens", "aurora",
                                    "suffix+ngram", ngram_depth=10),
+    "suffix+ngram-n32": SystemSpec("Aurora, suffix+ngram, trees up to 32 nodes / suffix depth 32", "aurora",
+                                   "suffix+ngram", tree_nodes=32),
     "suffix+ngram-adaptive": SystemSpec("Aurora, suffix+ngram, adaptive tree policy", "aurora", "suffix+ngram",
                                         adaptive=True),
     "eagle+suffix+ngram-adaptive": SystemSpec("Aurora, eagle+suffix+ngram online from scratch, adaptive tree policy",
@@ -328,7 +331,9 @@ def build_system(name: str, opts: BuildOptions) -> System:
         return LlamaCppSystem(name, spec, opts)
     from aurora.config import EngineConfig, SpecConfig, TrainerConfig
     trainer = TrainerConfig(w_discard=0.5, w_counterfactual=0.5) if spec.discard else TrainerConfig()
-    config = EngineConfig(trainer=trainer, spec=SpecConfig(adaptive=spec.adaptive, ngram_depth=spec.ngram_depth), model=opts.model,
+    nodes = {"max_nodes": spec.tree_nodes, "suffix_max_depth": spec.tree_nodes} if spec.tree_nodes else {}
+    config = EngineConfig(trainer=trainer, spec=SpecConfig(adaptive=spec.adaptive, ngram_depth=spec.ngram_depth, **nodes),
+                          model=opts.model,
                           draft=spec.draft.format(ckpt=opts.checkpoint), online=spec.online, dtype=opts.dtype, device=opts.device,
                           kv_tokens=opts.kv_tokens, max_batch=1, threads=opts.threads, seed=opts.seed,
                           compile=spec.compile, quantize=spec.quantize, prefix_cache=opts.prefix_cache)

@@ -41,6 +41,7 @@ class PrefixCache:
         allocator.on_evict = self._forget
         self.num_queries = 0                       # prompt tokens looked up
         self.num_hit_tokens = 0                    # of those, served from the cache
+        self.num_evicted = 0                       # cached blocks reclaimed for new KV
 
     def __len__(self) -> int:
         return len(self._key_of)
@@ -49,6 +50,7 @@ class PrefixCache:
         key = self._key_of.pop(block, None)
         if key is not None and self._block_of.get(key) == block:
             del self._block_of[key]
+            self.num_evicted += 1
 
     def _keys(self, seq, n: int) -> list[bytes]:
         """The chain keys of seq's first n full blocks (extends seq.prefix_keys as needed)."""
@@ -97,7 +99,7 @@ class PrefixCache:
         seq.num_registered = n
 
     def stats(self) -> dict:
-        return {"prefix_cached_blocks": len(self._key_of),
+        return {"prefix_cached_blocks": len(self._key_of), "prefix_evicted_blocks": self.num_evicted,
                 "prefix_hit_tokens": self.num_hit_tokens,
                 "prefix_query_tokens": self.num_queries,
                 "prefix_hit_rate": self.num_hit_tokens / self.num_queries if self.num_queries else 0.0}

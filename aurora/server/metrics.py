@@ -50,6 +50,7 @@ ENGINE_SCALARS = (
     ("prefix_hit_tokens", "aurora_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", True),
     ("prefix_query_tokens", "aurora_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", True),
     ("prefix_cached_blocks", "aurora_prefix_cache_blocks", "KV blocks registered in the prefix cache", False),
+    ("prefix_evicted_blocks", "aurora_prefix_cache_evictions", "Cached KV blocks reclaimed for new tokens", True),
 )
 TRAINER_SCALARS = (
     ("trainer", "steps", "aurora_trainer_steps", "Optimizer steps of the online trainer", True),
