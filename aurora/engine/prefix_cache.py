@@ -47,10 +47,9 @@ class PrefixCache:
         return len(self._key_of)
 
     def _forget(self, block: int) -> None:
-        key = self._key_of.pop(block, None)
-        if key is not None and self._block_of.get(key) == block:
-            del self._block_of[key]
-            self.num_evicted += 1
+        """An evictable block is reused: drop its key (keys and blocks map one to one)."""
+        del self._block_of[self._key_of.pop(block)]
+        self.num_evicted += 1
 
     def _keys(self, seq, n: int) -> list[bytes]:
         """The chain keys of seq's first n full blocks (extends seq.prefix_keys as needed)."""
@@ -87,7 +86,8 @@ class PrefixCache:
 
     def register(self, seq) -> None:
         """Offer seq's blocks whose every position has committed KV."""
-        n = min(min(seq.num_cached, len(seq.token_ids)) // self.block_size, len(seq.block_ids))
+        n = min(seq.num_cached, len(seq.token_ids)) // self.block_size
+        n = min(n, len(seq.block_ids))
         if n <= seq.num_registered:
             return
         keys = self._keys(seq, n)
