@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from aurora import Engine, EngineConfig, SamplingParams, TrainerConfig
+from aurora import Engine, EngineConfig, SamplingParams, SpecConfig, TrainerConfig
 from aurora.flywheel.checkpoint import load_head, save_head
 from aurora.flywheel.traces import RingBuffer, TraceRecord
 
@@ -166,15 +166,18 @@ def test_bad_checkpoint_is_clear_error(tmp_path):
 
 def test_tau_rises_on_repetitive_workload():
     """Property: on a repeated workload the online draft's accepted length rises within a bounded
-    number of trainer steps (no timing involved: we wait for steps, then measure tau)."""
+    number of trainer steps (no timing involved: we wait for steps, then measure tau). The tree is
+    fixed (adaptive off): the load policy would otherwise choose how many nodes to verify from
+    measured step times, and tau would follow the clock as well as the draft."""
     eng = Engine(EngineConfig(model="tiny-llama", draft="eagle", online=True, dtype="float32",
+                              spec=SpecConfig(adaptive=False),
                               trainer=TrainerConfig(publish_every_steps=10, publish_every_s=1e9,
                                                     busy_share=1.0)))     # steps, not serving, are measured
     try:
         first = eng.generate_batch(PROMPTS, GREEDY)
         tau0 = sum(o.stats["accepted_length"] for o in first) / len(first)
         fw = eng.flywheel
-        target_steps = 300
+        target_steps = 100                               # tau reaches ~1.5 by here (~1.3 by 30)
         while fw.trainer.steps < target_steps:
             eng.generate_batch(PROMPTS, GREEDY)          # keeps traces flowing
             assert fw.error is None
