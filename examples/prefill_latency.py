@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--lengths", default="2000,8000")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--itl-length", type=int, default=2000)
+    ap.add_argument("--itl-length", type=int, default=2000, help="prompt tokens of the ITL check (0: skip it)")
     ap.add_argument("--chunk", type=int, default=512)
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -108,16 +108,19 @@ def main() -> None:
         results[n] = {"aurora_ttft_s": statistics.median(o), "hf_ttft_s": statistics.median(h)}
         results[n]["ratio"] = results[n]["aurora_ttft_s"] / results[n]["hf_ttft_s"]
         print(n, json.dumps(results[n]), flush=True)
-    itl_ids = long_ids(tok, args.itl_length)
-    itl = [itl_during_prefill(eng, itl_ids, args.chunk), itl_during_prefill(eng, itl_ids, 0)]
+    itl = []
+    if args.itl_length > 0:                    # 0: TTFT only
+        itl_ids = long_ids(tok, args.itl_length)
+        itl = [itl_during_prefill(eng, itl_ids, args.chunk), itl_during_prefill(eng, itl_ids, 0)]
     print(json.dumps({"model": args.model, "dtype": str(eng.dtype), "threads": torch.get_num_threads(),
                       "ttft": results, "itl": itl}, indent=2))
     print("\n| prompt tokens | Aurora TTFT s | transformers TTFT s | ratio |\n|---|---|---|---|")
     for n, r in results.items():
         print(f"| {n} | {r['aurora_ttft_s']:.2f} | {r['hf_ttft_s']:.2f} | {r['ratio']:.2f} |")
-    print("\n| prefill_chunk | stream ITL before ms | max gap during prefill ms | stream tokens during |\n|---|---|---|---|")
-    for r in itl:
-        print(f"| {r['prefill_chunk']} | {r['itl_before_ms']:.0f} | {r['max_gap_during_ms']:.0f} | {r['tokens_during']} |")
+    if itl:
+        print("\n| prefill_chunk | stream ITL before ms | max gap during prefill ms | stream tokens during |\n|---|---|---|---|")
+        for r in itl:
+            print(f"| {r['prefill_chunk']} | {r['itl_before_ms']:.0f} | {r['max_gap_during_ms']:.0f} | {r['tokens_during']} |")
     eng.close()
 
 

@@ -1,7 +1,7 @@
 """A small causal LM sharing the target's tokenizer as the draft (chain proposals).
 
 It re-reads the last `WINDOW` context tokens each step (no draft KV cache: simple, and
-cheap for the small drafts this is meant for) and extends a chain greedily or by
+cheap for the small drafts this is meant for), all sequences of a step in one batch and extends a chain greedily or by
 sampling from its processed distribution (recorded as q for lossless verification).
 """
 from __future__ import annotations
@@ -29,28 +29,40 @@ class ModelProposer(Proposer):
 
     @torch.inference_mode()
     def propose(self, seqs, ctx):
-        return [self._chain(seq, ctx) for seq in seqs]
-
-    def _chain(self, seq, ctx) -> DraftTree:
-        tree = DraftTree()
-        ids = list(seq.token_ids[-WINDOW:])
+        """One chain per sequence, all sequences in one forward per depth level: the windows are
+        right-padded into [B, L] with an attention mask, so each row's last real position sees only
+        its own tokens (causal), and its logits are read there."""
+        if not seqs:
+            return []
         depth = ctx.spec.depth if ctx.spec.shape == "chain" else min(ctx.spec.depth, ctx.spec.max_nodes)
-        q_list = []
-        parent = -1
         dev = next(self.model.parameters()).device
+        windows = [list(seq.token_ids[-WINDOW:]) for seq in seqs]
+        trees = [DraftTree() for _ in seqs]
+        parents = [-1] * len(seqs)
+        q_lists: list[list[torch.Tensor]] = [[] for _ in seqs]
         for _ in range(depth):
-            logits = self.model(torch.tensor([ids], device=dev)).logits[0, -1].float()
-            if logits.shape[-1] < ctx.vocab_size:
-                logits = torch.cat([logits, logits.new_full((ctx.vocab_size - logits.shape[-1],), float("-inf"))])
-            if seq.params.greedy:
-                tok, row, lp = int(logits.argmax()), -1, 0.0
-            else:
-                probs = processed_probs(logits[None], seq.params)[0].cpu()
-                tok = sample(probs, seq.generator)
-                q_list.append(probs)
-                row, lp = len(q_list) - 1, float(torch.log(probs[tok]))
-            parent = tree.add(tok, parent, lp, row)
-            ids.append(tok)
-        if q_list:
-            tree.q_probs = torch.stack(q_list)
-        return tree
+            lengths = [len(w) for w in windows]
+            width = max(lengths)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)                       # [B, L]
+            mask = torch.zeros(len(seqs), width, dtype=torch.long)                      # [B, L]
+            for i, w in enumerate(windows):
+                ids[i, :len(w)] = torch.tensor(w)
+                mask[i, :len(w)] = 1
+            out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits   # [B, L, V']
+            last = out[torch.arange(len(seqs), device=dev), torch.tensor(lengths, device=dev) - 1].float()  # [B, V']
+            if last.shape[-1] < ctx.vocab_size:
+                last = torch.cat([last, last.new_full((len(seqs), ctx.vocab_size - last.shape[-1]), float("-inf"))], -1)
+            for i, seq in enumerate(seqs):
+                if seq.params.greedy:
+                    tok, row, lp = int(last[i].argmax()), -1, 0.0
+                else:
+                    probs = processed_probs(last[i:i + 1], seq.params)[0].cpu()      # [V]
+                    tok = sample(probs, seq.generator)
+                    q_lists[i].append(probs)
+                    row, lp = len(q_lists[i]) - 1, float(torch.log(probs[tok]))
+                parents[i] = trees[i].add(tok, parents[i], lp, row)
+                windows[i] = (windows[i] + [tok])[-WINDOW:]
+        for tree, q_list in zip(trees, q_lists):
+            if q_list:
+                tree.q_probs = torch.stack(q_list)
+        return trees
