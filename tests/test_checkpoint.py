@@ -14,7 +14,8 @@ from aurora.flywheel.checkpoint import default_draft_dir, has_checkpoint
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0)
 PROMPTS = ["the cat sat on ", "def f(x): return", "hello hello ", "1, 2, 3, 4"]
-FAST = TrainerConfig(publish_every_steps=5, publish_every_s=1e9, guard=False, draft_vocab=200)
+FAST = TrainerConfig(publish_every_steps=5, publish_every_s=1e9, guard=False, draft_vocab=200,
+                     busy_share=1.0)      # steps, not the share of serving, are what these tests wait for
 
 
 def _engine(trainer=FAST):
