@@ -60,6 +60,26 @@ def test_allocator_counts_owners_and_keeps_retained_blocks_evictable():
         BlockAllocator(2).share(0)                  # a free block cannot be shared
 
 
+def test_a_blocked_head_is_not_rematched_until_blocks_or_prefixes_change():
+    sched = _sched(num_blocks=4)
+    a = _seq("a", list(range(10, 22)))             # 12 tokens: 3 of the 4 blocks
+    sched.add(a)
+    sched.schedule(tree_budget=0)
+    _step(sched, [a])                              # blocks registered; a now needs a 4th
+    b = _seq("b", list(range(10, 22)) + [50, 51, 52])   # shares a's 3 blocks, needs a 4th
+    sched.add(b)
+    sched.schedule(tree_budget=0)
+    assert sched.waiting[0] is b and not b.block_ids    # blocked: only 0 free after a's 4th block
+    matched, match = [], sched.prefix.match
+    sched.prefix.match = lambda seq: matched.append(seq) or match(seq)
+    for _ in range(3):                             # nothing changed: the head is not matched again
+        assert sched.schedule(tree_budget=0) == [a] and sched.waiting[0] is b
+    assert matched == []
+    sched.finish(a)                                # blocks come back (a's prefix stays cached)
+    sched.schedule(tree_budget=0)
+    assert matched == [b] and sched.running == [b] and b.num_prefix_cached == 12
+
+
 def test_a_later_request_shares_the_full_blocks_of_its_prefix():
     sched = _sched()
     a = _seq("a", list(range(10, 21)))             # 11 tokens: 2 full blocks + 3

@@ -42,6 +42,7 @@ class PrefixCache:
         self.num_queries = 0                       # prompt tokens looked up
         self.num_hit_tokens = 0                    # of those, served from the cache
         self.num_evicted = 0                       # cached blocks reclaimed for new KV
+        self.epoch = 0                             # changes whenever the set of cached blocks does
 
     def __len__(self) -> int:
         return len(self._key_of)
@@ -50,6 +51,7 @@ class PrefixCache:
         """An evictable block is reused: drop its key (keys and blocks map one to one)."""
         del self._block_of[self._key_of.pop(block)]
         self.num_evicted += 1
+        self.epoch += 1
 
     def _keys(self, seq, n: int) -> list[bytes]:
         """The chain keys of seq's first n full blocks (extends seq.prefix_keys as needed)."""
@@ -96,6 +98,7 @@ class PrefixCache:
             if keys[i] not in self._block_of and b not in self._key_of:
                 self._block_of[keys[i]] = b
                 self._key_of[b] = keys[i]
+                self.epoch += 1
         seq.num_registered = n
 
     def stats(self) -> dict:

@@ -25,6 +25,7 @@ class Scheduler:
         self.prefix = PrefixCache(cache.allocator, cache.block_size) if prefix_cache else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._blocked: tuple | None = None         # (head, admission state) at which it last failed
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -46,6 +47,13 @@ class Scheduler:
         seq.block_ids += self.cache.allocator.allocate(need)
         return True
 
+    def _admission_state(self, tree_budget: int) -> tuple:
+        """What admitting the waiting head depends on: free (or evictable) blocks, the set of
+        cached prefixes, and the tree budget. While it stays the same, a head that could not be
+        admitted still cannot, so `schedule` does not re-match (and re-hash) its prefix."""
+        epoch = self.prefix.epoch if self.prefix is not None else 0
+        return tree_budget, self.cache.allocator.num_free, epoch
+
     def schedule(self, tree_budget: int) -> list[Sequence]:
         """Return the sequences to run this step, with enough blocks for tokens + tree."""
         for seq in list(self.running):             # keep running ones first, preempting the newest
@@ -58,12 +66,17 @@ class Scheduler:
                     break
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
+            if self._blocked is not None and self._blocked[0] is seq \
+                    and self._blocked[1] == self._admission_state(tree_budget):
+                break                              # nothing it depends on changed: no re-match
             if self.prefix is not None and not seq.block_ids:
                 self.prefix.match(seq)
             if not self._grow(seq, tree_budget):
                 if self.prefix is not None:
                     self.prefix.unmatch(seq)
+                self._blocked = seq, self._admission_state(tree_budget)
                 break
+            self._blocked = None
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
