@@ -19,6 +19,7 @@ import torch
 
 from aurora import Engine, EngineConfig, SamplingParams
 from aurora.models.runner import set_attn
+from aurora.models.row_linear import plain_linears
 from aurora.workloads import load_domain
 
 
@@ -53,7 +54,7 @@ def main() -> None:
             inp = torch.tensor([[pad] * (width - len(x)) + x for x in ids[:batch]])
             att = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids[:batch]])
             t = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), plain_linears(model):      # transformers as users run it
                 model.generate(inp, attention_mask=att, max_new_tokens=args.max_tokens,
                                min_new_tokens=args.max_tokens, do_sample=False, pad_token_id=pad)
             return batch * args.max_tokens / (time.perf_counter() - t)

@@ -34,6 +34,7 @@ import torch
 
 from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
 from aurora.engine.worker import ComputeThread
+from aurora.models.row_linear import plain_linears
 from aurora.workloads import load_domain
 
 MODES = {"greedy": dict(temperature=0.0), "T0.7/p0.9": dict(temperature=0.7, top_p=0.9)}
@@ -133,7 +134,7 @@ def main() -> None:
             kw = dict(do_sample=True, temperature=m["temperature"], top_p=m["top_p"], top_k=0) if m["temperature"] \
                 else dict(do_sample=False)
             t = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), plain_linears(model):      # transformers as users run it
                 model.generate(inp, attention_mask=att, max_new_tokens=args.max_tokens,
                                min_new_tokens=args.max_tokens, pad_token_id=pad, **kw)
             return time.perf_counter() - t
