@@ -38,7 +38,7 @@ def test_adapt_linears_wraps_decoder_layers_but_not_the_lm_head():
     head = model.get_output_embeddings()
     linears = [m for m in model.modules() if type(m) is nn.Linear and m is not head]
     expect = sum(4 * m.weight.numel() for m in linears)
-    assert adapt_linears(model, 3, skip=(head,)) == expect
+    assert adapt_linears(model, 3, skip=(head,), calibrate=False) == expect
     wrapped = [m for m in model.modules() if isinstance(m, RowAdaptiveLinear)]
     assert len(wrapped) == len(linears) > 0 and type(model.get_output_embeddings()) is nn.Linear
     with plain_linears(model):                                    # e.g. transformers as a baseline
@@ -46,22 +46,34 @@ def test_adapt_linears_wraps_decoder_layers_but_not_the_lm_head():
     assert all(m.max_rows == 3 for m in wrapped)
 
     small, _ = build("tiny-llama", torch.bfloat16, torch.device("cpu"))
-    assert adapt_linears(small, 3, budget_bytes=expect - 1) == 0  # over budget: left as it is
+    assert adapt_linears(small, 3, budget_bytes=expect - 1, calibrate=False) == 0   # over budget: as it is
     assert not any(isinstance(m, RowAdaptiveLinear) for m in small.modules())
     fp32, _ = build("tiny-llama", torch.float32, torch.device("cpu"))
-    assert adapt_linears(fp32, 3) == 0                            # only bf16 weights are wrapped
+    assert adapt_linears(fp32, 3, calibrate=False) == 0           # only bf16 weights are wrapped
+
+
+def test_calibration_wraps_only_where_fp32_is_clearly_faster(monkeypatch):
+    import aurora.models.row_linear as rl
+    for ratio, wrapped in [(0.5, True), (0.84, True), (0.9, False), (1.3, False)]:
+        model, _ = build("tiny-llama", torch.bfloat16, torch.device("cpu"))
+        monkeypatch.setattr(rl, "fp32_time_ratio", lambda weight, rows, r=ratio: [r for _ in rows])
+        assert (adapt_linears(model, 3) > 0) == wrapped
+        assert any(isinstance(m, RowAdaptiveLinear) for m in model.modules()) == wrapped
+    monkeypatch.undo()
+    ratios = rl.fp32_time_ratio(_linear().weight, (1, 3), calls=3)  # the real timing: one ratio per row count
+    assert len(ratios) == 2 and all(0 < r < float("inf") for r in ratios)
 
 
 def test_engine_knob():
     greedy = SamplingParams(max_tokens=8, temperature=0)
-    outs = {}
     for rows in (0, 3):
         with Engine(EngineConfig(model="tiny-llama", draft="ngram", online=False, dtype="bfloat16",
                                  fp32_rows=rows)) as eng:
             wrapped = [m for m in eng.runner.model.modules() if isinstance(m, RowAdaptiveLinear)]
-            assert (eng.stats()["fp32_rows_bytes"] > 0) == bool(rows) == bool(wrapped)
-            outs[rows] = eng.generate_batch(["hello hello ", "def f(x):"], greedy)
-    assert all(len(o.token_ids) == 8 for o in outs[3])
+            assert (eng.stats()["fp32_rows_bytes"] > 0) == bool(wrapped)   # on where this CPU gains
+            assert rows or not wrapped
+            outs = eng.generate_batch(["hello hello ", "def f(x):"], greedy)
+            assert all(len(o.token_ids) == 8 for o in outs)
     with Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="float32")) as eng:
         assert eng.stats()["fp32_rows_bytes"] == 0                # fp32 engines are never wrapped
     with pytest.raises(ValueError, match="fp32_rows"):

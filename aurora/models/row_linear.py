@@ -19,11 +19,13 @@ decode step without draft nodes, one row per call, is the case it is for: SmolLM
 decoding went from 12.1 to 14.8 tok/s (examples/batch_throughput.py). The fp32 copies cost
 4 bytes per weight (425 MB for SmolLM2-135M's decoder layers; the LM head is left alone: at
 one row both dtypes cost the same). Larger models, whose copies would pass
-`COPY_BUDGET_BYTES`, are not wrapped.
+`COPY_BUDGET_BYTES`, are not wrapped, and neither is any model on a CPU where a quick timing at
+load (`fp32_time_ratio`, a few ms) does not show the fp32 path clearly faster.
 """
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 
 import torch
@@ -32,6 +34,7 @@ from torch import nn
 
 log = logging.getLogger("aurora.models")
 COPY_BUDGET_BYTES = 1 << 30          # larger models keep bf16 only (a copy is 2x their bf16 linear weights)
+PAYS_BELOW = 0.85                    # fp32 / bf16 time at which the copies are worth their memory
 
 
 class RowAdaptiveLinear(nn.Module):
@@ -50,18 +53,51 @@ class RowAdaptiveLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def fp32_time_ratio(weight: torch.Tensor, rows: tuple[int, ...], calls: int = 15) -> list[float]:
+    """Median time of `F.linear` on an fp32 copy of `weight` (casts included) over the median
+    time on the bf16 weight itself, for each row count, on this machine and thread count."""
+    w32 = weight.detach().float()
+    out = []
+    with torch.inference_mode():
+        for n in rows:
+            x = torch.randn(n, weight.shape[1]).to(weight.dtype)
+            times = []
+            for fn in (lambda: F.linear(x, weight), lambda: F.linear(x.float(), w32).to(x.dtype)):
+                for _ in range(3):
+                    fn()
+                t = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    fn()
+                    t.append(time.perf_counter() - t0)
+                times.append(sorted(t)[calls // 2])
+            out.append(times[1] / times[0])
+    return out
+
+
 def adapt_linears(model: nn.Module, max_rows: int, skip: tuple[nn.Module, ...] = (),
-                  budget_bytes: int = COPY_BUDGET_BYTES) -> int:
+                  budget_bytes: int = COPY_BUDGET_BYTES, calibrate: bool = True) -> int:
     """Wrap every bf16 nn.Linear of `model` except `skip` (e.g. the LM head, where both dtypes
-    cost the same at one row and bf16 wins above); returns the bytes of the fp32 copies. A model
-    whose copies would exceed `budget_bytes` is left as it is (returns 0)."""
+    cost the same at one row and bf16 wins above); returns the bytes of the fp32 copies. Left as
+    it is (returns 0): a model whose copies would exceed `budget_bytes`, or, with `calibrate`, a
+    CPU where the fp32 path is not clearly faster (< PAYS_BELOW of the bf16 time) on the largest
+    layer at one row, the case that gains most (CPUs differ: the floor is AMX's; a clear margin
+    keeps the decision from flipping with timing noise)."""
     skip_ids = {id(m) for m in skip}
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear and id(child) not in skip_ids and child.weight.dtype == torch.bfloat16]
+    if not targets:
+        return 0
     if sum(4 * child.weight.numel() for _, _, child in targets) > budget_bytes:
         log.info("fp32 weight copies for few-row linear calls skipped: they would exceed %d MiB",
                  budget_bytes >> 20)
         return 0
+    if calibrate:
+        largest = max((child for _, _, child in targets), key=lambda m: m.weight.numel())
+        ratio = fp32_time_ratio(largest.weight, (1,))[0]
+        if ratio > PAYS_BELOW:
+            log.info("few-row linear calls stay bf16: fp32 / bf16 time %.2f at one row on this CPU", ratio)
+            return 0
     for parent, name, child in targets:
         setattr(parent, name, RowAdaptiveLinear(child, max_rows))
     return sum(4 * child.weight.numel() for _, _, child in targets)
