@@ -18,8 +18,8 @@ import time
 import torch
 
 from aurora import Engine, EngineConfig, SamplingParams
-from aurora.models.runner import set_attn
 from aurora.models.row_linear import plain_linears
+from aurora.models.runner import set_attn
 from aurora.workloads import load_domain
 
 

@@ -56,22 +56,24 @@ class RowAdaptiveLinear(nn.Module):
 def fp32_time_ratio(weight: torch.Tensor, rows: tuple[int, ...], calls: int = 15) -> list[float]:
     """Median time of `F.linear` on an fp32 copy of `weight` (casts included) over the median
     time on the bf16 weight itself, for each row count, on this machine and thread count."""
+    def median_s(fn, x) -> float:
+        for _ in range(3):
+            fn(x)
+        t = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn(x)
+            t.append(time.perf_counter() - t0)
+        return sorted(t)[calls // 2]
+
     w32 = weight.detach().float()
     out = []
     with torch.inference_mode():
         for n in rows:
-            x = torch.randn(n, weight.shape[1]).to(weight.dtype)
-            times = []
-            for fn in (lambda: F.linear(x, weight), lambda: F.linear(x.float(), w32).to(x.dtype)):
-                for _ in range(3):
-                    fn()
-                t = []
-                for _ in range(calls):
-                    t0 = time.perf_counter()
-                    fn()
-                    t.append(time.perf_counter() - t0)
-                times.append(sorted(t)[calls // 2])
-            out.append(times[1] / times[0])
+            x = torch.randn(n, weight.shape[1]).to(weight.dtype)                  # [n, in]
+            bf16 = median_s(lambda v: F.linear(v, weight), x)
+            fp32 = median_s(lambda v: F.linear(v.float(), w32).to(v.dtype), x)
+            out.append(fp32 / bf16)
     return out
 
 
