@@ -1,8 +1,9 @@
 """A small causal LM sharing the target's tokenizer as the draft (chain proposals).
 
 It re-reads the last `WINDOW` context tokens each step (no draft KV cache: simple, and
-cheap for the small drafts this is meant for), all sequences of a step in one batch and extends a chain greedily or by
-sampling from its processed distribution (recorded as q for lossless verification).
+cheap for the small drafts this is meant for), all sequences of a step in one batched forward
+per depth, and extends a chain greedily or by sampling from its processed distribution
+(recorded as q for lossless verification).
 """
 from __future__ import annotations
 

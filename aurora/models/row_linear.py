@@ -1,6 +1,6 @@
 """Linear layers that pick their weight's dtype by the number of rows they multiply.
 
-On this CPU (AMX, bf16 weights, 2 threads) a bf16 GEMM over 1-3 rows costs a near-fixed
+On this CPU (a 2-core Intel Xeon with AMX, bf16 weights) a bf16 GEMM over 1-3 rows costs a near-fixed
 ~35-170 us per call, while an fp32 GEMV over a copy of the same weight runs at memory speed;
 from 4 rows on, bf16 wins (medians of 60 calls, bf16 / fp32 us, x cast to fp32 and back included):
 
@@ -16,7 +16,7 @@ So each wrapped layer keeps the model's bf16 weight W and an fp32 copy, and comp
 Both are the same product of the same bf16 numbers; they differ only in where they round (bf16
 output is not bit-exact across batch shapes anyway; fp32 engines are never wrapped). A batch-1
 decode step without draft nodes, one row per call, is the case it is for: SmolLM2-135M plain
-decoding went from 12.1 to 14.8 tok/s (examples/batch_throughput.py). The fp32 copies cost
+decoding at batch 1 went from 12.1 to 14.8 tok/s (same process, wrapper on/off alternately; README). The fp32 copies cost
 4 bytes per weight (425 MB for SmolLM2-135M's decoder layers; the LM head is left alone: at
 one row both dtypes cost the same). Larger models, whose copies would pass
 `COPY_BUDGET_BYTES`, are not wrapped, and neither is any model on a CPU where a quick timing at
@@ -83,8 +83,8 @@ def adapt_linears(model: nn.Module, max_rows: int, skip: tuple[nn.Module, ...] =
     cost the same at one row and bf16 wins above); returns the bytes of the fp32 copies. Left as
     it is (returns 0): a model whose copies would exceed `budget_bytes`, or, with `calibrate`, a
     CPU where the fp32 path is not clearly faster (< PAYS_BELOW of the bf16 time) on the largest
-    layer at one row, the case that gains most (CPUs differ: the floor is AMX's; a clear margin
-    keeps the decision from flipping with timing noise)."""
+    layer at one row, the case that gains most (CPUs differ; a clear margin keeps the decision
+    from flipping with timing noise)."""
     skip_ids = {id(m) for m in skip}
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear and id(child) not in skip_ids and child.weight.dtype == torch.bfloat16]
