@@ -154,7 +154,7 @@ class EngineConfig:
     seed: int = 0
     compile: str = "off"               # target step: off (eager reference) | on (inductor / CUDA graphs) | static
     quantize: str = "none"             # target linear weights: none | int8 | int4 (CPU, weight-only)
-    fp32_rows: int = 3                 # CPU, bf16, eager: linear calls over <= this many rows use fp32
+    fp32_rows: int = 3                 # CPU, bf16, eager: linear calls over <= this many rows use fp32 (if a timing at load says it pays)
                                        # copies of the weights (faster there; +4 bytes per weight; 0 = off)
     spec: SpecConfig = field(default_factory=SpecConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -74,7 +74,7 @@ def banner_lines(engine, config, url: str) -> list[str]:
 
 
 def _fp32_rows(engine) -> str:
-    """', linear calls over <= N rows in fp32 (+X MB)' when the runner keeps fp32 weight copies."""
+    """' (linear calls over <= N rows in fp32, +X MiB)' when the runner keeps fp32 weight copies."""
     size = getattr(getattr(engine, "runner", None), "fp32_rows_bytes", 0)
     return f" (linear calls over <= {engine.config.fp32_rows} rows in fp32, +{size >> 20} MiB)" if size else ""
 
