@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from .reference import paged_tree_attention_ref, plan_paged, plan_prompt, tree_attention_dense_ref
+from .reference import (group_args, paged_tree_attention_ref, plan_paged, plan_prompt, split_groups,
+                        tree_attention_dense_ref)
 
 
 def backend(device: torch.device) -> str:
@@ -79,7 +80,16 @@ def tree_attention(q, k, v, mask, scale):
 
 
 def _plan(block_tables, seq_lens, query_start, tree_mask, positions, block_size, num_tokens, sliding_window):
-    """A fresh causal prompt of one sequence gets the mask-free plan; everything else the general one."""
+    """A ragged step gets one plan per group (`split_groups`); a fresh causal prompt of one
+    sequence the mask-free plan; everything else the general one."""
+    groups = split_groups(query_start)
+    if groups is not None:
+        parts = []
+        for group in groups:
+            rows, sub = group_args(group, block_tables, seq_lens, query_start, tree_mask, positions)
+            num = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+            parts.append((rows, _plan(*sub, block_size, num, sliding_window)))
+        return {"groups": parts}
     if (seq_lens.shape[0] == 1 and int(seq_lens[0]) == num_tokens and tree_mask.shape == (num_tokens, num_tokens)
             and (not sliding_window or num_tokens <= sliding_window) and num_tokens > 1
             and bool(torch.equal(tree_mask, torch.ones_like(tree_mask).tril_()))):

@@ -240,16 +240,18 @@ def test_finish_releases_waiting_and_running():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("contiguous", [True, False])
-@pytest.mark.parametrize("kind", ["prompt", "decode", "tree_batch"])
+@pytest.mark.parametrize("kind", ["prompt", "decode", "tree_batch", "ragged"])
 def test_attention_fast_paths_match_the_general_plan(dtype, contiguous, kind):
     """The dispatcher's shortcuts (mask-free causal prompt, contiguous view, fp32 compute for
-    half pools) give what the general masked plan gives in fp64."""
+    half pools, ragged steps attending group by group) give what the general masked plan gives
+    in fp64."""
     from aurora.kernels import paged_tree_attention
     from aurora.kernels.reference import paged_tree_attention_ref, plan_paged
     g = torch.Generator().manual_seed(1)
     bs, heads, kv_heads, dim = 4, 6, 2, 8
-    lens = {"prompt": [23], "decode": [30], "tree_batch": [30, 17]}[kind]
-    n_new = {"prompt": [23], "decode": [1], "tree_batch": [3, 1]}[kind]
+    # ragged: a fresh prompt, a decode token, a prompt chunk after a cached prefix, a draft tree
+    lens = {"prompt": [23], "decode": [30], "tree_batch": [30, 17], "ragged": [40, 30, 61, 17]}[kind]
+    n_new = {"prompt": [23], "decode": [1], "tree_batch": [3, 1], "ragged": [40, 1, 37, 3]}[kind]
     blocks = [-(-n // bs) for n in lens]
     order = list(range(sum(blocks) + 2)) if contiguous else torch.randperm(sum(blocks) + 2, generator=g).tolist()
     table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
@@ -273,8 +275,14 @@ def test_attention_fast_paths_match_the_general_plan(dtype, contiguous, kind):
     step_cache: dict = {}
     fast = paged_tree_attention(**args, step_cache=step_cache, impl="reference")
     plan = step_cache[("plan", None)]
-    assert plan["causal"] == (kind == "prompt")
-    assert (plan["contiguous"] is not None) == (contiguous and len(lens) == 1)
+    if kind == "ragged":        # each prompt alone (the fresh one mask-free), decode + tree together
+        groups = [(rows, sub) for rows, sub in plan["groups"]]
+        assert [sub["causal"] for _, sub in groups] == [True, False, False]
+        assert groups[0][0] == slice(0, 40) and groups[1][0] == slice(41, 78)
+        assert groups[2][0].tolist() == [40, 78, 79, 80]
+    else:
+        assert plan["causal"] == (kind == "prompt")
+        assert (plan["contiguous"] is not None) == (contiguous and len(lens) == 1)
     general = plan_paged(args["block_tables"], args["seq_lens"], args["query_start"], tree_mask,
                          args["positions"], bs, num_tokens)
     general["contiguous"] = None
