@@ -8,6 +8,9 @@ On CPU, bf16/fp16 decode/verify scores are computed in fp32 after the gather (me
 read through a view instead of a gathered copy; a fresh causal prompt skips the mask.
 A ragged step (prompt chunks next to decoding sequences) attends in groups (`split_groups`):
 padding every sequence's queries to the longest chunk would cost B x max_new query rows.
+Grouped-query attention at decode/verify shapes folds each kv head's query heads into rows of
+one head (SDPA with `enable_gqa` over 1-row queries measured 330 us per layer at batch 8,
+the folded call 130 us).
 """
 from __future__ import annotations
 
@@ -173,7 +176,14 @@ def _attend(q, k_cache, v_cache, plan: dict, scale: float, softcap: float | None
     qh = qp.permute(0, 2, 1, 3)                                       # [B, H, max_new, D]
     kh = k.permute(0, 2, 1, 3)                                        # [B, Hkv, max_len, D]
     vh = v.permute(0, 2, 1, 3)
-    if softcap is None or softcap <= 0:
+    if (softcap is None or softcap <= 0) and group > 1 and not plan["causal"]:
+        # GQA folded: the `group` query heads of kv head j (heads j*group ... j*group+group-1)
+        # attend as group * max_new query rows of head j, row g*max_new + i under query i's mask
+        b, _, rows, dim = qh.shape
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qh.reshape(b, num_kv_heads, group * rows, dim), kh, vh, attn_mask=_folded_mask(plan, group),
+            scale=scale).view(b, num_heads, rows, dim)
+    elif softcap is None or softcap <= 0:
         out = torch.nn.functional.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=None if mask is None else mask[:, None], scale=scale,
             is_causal=plan["causal"], enable_gqa=group > 1)
@@ -190,6 +200,19 @@ def _attend(q, k_cache, v_cache, plan: dict, scale: float, softcap: float | None
     if plan["all_valid"] and out.shape[0] == 1:
         return out[0]
     return out[plan["q_valid"]]                                       # [num_tokens, H, D]
+
+
+def _folded_mask(plan: dict, group: int) -> torch.Tensor | None:
+    """The plan's mask [B, max_new, max_len] repeated for `group` folded heads: [B, 1, group *
+    max_new, max_len] (built once per step, every layer reuses it)."""
+    mask = plan["mask"]
+    if mask is None:
+        return None
+    key = ("folded_mask", group)
+    if key not in plan:
+        b, rows, keys = mask.shape
+        plan[key] = mask[:, None, None].expand(b, 1, group, rows, keys).reshape(b, 1, group * rows, keys)
+    return plan[key]
 
 
 def tree_attention_dense_ref(
