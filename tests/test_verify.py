@@ -333,3 +333,24 @@ def test_lazy_probs_compute_only_the_accepted_path_and_change_nothing():
         assert lazy.num_computed == 1 + len(want[0])
         computed.append(lazy.num_computed)
     assert max(computed) >= 3 and len(tree) + 1 > max(computed)   # paths were accepted, rows were saved
+
+
+def test_roots_computed_together_equal_each_row_alone():
+    """The engine computes the root rows of a step's sampled sequences in one call
+    (`LazyProbs.roots`); each must be the row computed alone, support included, for the
+    candidate path, the full-vocabulary path (a flat row) and top-k."""
+    from aurora.engine.sampling import LazyProbs
+    from aurora.types import SamplingParams
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(7, 5000, generator=g) * 4
+    logits[3] = torch.randn(5000, generator=g) * 0.01          # flat: the nucleus is not in the candidates
+    for params in (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.3, top_k=20)):
+        rows = [0, 3, 5]
+        roots = LazyProbs.roots(logits, rows, params)
+        assert (roots[1][1] is None) == (params.top_k == 0)        # top-p of the flat row: full path
+        for i, root in zip(rows, roots):
+            alone = LazyProbs(logits[i:], params)
+            assert torch.equal(root[0], alone[0])
+            assert (root[1] is None) == (alone.support(0) is None)
+            if root[1] is not None:
+                assert torch.equal(root[1], alone.support(0))

@@ -396,10 +396,31 @@ class Engine:
                 continue
             yield [seq], none, batch, result, rows
 
+    @staticmethod
+    def _sampled_roots(seqs, rows, logits) -> dict:
+        """id(seq) -> its root's processed row, computed together for sequences that sample with
+        the same parameters (a failure here leaves each sequence to compute its own)."""
+        groups: dict[tuple, list] = {}
+        for seq, r in zip(seqs, rows):
+            if not seq.params.greedy and r.num_uncached == seq.num_uncached:
+                p = seq.params
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append((seq, r.logit_start))
+        out = {}
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            try:
+                computed = LazyProbs.roots(logits, [start for _, start in members], members[0][0].params)
+            except Exception:
+                continue
+            out.update((id(seq), row) for (seq, _), row in zip(members, computed))
+        return out
+
     def _verify(self, seqs, trees, result, rows) -> list[tuple[list[int], int]]:
         logits = result.logits                                   # [R, V]
         greedy_rows = [i for i, s in enumerate(seqs) if s.params.greedy]
         argmax = logits.argmax(-1).tolist() if greedy_rows else None   # one transfer per step
+        roots = self._sampled_roots(seqs, rows, logits)
         outcomes = []
         for seq, tree, r in zip(seqs, trees, rows):
             if r.num_uncached < seq.num_uncached:             # a prompt chunk: nothing to sample yet
@@ -411,7 +432,7 @@ class Engine:
                 if seq.params.greedy:
                     outcomes.append(verify_greedy(tree, argmax[sl]))
                 else:
-                    probs = LazyProbs(logits[sl], seq.params)        # rows of the accepted path only
+                    probs = LazyProbs(logits[sl], seq.params, roots.get(id(seq)))   # the accepted path's rows only
                     outcomes.append(verify_sampling(tree, probs, seq.generator))
             except Exception as exc:                      # fail this request only
                 log.exception("verification failed for %s", seq.request_id)
