@@ -153,6 +153,8 @@ SPEC_BATCHES = {
     "decode": [(37, "decode", 1)],
     "mixed": [(0, "prefill", 13), (37, "decode", 1), (21, "tree", 9), (5, "wide", 6)],
     "trees": [(0, "tree", 7), (18, "chain", 5), (33, "tree", 11)],
+    # prompt chunks longer than SPLIT_ROWS beside decode tokens: the dispatcher attends in groups
+    "ragged": [(0, "prefill", 40), (37, "decode", 1), (21, "tree", 9), (10, "prefill", 35)],
 }
 
 
@@ -164,6 +166,10 @@ def test_reference_matches_naive_loop(batch, heads, window, softcap):
     ref = paged_tree_attention_ref(**args, sliding_window=window, softcap=softcap)
     naive = naive_paged_attention(**args, sliding_window=window, softcap=softcap)
     torch.testing.assert_close(ref.double(), naive, atol=2e-5, rtol=2e-5)
+    step_cache: dict = {}                 # the dispatcher's plans (grouped, mask-free prompt, folded heads)
+    fast = paged_tree_attention(**args, sliding_window=window, softcap=softcap, step_cache=step_cache, impl="reference")
+    assert ("groups" in step_cache[("plan", window)]) == (batch == "ragged")
+    torch.testing.assert_close(fast.double(), naive, atol=2e-5, rtol=2e-5)
 
 
 def test_reference_queries_never_see_other_sequences():
