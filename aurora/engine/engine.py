@@ -411,7 +411,9 @@ class Engine:
                 continue
             try:
                 computed = LazyProbs.roots(logits, [start for _, start in members], members[0][0].params)
-            except Exception:
+            except Exception:                             # e.g. a row of nan logits
+                log.debug("sampled roots of %d sequences failed together; each computes its own",
+                          len(members), exc_info=True)
                 continue
             out.update((id(seq), row) for (seq, _), row in zip(members, computed))
         return out
