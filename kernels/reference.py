@@ -169,7 +169,8 @@ def _attend(q, k_cache, v_cache, plan: dict, scale: float, softcap: float | None
     dtype = compute_dtype(q.dtype, q.device, plan["q_idx"].shape[1])
     k = _gather(k_cache, plan, dtype)                                 # [B, max_len, Hkv, D]
     v = _gather(v_cache, plan, dtype)
-    qp = (q[None] if plan["all_valid"] and plan["q_idx"].shape[0] == 1 else q[plan["q_idx"]]).to(dtype)
+    # all_valid: every sequence has max_new new tokens, packed in order, so [B, max_new] is a reshape
+    qp = (q.reshape(*plan["q_idx"].shape, *q.shape[1:]) if plan["all_valid"] else q[plan["q_idx"]]).to(dtype)
     mask = plan["mask"]                                               # qp: [B, max_new, H, D]
 
     group = num_heads // num_kv_heads
@@ -198,9 +199,9 @@ def _attend(q, k_cache, v_cache, plan: dict, scale: float, softcap: float | None
             scores = scores.masked_fill(~mask[:, None], float("-inf"))
         out = scores.softmax(-1) @ vh.float()
     out = out.permute(0, 2, 1, 3).to(q.dtype)                         # [B, max_new, H, D]
-    if plan["all_valid"] and out.shape[0] == 1:
-        return out[0]
-    return out[plan["q_valid"]]                                       # [num_tokens, H, D]
+    if plan["all_valid"]:
+        return out.reshape(q.shape)                                   # [num_tokens, H, D]
+    return out[plan["q_valid"]]
 
 
 def _folded_mask(plan: dict, group: int) -> torch.Tensor | None:
