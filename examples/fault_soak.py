@@ -209,14 +209,27 @@ def run_soak(engine: Engine, reqs: list[Request], reference: dict[int, str], cli
                 req = queue.get_nowait()
                 outcomes[req.index] = await _one(session, server.url, req, timeout)
 
+        flywheel = engine.flywheel
+
+        def ready(name: str) -> bool:
+            # the trainer dies only once the NaN candidate was caught: on a fast run the two
+            # trainer faults would otherwise race (the trainer may get no unit in between)
+            return name != "trainer_exception" or flywheel is None or flywheel.nonfinite_restores >= 1
+
         async def scheduler():
+            """Arm each fault at its share of requests done; a trainer fault still pending when
+            the clients are done is armed in the idle tail, where the trainer keeps working."""
             pending = dict(FAULT_AT)
-            while pending and len(outcomes) < len(reqs):
+            while pending:
                 for name, at in list(pending.items()):
-                    if len(outcomes) >= at * len(reqs):
+                    if len(outcomes) >= at * len(reqs) and ready(name):
                         faults.arm(name)
                         del pending[name]
                 await asyncio.sleep(0.02)
+            while flywheel is not None and faults.armed & {"nan_candidate", "trainer_exception"}:
+                await asyncio.sleep(0.02)                  # armed: fires at the trainer's next unit
+            while flywheel is not None and faults.fired["trainer_exception"] and flywheel.stats()["alive"]:
+                await asyncio.sleep(0.02)                  # the crashed trainer's thread winds down
 
         async def main():
             queue: asyncio.Queue = asyncio.Queue()
@@ -226,7 +239,10 @@ def run_soak(engine: Engine, reqs: list[Request], reference: dict[int, str], cli
             async with aiohttp.ClientSession(connector=conn) as session:
                 sched = asyncio.ensure_future(scheduler())
                 await asyncio.gather(*(client(session, queue) for _ in range(clients)))
-                sched.cancel()
+                try:
+                    await asyncio.wait_for(sched, timeout)
+                except TimeoutError:                       # reported: `faults_fired` shows what did not
+                    pass
                 await asyncio.to_thread(wait_idle, engine)
                 async with session.get(server.url + "/metrics") as resp:
                     return _metrics(await resp.text())
