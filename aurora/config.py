@@ -154,8 +154,8 @@ class EngineConfig:
     seed: int = 0
     compile: str = "off"               # target step: off (eager reference) | on (inductor / CUDA graphs) | static
     quantize: str = "none"             # target linear weights: none | int8 | int4 (CPU, weight-only)
-    fp32_rows: int = 3                 # CPU, bf16, eager: linear calls over <= this many rows use fp32 (if a timing at load says it pays)
-                                       # copies of the weights (faster there; +4 bytes per weight; 0 = off)
+    packed_linears: bool = True        # CPU, bf16, eager: linear weights packed once for oneDNN (if a timing at
+                                       # load says it pays; +2 bytes per weight; models/packed_linear.py)
     spec: SpecConfig = field(default_factory=SpecConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -172,8 +172,6 @@ class EngineConfig:
             raise ValueError("EngineConfig.prefill_chunk must be >= 0")
         if self.compile not in ("off", "on", "static"):
             raise ValueError(f"EngineConfig.compile must be off|on|static, got {self.compile!r}")
-        if not 0 <= self.fp32_rows <= 64:
-            raise ValueError(f"EngineConfig.fp32_rows must be in [0, 64], got {self.fp32_rows}")
         if self.quantize not in ("none", "int8", "int4"):
             raise ValueError(f"EngineConfig.quantize must be none|int8|int4, got {self.quantize!r}")
         for part in self.draft.split("+"):

@@ -18,7 +18,7 @@ import time
 import torch
 
 from aurora import Engine, EngineConfig, SamplingParams
-from aurora.models.row_linear import plain_linears
+from aurora.models.packed_linear import plain_linears
 from aurora.models.runner import set_attn
 from aurora.workloads import load_domain
 

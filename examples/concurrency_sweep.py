@@ -34,7 +34,7 @@ import torch
 
 from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
 from aurora.engine.worker import ComputeThread
-from aurora.models.row_linear import plain_linears
+from aurora.models.packed_linear import plain_linears
 from aurora.workloads import load_domain
 
 MODES = {"greedy": dict(temperature=0.0), "T0.7/p0.9": dict(temperature=0.7, top_p=0.9)}

@@ -124,13 +124,13 @@ def test_banner_says_when_learned_drafts_are_lost():
     assert any("NOT saved" in ln and "--save-dir" in ln for ln in lines), lines
 
 
-def test_banner_says_when_linear_calls_run_on_fp32_copies():
-    eng = Engine(EngineConfig(model="tiny-llama", draft="ngram", online=False, dtype="float32", fp32_rows=3))
+def test_banner_says_when_linear_weights_are_packed():
+    eng = Engine(EngineConfig(model="tiny-llama", draft="ngram", online=False, dtype="float32"))
     try:
         plain = banner_lines(eng, ServerConfig(port=0), "http://127.0.0.1:1")
-        eng.runner.fp32_rows_bytes = 5 << 20                  # as a bf16 CPU engine that kept copies
+        eng.runner.packed_bytes = 5 << 20                     # as a bf16 CPU engine that packed its weights
         kept = banner_lines(eng, ServerConfig(port=0), "http://127.0.0.1:1")
     finally:
         eng.close()
-    assert not any("in fp32" in ln for ln in plain), plain
-    assert any("linear calls over <= 3 rows in fp32, +5 MiB" in ln for ln in kept), kept
+    assert not any("packed" in ln for ln in plain), plain
+    assert any("linear weights packed for oneDNN, +5 MiB" in ln for ln in kept), kept

@@ -62,7 +62,7 @@ class Engine:
         torch.set_num_threads(self.serve_threads())
         model, self.tokenizer = load_model(config.model, self.dtype, self.device)
         self.runner = TargetRunner(model, config.num_blocks, config.block_size, config.compile, config.quantize,
-                                   config.fp32_rows)
+                                   config.packed_linears)
         self.max_model_len = config.max_model_len or self.runner.max_model_len
         self.scheduler = Scheduler(self.runner.cache, config.max_batch, config.prefill_chunk,
                                    config.prefix_cache)
@@ -214,7 +214,7 @@ class Engine:
         alloc = self.runner.cache.allocator
         s["kv_blocks_free"] = alloc.num_free
         s["kv_blocks_total"] = alloc.num_blocks
-        s["fp32_rows_bytes"] = self.runner.fp32_rows_bytes     # fp32 weight copies (config.fp32_rows)
+        s["packed_linear_bytes"] = self.runner.packed_bytes   # packed weight copies (config.packed_linears)
         if self.scheduler.prefix is not None:
             s.update(self.scheduler.prefix.stats())
         s.update(self._isolation.stats())

@@ -76,16 +76,16 @@ class TargetRunner:
     """Owns the target model and its KV pool; `forward(batch)` runs one step."""
 
     def __init__(self, model, num_blocks: int, block_size: int, compile: str = "off",
-                 quantize: str = "none", fp32_rows: int = 0):
+                 quantize: str = "none", packed_linears: bool = False):
         _register()
         if quantize != "none":      # weight-only int8/int4 linear layers (CPU kernels), see quant.py
             from aurora.models.quant import quantize_model
             quantize_model(model, quantize)
-        # CPU, bf16, eager: few-row linear calls on fp32 weight copies (row_linear.py)
-        self.fp32_rows_bytes = 0
-        if fp32_rows > 0 and compile == "off" and next(model.parameters()).device.type == "cpu":
-            from aurora.models.row_linear import adapt_linears
-            self.fp32_rows_bytes = adapt_linears(model, fp32_rows, skip=(model.get_output_embeddings(),))
+        # CPU, bf16, eager: linear weights packed once into oneDNN's layout (packed_linear.py)
+        self.packed_bytes = 0
+        if packed_linears and compile == "off" and next(model.parameters()).device.type == "cpu":
+            from aurora.models.packed_linear import pack_linears
+            self.packed_bytes = pack_linears(model)
         self.model = model
         cfg = model.config
         self.config = cfg

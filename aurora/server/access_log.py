@@ -68,15 +68,15 @@ def banner_lines(engine, config, url: str) -> list[str]:
     auth = "Bearer key required" if config.api_key else "no API key"
     return [(f"listening on {url} (OpenAI API at {url}/v1; {auth}; at most {config.max_concurrent} "
              f"concurrent generations)"),
-            f"model {ec.model} on {engine.device}, dtype {dtype}{_fp32_rows(engine)}, {threads} serving thread(s)",
+            f"model {ec.model} on {engine.device}, dtype {dtype}{_packed(engine)}, {threads} serving thread(s)",
             f"draft {ec.draft} (version {engine.proposer.version}), online training {trainer}",
             saved]
 
 
-def _fp32_rows(engine) -> str:
-    """' (linear calls over <= N rows in fp32, +X MiB)' when the runner keeps fp32 weight copies."""
-    size = getattr(getattr(engine, "runner", None), "fp32_rows_bytes", 0)
-    return f" (linear calls over <= {engine.config.fp32_rows} rows in fp32, +{size >> 20} MiB)" if size else ""
+def _packed(engine) -> str:
+    """' (linear weights packed for oneDNN, +X MiB)' when the runner keeps packed weight copies."""
+    size = getattr(getattr(engine, "runner", None), "packed_bytes", 0)
+    return f" (linear weights packed for oneDNN, +{size >> 20} MiB)" if size else ""
 
 
 def log_banner(engine, config, url: str) -> None:

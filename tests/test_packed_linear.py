@@ -1,0 +1,104 @@
+"""Linear weights packed once for oneDNN (aurora/models/packed_linear.py): the packed product equals
+`F.linear` bit for bit, what gets wrapped (every bf16 CPU linear, LM head included; nothing past the
+byte budget, in fp32 or where the timing says it does not pay), when a call falls back to
+`F.linear` (autograd, `plain_linears`), and the engine knob."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aurora import Engine, EngineConfig, SamplingParams
+from aurora.models.packed_linear import PackedLinear, pack_linears, plain_linears
+from aurora.models.presets import build
+
+
+def _linear(bias: bool = True, d_in: int = 48, d_out: int = 40) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(d_in, d_out, bias=bias).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_product_equals_f_linear(bias):
+    lin = _linear(bias, 576, 1536)
+    w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+    wrapped = PackedLinear(lin)
+    assert wrapped.weight is lin.weight                           # the model's parameter, not a copy
+    with torch.inference_mode():
+        for shape in [(1, 576), (3, 576), (8, 576), (1, 5, 576), (2, 3, 576), (300, 576)]:
+            x = torch.randn(shape).to(torch.bfloat16)
+            y = wrapped(x)
+            assert y.shape == (*shape[:-1], 1536)
+            assert torch.equal(y, F.linear(x, w, b)), shape
+
+
+def test_autograd_and_plain_linears_take_f_linear(monkeypatch):
+    import aurora.models.packed_linear as pl
+    wrapped = PackedLinear(_linear())
+    calls = []
+    real = pl._packed_product
+    monkeypatch.setattr(pl, "_packed_product", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 48).to(torch.bfloat16)
+    with torch.no_grad():
+        wrapped(x)
+    assert len(calls) == 1                                        # serving: the packed copy
+    xg = x.clone().requires_grad_(True)
+    wrapped(xg).float().sum().backward()                          # training through it: autograd works
+    assert len(calls) == 1 and xg.grad is not None
+    model = nn.Sequential(wrapped)
+    with plain_linears(model), torch.no_grad():                   # e.g. transformers as a baseline
+        model(x)
+    assert len(calls) == 1
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 2                                        # back on after the context
+
+
+def test_pack_linears_wraps_every_bf16_linear_within_budget():
+    model, _ = build("tiny-llama", torch.bfloat16, torch.device("cpu"))
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    expect = sum(2 * m.weight.numel() for m in linears)
+    assert pack_linears(model, calibrate=False) == expect
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert isinstance(model.get_output_embeddings(), PackedLinear)        # the LM head too
+
+    small, _ = build("tiny-llama", torch.bfloat16, torch.device("cpu"))
+    assert pack_linears(small, budget_bytes=expect - 1, calibrate=False) == 0   # over budget: as it is
+    assert not any(isinstance(m, PackedLinear) for m in small.modules())
+    fp32, _ = build("tiny-llama", torch.float32, torch.device("cpu"))
+    assert pack_linears(fp32, calibrate=False) == 0               # only bf16 weights are wrapped
+
+
+def test_calibration_wraps_only_where_packing_is_clearly_faster(monkeypatch):
+    import aurora.models.packed_linear as pl
+    for ratios, wrapped in [([0.5, 0.6], True), ([0.85, 0.7], True), ([0.7, 0.95], False), ([1.3, 1.2], False)]:
+        model, _ = build("tiny-llama", torch.bfloat16, torch.device("cpu"))
+        monkeypatch.setattr(pl, "packed_time_ratio", lambda weight, r=ratios: list(r))
+        assert (pack_linears(model) > 0) == wrapped
+        assert any(isinstance(m, PackedLinear) for m in model.modules()) == wrapped
+
+    def missing(weight):
+        raise RuntimeError("No such operator mkldnn::_reorder_linear_weight")
+    monkeypatch.setattr(pl, "packed_time_ratio", missing)         # a torch without the oneDNN ops
+    model, _ = build("tiny-llama", torch.bfloat16, torch.device("cpu"))
+    assert pack_linears(model) == 0
+    monkeypatch.undo()
+    ratios = pl.packed_time_ratio(_linear().weight, (1, 3), calls=3)   # the real timing: one per row count
+    assert len(ratios) == 2 and all(0 < r < float("inf") for r in ratios)
+
+
+def test_engine_knob():
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    outs = {}
+    for on in (False, True):
+        with Engine(EngineConfig(model="tiny-llama", draft="ngram", online=False, dtype="bfloat16",
+                                 packed_linears=on)) as eng:
+            wrapped = [m for m in eng.runner.model.modules() if isinstance(m, PackedLinear)]
+            assert (eng.stats()["packed_linear_bytes"] > 0) == bool(wrapped)   # on where this CPU gains
+            assert on or not wrapped
+            outs[on] = [o.token_ids for o in eng.generate_batch(["hello hello ", "def f(x):"], greedy)]
+            assert all(len(t) == 8 for t in outs[on])
+    assert outs[True] == outs[False]                              # the same products, the same tokens
+    with Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="float32")) as eng:
+        assert eng.stats()["packed_linear_bytes"] == 0            # fp32 engines are never wrapped
