@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aurora import Engine, EngineConfig, SamplingParams
+from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
 from aurora.models.packed_linear import PackedLinear, pack_linears, plain_linears
 from aurora.models.presets import build
 
@@ -102,3 +102,52 @@ def test_engine_knob():
     assert outs[True] == outs[False]                              # the same products, the same tokens
     with Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="float32")) as eng:
         assert eng.stats()["packed_linear_bytes"] == 0            # fp32 engines are never wrapped
+
+
+def test_a_weight_written_in_place_is_repacked_at_its_next_call():
+    lin = _linear(True, 64, 32)
+    wrapped = PackedLinear(lin)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        before = wrapped(x)
+    with torch.no_grad():                                         # a hot swap: copy_ into the serving slot
+        lin.weight.copy_(torch.randn(32, 64).to(torch.bfloat16))
+    with torch.inference_mode():
+        after = wrapped(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, F.linear(x, lin.weight, lin.bias))
+
+
+def test_learned_draft_serves_from_packed_slots_and_swaps_into_them(monkeypatch):
+    """An eagle draft on a bf16 CPU engine packs its serving slots at its first proposal; its
+    proposals equal those of the same engine unpacked, before and after a hot swap of new weights
+    (a stale packed copy would keep proposing from the old weights)."""
+    import aurora.models.packed_linear as pl
+    from aurora.flywheel.weights import publish
+    monkeypatch.setattr(pl, "packed_time_ratio", lambda weight: [0.5, 0.5])   # as on a CPU where it pays
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    prompts = ["hello hello hello ", "def f(x): return x"]
+    tokens = {}
+    for on in (False, True):
+        with Engine(EngineConfig(model="tiny-llama", draft="eagle", online=False, dtype="bfloat16",
+                                 packed_linears=on, spec=SpecConfig(adaptive=False))) as eng:   # no timing
+            proposed, real = [], eng.proposer.propose
+
+            def recording(seqs, ctx, real=real, proposed=proposed):
+                trees = real(seqs, ctx)
+                proposed.append([list(t.token_ids) for t in trees])
+                return trees
+            eng.proposer.propose = recording
+            first = [eng.generate_batch([p], greedy)[0].token_ids for p in prompts]   # one at a time:
+            # steps (and so proposals) do not depend on when the second request reached the engine
+            slots = eng.proposer.slots
+            assert all(isinstance(m, PackedLinear) for s in slots for m in (s.fc, s.lm_head)) == on
+            torch.manual_seed(1)
+            donor = type(slots[0]).from_config(slots[0].config_dict()).to(torch.bfloat16)
+            eng.run_on_worker(publish, eng.proposer, donor, 1)     # the hot swap: the inactive slot ...
+            assert eng.run_on_worker(eng.proposer.flip)               # ... then the flip (the flywheel's hook)
+            before = len(proposed)
+            tokens[on] = first, [eng.generate_batch([p], greedy)[0].token_ids for p in prompts], proposed
+            assert eng.proposer.version == 1
+            assert len(proposed) > before and any(t for step in proposed[before:] for t in step)
+    assert tokens[True] == tokens[False]

@@ -37,6 +37,7 @@ class EagleProposer(Proposer):
         self._staged: tuple[int, int] | None = None      # (slot, version) ready to flip
         self._lock = threading.Lock()
         self.ready_event = None                          # CUDA event marking the staged slot written
+        self._packed = False                             # slots' linears packed (CPU bf16, see propose)
 
     @classmethod
     def create(cls, runner, config, checkpoint: str | None = None) -> EagleProposer:
@@ -82,12 +83,23 @@ class EagleProposer(Proposer):
             self._staged = None
             return True
 
+    def _pack_slots(self) -> None:
+        """Serve from linear weights packed for oneDNN, as the target does (models/packed_linear.py;
+        a hot swap's in-place copy repacks a layer at its next call). Done at the first proposal,
+        after the flywheel has taken its fp32 training copy of the plain head."""
+        from aurora.models.packed_linear import pack_linears
+        for slot in self.slots:
+            pack_linears(slot, calibrate=False)     # the runner's calibration decided for this CPU
+        self._packed = True
+
     # ------------------------------------------------------------ proposing
     @torch.inference_mode()
     def propose(self, seqs, ctx):
         """One tree per sequence. All sequences advance together: each head call (context rows,
         logits, one tree level) runs every sequence's rows at once, and a block-diagonal mask
         keeps each sequence's rows to its own context and ancestors."""
+        if not self._packed and getattr(self.runner, "packed_bytes", 0):
+            self._pack_slots()
         trees = [DraftTree(draft_version=self.version) for _ in seqs]
         live = [i for i, seq in enumerate(seqs) if seq.features is not None and len(seq.features)
                 and len(seq.token_ids) == seq.num_cached + 1]
