@@ -72,20 +72,22 @@ def test_pack_linears_wraps_every_bf16_linear_within_budget():
 
 def test_calibration_wraps_only_where_packing_is_clearly_faster(monkeypatch):
     import aurora.models.packed_linear as pl
-    for ratios, wrapped in [([0.5, 0.6], True), ([0.85, 0.7], True), ([0.7, 0.95], False), ([1.3, 1.2], False)]:
+    for ratios, wrapped in [([0.5, 0.6], True), ([0.85, 0.96], True), ([0.9, 1.0], False), ([1.3, 1.2], False)]:
         model, _ = build("tiny-llama", torch.bfloat16, torch.device("cpu"))
-        monkeypatch.setattr(pl, "packed_time_ratio", lambda weight, r=ratios: list(r))
+        monkeypatch.setattr(pl, "packed_time_ratio", lambda layers, r=ratios: list(r))
         assert (pack_linears(model) > 0) == wrapped
         assert any(isinstance(m, PackedLinear) for m in model.modules()) == wrapped
 
-    def missing(weight):
+    def missing(layers):
         raise RuntimeError("No such operator mkldnn::_reorder_linear_weight")
     monkeypatch.setattr(pl, "packed_time_ratio", missing)         # a torch without the oneDNN ops
     model, _ = build("tiny-llama", torch.bfloat16, torch.device("cpu"))
     assert pack_linears(model) == 0
     monkeypatch.undo()
-    ratios = pl.packed_time_ratio(_linear().weight, (1, 3), calls=3)   # the real timing: one per row count
+    layers = [PackedLinear(_linear()), PackedLinear(_linear(False, 40, 64))]
+    ratios = pl.packed_time_ratio(layers, (1, 3), passes=3)      # the real timing: one per row count
     assert len(ratios) == 2 and all(0 < r < float("inf") for r in ratios)
+    assert all(m.active for m in layers)                          # left serving from the packed copies
 
 
 def test_engine_knob():
@@ -124,7 +126,7 @@ def test_learned_draft_serves_from_packed_slots_and_swaps_into_them(monkeypatch)
     (a stale packed copy would keep proposing from the old weights)."""
     import aurora.models.packed_linear as pl
     from aurora.flywheel.weights import publish
-    monkeypatch.setattr(pl, "packed_time_ratio", lambda weight: [0.5, 0.5])   # as on a CPU where it pays
+    monkeypatch.setattr(pl, "packed_time_ratio", lambda layers: [0.5, 0.5])   # as on a CPU where it pays
     greedy = SamplingParams(max_tokens=12, temperature=0)
     prompts = ["hello hello hello ", "def f(x): return x"]
     tokens = {}
