@@ -76,6 +76,7 @@ def main() -> None:
         results[batch] = {"aurora_tok_s": statistics.median(o), "hf_tok_s": statistics.median(h)}
         results[batch]["ratio"] = results[batch]["aurora_tok_s"] / results[batch]["hf_tok_s"]
     print(json.dumps({"model": args.model, "dtype": str(eng.dtype), "compile": args.compile,
+                      "packed_linear_bytes": eng.stats()["packed_linear_bytes"],
                       "threads": torch.get_num_threads(),
                       "results": results}, indent=2))
     print("\n| batch | Aurora tok/s | transformers tok/s | ratio |\n|---|---|---|---|")

@@ -354,3 +354,32 @@ def test_roots_computed_together_equal_each_row_alone():
             assert (root[1] is None) == (alone.support(0) is None)
             if root[1] is not None:
                 assert torch.equal(root[1], alone.support(0))
+
+
+def test_engine_hands_each_sampled_sequence_the_root_computed_with_the_others(monkeypatch):
+    """A step of several sampled sequences with the same parameters makes one `LazyProbs.roots`
+    call over all their root rows, and each sequence's LazyProbs is built with its own root."""
+    from aurora import Engine, EngineConfig, SamplingParams
+    from aurora.engine import engine as engine_mod
+    from aurora.engine.sampling import LazyProbs
+    calls, given = [], []
+    real_roots = LazyProbs.roots
+
+    def roots(logits, rows, params):
+        out = real_roots(logits, rows, params)
+        calls.append((list(rows), out))
+        return out
+
+    class Spy(LazyProbs):
+        def __init__(self, logits, params, root=None):
+            given.append(root)
+            super().__init__(logits, params, root)
+    monkeypatch.setattr(LazyProbs, "roots", staticmethod(roots))
+    monkeypatch.setattr(engine_mod, "LazyProbs", Spy)
+    params = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    with Engine(EngineConfig(model="tiny-llama", draft="ngram", online=False, dtype="float32")) as eng:
+        outs = eng.generate_batch(["ab ab ab ab", "hello hello", "def f(x):"], params)
+    assert all(len(o.token_ids) == 6 for o in outs)
+    assert any(len(rows) == 3 for rows, _ in calls)                # all three roots in one call
+    handed = [id(r[0]) for _, out in calls for r in out]
+    assert sum(r is not None and id(r[0]) in handed for r in given) >= 3
