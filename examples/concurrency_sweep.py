@@ -19,13 +19,14 @@ has no continuous batching: it runs the same prompts as left-padded batches of `
 (round, streams) draws prompts no engine has seen: a draft that remembers traffic
 (`suffix`) would otherwise replay its own earlier outputs of a repeated prompt.
 
-    python examples/concurrency_sweep.py [--conc 1,4,16] [--max-tokens 32] [--repeats 1]
+    python examples/concurrency_sweep.py [--conc 1,4,16] [--max-tokens 32] [--repeats 1] [--vary-lengths]
         [--drafts none,ngram,eagle+ngram,eagle+ngram:fixed]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import threading
 import time
@@ -53,6 +54,10 @@ def main() -> None:
     ap.add_argument("--drafts", default="none,ngram,eagle+ngram,eagle+ngram:fixed")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--repeats", type=int, default=1, help="median of this many interleaved rounds per cell")
+    ap.add_argument("--vary-lengths", action="store_true",
+                    help="reply lengths drawn per prompt from [max_tokens/2, 3*max_tokens/2] (the same for every "
+                         "system), as in real traffic; by default every reply has max_tokens, so without "
+                         "speculation all streams finish together and their next prompts prefill in one step")
     args = ap.parse_args()
     concs = [int(c) for c in args.conc.split(",")]
     modes = args.modes.split(",")
@@ -82,16 +87,24 @@ def main() -> None:
 
     warm = fresh(4)
 
+    def reply_len(x: list[int]) -> int:
+        """A prompt's reply length: max_tokens, or with --vary-lengths one drawn from the prompt itself."""
+        if not args.vary_lengths:
+            return args.max_tokens
+        lo = max(1, args.max_tokens // 2)
+        return random.Random(len(x) * 1_000_003 + sum(x)).randint(lo, args.max_tokens + lo)   # same in every run
+
     def aurora(eng, ids, mode, c):
         """tok/s of `c` closed-loop streams over `ids` (stream j serves ids[j::c]), counted until
         the first stream has finished its last request."""
-        params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, seed=1, **MODES[mode])
         queues = [list(ids[j::c]) for j in range(c)]
         lock, done, idle = threading.Lock(), threading.Event(), threading.Event()
         state = {"tokens": 0, "error": None, "live": c}          # live: streams with a request in flight
 
         def submit(j):
-            eng.add_request(queues[j].pop(0), params, lambda out: on_output(j, out))
+            x = queues[j].pop(0)
+            params = SamplingParams(max_tokens=reply_len(x), ignore_eos=True, seed=1, **MODES[mode])
+            eng.add_request(x, params, lambda out: on_output(j, out))
 
         def on_output(j, out):                         # on the engine's thread
             with lock:
@@ -121,7 +134,7 @@ def main() -> None:
     def hf(ids, mode, c):
         # on Aurora's compute thread, like the engines: one OpenMP pool in the process (engine/worker.py)
         seconds = sum(ComputeThread.get().call(_hf, ids[i:i + c], mode) for i in range(0, len(ids), c))
-        return len(ids) * args.max_tokens / seconds
+        return sum(reply_len(x) for x in ids) / seconds      # a padded batch runs to its longest reply
 
     def _hf(ids, mode):                                # seconds for one padded batch
         model.config._attn_implementation = "sdpa"
@@ -135,8 +148,9 @@ def main() -> None:
                 else dict(do_sample=False)
             t = time.perf_counter()
             with torch.inference_mode(), plain_linears(model):      # transformers as users run it
-                model.generate(inp, attention_mask=att, max_new_tokens=args.max_tokens,
-                               min_new_tokens=args.max_tokens, pad_token_id=pad, **kw)
+                longest = max(reply_len(x) for x in ids)
+                model.generate(inp, attention_mask=att, max_new_tokens=longest,
+                               min_new_tokens=longest, pad_token_id=pad, **kw)
             return time.perf_counter() - t
         finally:
             model.config._attn_implementation = "aurora_paged"
@@ -160,6 +174,7 @@ def main() -> None:
     policy = {f"{name} {mode}": {k: v for k, v in eng.stats().items() if k.startswith("policy_")}
               for (name, mode), eng in engines.items()}
     print(json.dumps({"model": args.model, "threads": torch.get_num_threads(), "max_tokens": args.max_tokens,
+                      "vary_lengths": args.vary_lengths,
                       "policy": policy}, indent=1, default=str))
     print("\n| streams | mode | transformers tok/s | " + " | ".join(f"{n} tok/s" for n in names)
           + " | " + " | ".join(f"{n} / none" for n in names if n != "none") + " | none / transformers |")
