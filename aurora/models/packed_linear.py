@@ -24,7 +24,7 @@ weights"). It also beats the fp32 weight copies this file used to keep for 1-3 r
 / 33.8 ms -> 25.5 / 26.4 / 25.4) at half their memory: a packed copy costs 2 bytes per weight
 (~270 MB for SmolLM2-135M, LM head included). Models whose copies would pass `COPY_BUDGET_BYTES`
 are left as they are, and so is every model on a CPU where a timing at load (`packed_time_ratio`:
-alternating passes over all its linears at 1 and 8 rows, ~0.5 s) does not show the packed path
+alternating passes over all its linears at 1 and 8 rows, ~0.7 s) does not show the packed path
 clearly faster, or whose torch lacks the oneDNN ops.
 """
 from __future__ import annotations
