@@ -156,6 +156,8 @@ class EngineConfig:
     quantize: str = "none"             # target linear weights: none | int8 | int4 (CPU, weight-only)
     packed_linears: bool = True        # CPU, bf16, eager: linear weights packed once for oneDNN (if a timing at
                                        # load says it pays; +2 bytes per weight; models/packed_linear.py)
+    fast_path: bool = True             # eager Llama-structured targets: the hand-written step (models/fast_llama.py);
+                                       # False = transformers' forward (the reference; every other family uses it)
     spec: SpecConfig = field(default_factory=SpecConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 

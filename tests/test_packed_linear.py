@@ -1,7 +1,7 @@
 """Linear weights packed once for oneDNN (aurora/models/packed_linear.py): the packed product equals
 `F.linear` bit for bit, what gets wrapped (every bf16 CPU linear, LM head included; nothing past the
 byte budget, in fp32 or where the timing says it does not pay), when a call falls back to
-`F.linear` (autograd, `plain_linears`), and the engine knob."""
+`F.linear` (autograd, `plain_linears`, long prompts' rows), and the engine knob."""
 from __future__ import annotations
 
 import pytest
@@ -53,6 +53,11 @@ def test_autograd_and_plain_linears_take_f_linear(monkeypatch):
     with torch.no_grad():
         model(x)
     assert len(calls) == 2                                        # back on after the context
+    with torch.no_grad():                                         # a long prompt's rows: plain GEMM
+        y = wrapped(torch.randn(1, pl.PLAIN_FROM_ROWS, 48).to(torch.bfloat16))
+        assert y.shape == (1, pl.PLAIN_FROM_ROWS, 40) and len(calls) == 2
+        wrapped(torch.randn(pl.PLAIN_FROM_ROWS - 1, 48).to(torch.bfloat16))
+    assert len(calls) == 3
 
 
 def test_pack_linears_wraps_every_bf16_linear_within_budget():

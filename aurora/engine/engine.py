@@ -62,7 +62,7 @@ class Engine:
         torch.set_num_threads(self.serve_threads())
         model, self.tokenizer = load_model(config.model, self.dtype, self.device)
         self.runner = TargetRunner(model, config.num_blocks, config.block_size, config.compile, config.quantize,
-                                   config.packed_linears)
+                                   config.packed_linears, config.fast_path)
         self.max_model_len = config.max_model_len or self.runner.max_model_len
         self.scheduler = Scheduler(self.runner.cache, config.max_batch, config.prefill_chunk,
                                    config.prefix_cache)

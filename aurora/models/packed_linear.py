@@ -7,7 +7,8 @@ model's weight W [out, in] and a copy packed once (`torch.ops.mkldnn._reorder_li
 and computes
 
     y = x @ W^T + b    by oneDNN on the packed copy   (CPU, bf16, no gradient wanted)
-    y = F.linear(x, W, b)                               otherwise (autograd, other devices/dtypes)
+    y = F.linear(x, W, b)                               otherwise (autograd, other devices/dtypes,
+                                                        and >= PLAIN_FROM_ROWS rows: a long prompt)
 
 A weight written in place (the serving slots of a learned draft, at each hot swap) is repacked
 at its next call: the copy remembers the weight's version counter. The same bf16 products,
@@ -26,6 +27,11 @@ weights"). It also beats the fp32 weight copies this file used to keep for 1-3 r
 are left as they are, and so is every model on a CPU where a timing at load (`packed_time_ratio`:
 alternating passes over all its linears at 1 and 8 rows, ~0.7 s) does not show the packed path
 clearly faster, or whose torch lacks the oneDNN ops.
+
+Long prompts go the other way: for thousands of rows the reorder is amortised and oneDNN's own
+choice for a plain weight is the faster GEMM. One decoder layer's 7 linears (ms, medians of 7,
+alternating): 8,000 rows 66-73 plain vs 77-81 packed; 4,000 rows 35.3 vs 38.2; 1,024 rows 14.0 vs
+12.6; 256 rows 7.9 vs 6.0. So calls of >= PLAIN_FROM_ROWS rows take `F.linear`.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ COPY_BUDGET_BYTES = 1 << 30          # larger models are left as they are (a cop
 PAYS_BELOW = 0.95                    # mean packed / plain time below which the copies are worth their memory
 BATCH_HINT = 8                       # the row count oneDNN is told to pack for (any count works)
 CALIBRATION_ROWS = (1, 8)            # batch-1 decode; a batch of decodes or a small draft tree
+PLAIN_FROM_ROWS = 2048               # calls this large (prefill of long prompts) are faster unpacked
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -62,15 +69,41 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", _pack(linear.weight), persistent=False)   # oneDNN's layout of it
         self._packed_version = linear.weight._version
         self.active = True
+        self.fused = False                   # True: a FusedPacked computes it (its own copy released)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                      # [..., in] -> [..., out]
         w = self.weight
-        if (not self.active or w.dtype != torch.bfloat16 or x.dtype != w.dtype or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        if (not self.active or self.fused or w.dtype != torch.bfloat16 or x.dtype != w.dtype or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                or x.numel() >= PLAIN_FROM_ROWS * self.in_features):
             return F.linear(x, w, self.bias)
         if self._packed_version != w._version:   # written in place since (a learned draft's hot swap)
             self.packed, self._packed_version = _pack(w), w._version
         return _packed_product(x, self.packed, self.bias, self.out_features)
+
+
+class FusedPacked:
+    """One packed GEMM for several layers that read the same input (q/k/v, gate/up): their
+    weights' rows concatenated, [sum out, in], packed once. Each output column is the same dot
+    product as in its own layer's call. The layers' own packed copies are released (they then
+    take `F.linear`, same values), so memory does not grow. For a model's fixed weights only:
+    no repack on in-place writes."""
+
+    def __init__(self, layers: list[PackedLinear]):
+        if any(m.bias is not None for m in layers):
+            raise ValueError("FusedPacked: biased layers are not fused")
+        self.layers = layers
+        self.in_features = layers[0].in_features
+        self.out_features = sum(m.out_features for m in layers)
+        self.packed = _pack(torch.cat([m.weight.detach() for m in layers]))   # [sum out, in], packed
+        for m in layers:
+            m.fused = True
+            m.packed = torch.empty(0, dtype=m.weight.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:                      # [..., in] -> [..., sum out]
+        if x.numel() >= PLAIN_FROM_ROWS * self.in_features:                    # see PLAIN_FROM_ROWS
+            return torch.cat([F.linear(x, m.weight) for m in self.layers], dim=-1)
+        return _packed_product(x, self.packed, None, self.out_features)
 
 
 def packed_time_ratio(layers: list[PackedLinear], rows: tuple[int, ...] = CALIBRATION_ROWS,

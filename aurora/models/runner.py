@@ -4,8 +4,8 @@ We register an attention function with transformers' `AttentionInterface`; each 
 hands it only the new tokens' q/k/v (RoPE applied from our position ids). It writes
 K/V into the paged pool and attends over cached prefix + the new tokens under the
 step's tree mask. Any decoder family transformers supports runs unchanged.
-`compile="on"` swaps in the compiled static path (compiled.py); this eager path stays the
-reference. `quantize="int8"|"int4"` swaps the linear layers for weight-only ones (quant.py).
+`compile="on"` swaps in the compiled static path (compiled.py), `fast_path` a hand-written
+eager step for Llama-structured models (fast_llama.py); this eager path stays the reference. `quantize="int8"|"int4"` swaps the linear layers for weight-only ones (quant.py).
 """
 from __future__ import annotations
 
@@ -41,21 +41,25 @@ class StepResult:
     features: torch.Tensor       # [T, 3 * hidden] low/mid/high layer outputs (draft input)
 
 
+def _paged_attend(ctx: dict, layer_idx: int, q, k, v, scaling: float, sliding_window=None, softcap=None):
+    """Write the new tokens' K/V into the pool and attend over prefix + new tokens.
+    q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]."""
+    batch: StepBatch = ctx["batch"]
+    k_pool, v_pool = ctx["cache"].layer(layer_idx)
+    k_pool[batch.slot_mapping] = k.to(k_pool.dtype)
+    v_pool[batch.slot_mapping] = v.to(v_pool.dtype)
+    return paged_tree_attention(
+        q, k_pool, v_pool, batch.block_tables, batch.seq_lens, batch.query_start, batch.tree_mask,
+        batch.positions, ctx["cache"].block_size, scaling, sliding_window, softcap,
+        step_cache=ctx, impl=ctx["impl"])
+
+
 def _aurora_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       sliding_window=None, softcap=None, **kwargs):
     # query: [1, H, T, D]; key/value: [1, Hkv, T, D]
-    ctx = _local.ctx
-    batch: StepBatch = ctx["batch"]
-    k_pool, v_pool = ctx["cache"].layer(module.layer_idx)
-    k_new = key[0].transpose(0, 1)                                 # [T, Hkv, D]
-    v_new = value[0].transpose(0, 1)
-    k_pool[batch.slot_mapping] = k_new.to(k_pool.dtype)
-    v_pool[batch.slot_mapping] = v_new.to(v_pool.dtype)
-    out = paged_tree_attention(
-        query[0].transpose(0, 1), k_pool, v_pool, batch.block_tables, batch.seq_lens,
-        batch.query_start, batch.tree_mask, batch.positions, ctx["cache"].block_size,
-        scaling if scaling is not None else query.shape[-1] ** -0.5, sliding_window, softcap,
-        step_cache=ctx, impl=ctx["impl"])
+    out = _paged_attend(_local.ctx, module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+                        value[0].transpose(0, 1), scaling if scaling is not None else query.shape[-1] ** -0.5,
+                        sliding_window, softcap)
     return out.unsqueeze(0), None                                  # [1, T, H, D]
 
 
@@ -76,7 +80,7 @@ class TargetRunner:
     """Owns the target model and its KV pool; `forward(batch)` runs one step."""
 
     def __init__(self, model, num_blocks: int, block_size: int, compile: str = "off",
-                 quantize: str = "none", packed_linears: bool = False):
+                 quantize: str = "none", packed_linears: bool = False, fast_path: bool = False):
         _register()
         if quantize != "none":      # weight-only int8/int4 linear layers (CPU kernels), see quant.py
             from aurora.models.quant import quantize_model
@@ -103,6 +107,13 @@ class TargetRunner:
         self.feature_layers = (min(2, n - 1), n // 2, max(n - 3, 0))
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         self.max_model_len = getattr(cfg, "max_position_embeddings", 2048)
+        # the hand-written step for Llama-structured models (fast_llama.py); transformers' forward
+        # below stays the reference and serves every other family
+        self.fast = None
+        if fast_path and compile == "off":
+            from aurora.models.fast_llama import FastLlama, supports
+            if supports(model) is None:
+                self.fast = FastLlama(model)
         self.compiled = None
         if compile != "off":        # the static (compiled) path; the eager path above stays the reference
             from aurora.models.compiled import ATTN_NAME as STATIC_NAME, CompiledStep
@@ -142,7 +153,14 @@ class TargetRunner:
     def forward(self, batch: StepBatch) -> StepResult:
         if self.compiled is not None:
             return self.compiled(batch)
-        _local.ctx = {"batch": batch, "cache": self.cache, "impl": backend(self.device)}
+        ctx = {"batch": batch, "cache": self.cache, "impl": backend(self.device)}
+        if self.fast is not None:
+            hidden, features = self.fast.forward(
+                batch.input_ids, batch.positions,
+                lambda i, q, k, v, scaling: _paged_attend(ctx, i, q, k, v, scaling), self.feature_layers)
+            return StepResult(logits=self.logits_from_hidden(hidden[batch.logits_rows]), hidden=hidden,
+                              features=features)
+        _local.ctx = ctx
         try:
             out = self.model.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                                    use_cache=False, output_hidden_states=True)

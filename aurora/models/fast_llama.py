@@ -1,0 +1,126 @@
+"""A hand-written eager forward for Llama-structured decoders (SmolLM2, Llama 2/3, TinyLlama).
+
+The transformers forward (runner.py) stays the reference and the fallback: every family it
+supports runs through it. This file computes the same step for `model_type == "llama"` with
+fewer, larger ops. Per decoder layer, for the new tokens' hidden states h [T, d]:
+
+    x = RMSNorm_1(h)                                    (the model's own module: its numerics)
+    [q | k | v] = x [W_q; W_k; W_v]^T                   one GEMM when the weights are packed
+    q, k = RoPE(q, k)                                    on q and k together: [T, H + Hkv, D]
+    h = h + W_o attention(q, k, v)                       the same paged backend as the reference
+    x = RMSNorm_2(h)
+    [g | u] = x [W_gate; W_up]^T                         one GEMM when packed
+    h = h + W_down (silu(g) * u)
+
+RoPE is rotate-half as in transformers: x cos + rotate_half(x) sin, with rotate_half(x) sin
+written as swap_halves(x) * [-sin_1, sin_2] (the same products: negation is exact), and cos /
+sin from the model's own rotary module (RoPE scaling included). The fused GEMMs concatenate the
+weights' output rows, so every output column is the same dot product over the same inputs; on
+this CPU oneDNN returns the same bits as the separate calls (tests compare both paths).
+
+What it saves against the reference, per step of SmolLM2-135M (30 layers): 90 of the 211
+GEMM calls, the per-layer transposes/reshapes of the attention module, the hooks transformers
+uses to record every layer's output, and half of RoPE's elementwise ops. At one row a step is
+~210 small ops plus weight streaming, so the ops removed are a real share of it (README, "A
+hand-written Llama step").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aurora.models.packed_linear import FusedPacked, PackedLinear
+
+
+def supports(model) -> str | None:
+    """None when `model` (a *ForCausalLM) fits this forward, else the reason it does not."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) != "llama":
+        return f"model_type {getattr(cfg, 'model_type', None)!r}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r}"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "biased projections"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "unexpected module layout"
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not all(
+                hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")) or not all(
+                hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            return "unexpected layer layout"
+    return None
+
+
+def _fuse(linears):
+    """One packed GEMM over `linears` (same input) when all are packed, else None."""
+    if all(isinstance(m, PackedLinear) and m.active for m in linears):
+        return FusedPacked(linears)
+    return None
+
+
+class _Layer:
+    def __init__(self, layer, head_dim: int):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.index = attn.layer_idx
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.heads = self.q.out_features // head_dim
+        self.kv_heads = self.k.out_features // head_dim
+        self.scaling = getattr(attn, "scaling", head_dim ** -0.5)
+        self.qkv = _fuse([self.q, self.k, self.v])
+        self.gate_up = _fuse([self.gate, self.up])
+
+
+class FastLlama:
+    """`forward(input_ids, positions, attend, feature_layers)` -> (final normed hidden [T, d],
+    features [T, 3d]): the runner's step without transformers' forward."""
+
+    def __init__(self, model):
+        inner = model.model
+        cfg = model.config
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.layers = [_Layer(layer, self.head_dim) for layer in inner.layers[:cfg.num_hidden_layers]]
+
+    def _qkv(self, layer: _Layer, x: torch.Tensor):
+        if layer.qkv is not None:
+            return layer.qkv(x)                                               # [T, (H + 2Hkv) D]
+        return torch.cat([layer.q(x), layer.k(x), layer.v(x)], dim=-1)
+
+    def _gate_up(self, layer: _Layer, x: torch.Tensor):
+        if layer.gate_up is not None:
+            return layer.gate_up(x)                                           # [T, 2I]
+        return torch.cat([layer.gate(x), layer.up(x)], dim=-1)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, feature_layers):
+        # input_ids, positions: [T]; attend(layer_idx, q [T, H, D], k, v [T, Hkv, D], scaling) -> [T, H, D]
+        h = self.embed(input_ids)                                             # [T, d]
+        cos, sin = self.rotary(h[None], positions[None])                      # [1, T, D] each, h's dtype
+        half = self.head_dim // 2
+        cos = cos[0, :, None]                                                 # [T, 1, D]
+        sin = sin[0, :, None]
+        sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)   # [T, 1, D]
+        T, D = h.shape[0], self.head_dim
+        wanted = {i: None for i in feature_layers}
+        for layer in self.layers:
+            qkv = self._qkv(layer, layer.norm1(h))                                 # [T, (H + 2Hkv) D]
+            nq = layer.heads + layer.kv_heads
+            qk = qkv[:, :nq * D].view(T, nq, D)                               # [T, H + Hkv, D]
+            swapped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1)
+            qk = qk * cos + swapped * sin_signed                              # RoPE on q and k at once
+            v = qkv[:, nq * D:].view(T, layer.kv_heads, D)                    # [T, Hkv, D]
+            out = attend(layer.index, qk[:, :layer.heads], qk[:, layer.heads:], v, layer.scaling)
+            h = h + layer.o(out.reshape(T, layer.heads * D))
+            gu = self._gate_up(layer, layer.norm2(h))                         # [T, 2I]
+            g, u = gu.chunk(2, dim=-1)
+            h = h + layer.down(F.silu(g) * u)
+            if layer.index in wanted:
+                wanted[layer.index] = h
+        features = torch.cat([wanted[i] for i in feature_layers], dim=-1)    # [T, 3d]
+        return self.norm(h), features

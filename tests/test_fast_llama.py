@@ -1,0 +1,104 @@
+"""The hand-written Llama step (aurora/models/fast_llama.py) against transformers' forward, the
+reference: in fp32 every step's logits, hidden states and draft features are the same bits
+(prompts, draft trees, mixed batches); which models take it; the fused packed GEMMs of the bf16
+path equal the separate calls; and the engine knob."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
+from aurora.models.fast_llama import supports
+from aurora.models.packed_linear import PLAIN_FROM_ROWS, FusedPacked, PackedLinear
+from aurora.models.presets import build
+
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(a, b):", "hello hello hello world", "the cat sat"]
+
+
+def _both_paths(runner, calls):
+    """Runner.forward computing the fast step and the reference step, asserting they agree."""
+    fast_forward = runner.forward
+
+    def forward(batch):
+        fast = fast_forward(batch)
+        saved, runner.fast = runner.fast, None
+        try:
+            ref = fast_forward(batch)             # writes the same K/V into the same slots again
+        finally:
+            runner.fast = saved
+        assert torch.equal(fast.logits, ref.logits)
+        assert torch.equal(fast.hidden, ref.hidden)
+        assert torch.equal(fast.features, ref.features)
+        calls.append(batch.input_ids.shape[0])
+        return fast
+    return forward
+
+
+@pytest.mark.parametrize("draft", ["none", "ngram", "eagle+ngram"])
+def test_every_step_equals_the_transformers_forward_in_fp32(draft):
+    calls: list[int] = []
+    spec = SpecConfig(adaptive=False)
+    with Engine(EngineConfig(model="tiny-llama", draft=draft, online=False, dtype="float32", spec=spec,
+                             prefill_chunk=8)) as eng:
+        assert eng.runner.fast is not None
+        eng.runner.forward = _both_paths(eng.runner, calls)
+        greedy = SamplingParams(max_tokens=12, temperature=0)
+        sampled = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+        outs = eng.generate_batch(PROMPTS, [greedy, sampled, greedy])
+    assert all(len(o.token_ids) == 12 for o in outs)
+    assert max(calls) > 3 and len(calls) > 5                      # prompts, decode and tree steps ran
+
+
+def test_greedy_tokens_equal_with_the_fast_path_on_and_off():
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    outs = {}
+    for on in (True, False):
+        with Engine(EngineConfig(model="tiny-llama", draft="ngram", online=False, dtype="float32",
+                                 fast_path=on)) as eng:
+            assert (eng.runner.fast is not None) == on
+            outs[on] = [o.token_ids for o in eng.generate_batch(PROMPTS, greedy)]
+    assert outs[True] == outs[False]
+
+
+def test_which_models_take_it():
+    llama, _ = build("tiny-llama", torch.float32, torch.device("cpu"))
+    assert supports(llama) is None
+    for name in ("tiny-qwen3", "tiny-gemma2"):                    # the reference forward serves them
+        model, _ = build(name, torch.float32, torch.device("cpu"))
+        assert "model_type" in supports(model)
+        with Engine(EngineConfig(model=name, draft="none", online=False, dtype="float32")) as eng:
+            assert eng.runner.fast is None
+    llama.config.mlp_bias = True
+    assert supports(llama) == "biased projections"
+    with Engine(EngineConfig(model="tiny-llama", draft="none", online=False, compile="static",
+                             dtype="float32")) as eng:
+        assert eng.runner.fast is None                            # the compiled path has its own step
+
+
+def test_fused_packed_gemm_equals_the_separate_calls():
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(96, n, bias=False).to(torch.bfloat16) for n in (96, 32, 32)]
+    wrapped = [PackedLinear(m) for m in lins]
+    x_rows = [torch.randn(n, 96).to(torch.bfloat16) for n in (1, 3, 8, 64)]
+    with torch.inference_mode():
+        separate = [torch.cat([w(x) for w in wrapped], -1) for x in x_rows]
+        fused = FusedPacked(wrapped)
+        assert all(w.fused for w in wrapped)                      # their own copies are released ...
+        for x, want in zip(x_rows, separate):
+            assert torch.equal(fused(x), want)
+            assert torch.equal(torch.cat([w(x) for w in wrapped], -1), want)   # ... they take F.linear
+        long = torch.randn(PLAIN_FROM_ROWS, 96).to(torch.bfloat16)               # a long prompt: plain GEMMs
+        assert torch.equal(fused(long), torch.cat([F.linear(long, m.weight) for m in lins], -1))
+    with pytest.raises(ValueError, match="biased"):
+        FusedPacked([PackedLinear(torch.nn.Linear(8, 8).to(torch.bfloat16))])
+
+
+def test_bf16_engine_fuses_its_projections_when_packed():
+    with Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="bfloat16")) as eng:
+        fast = eng.runner.fast
+        assert fast is not None
+        packed = eng.stats()["packed_linear_bytes"] > 0
+        assert all((layer.qkv is not None and layer.gate_up is not None) == packed for layer in fast.layers)
+        out = eng.generate_batch(PROMPTS, SamplingParams(max_tokens=6, temperature=0))
+    assert all(len(o.token_ids) == 6 for o in out)
