@@ -77,6 +77,7 @@ def main() -> None:
         results[batch]["ratio"] = results[batch]["aurora_tok_s"] / results[batch]["hf_tok_s"]
     print(json.dumps({"model": args.model, "dtype": str(eng.dtype), "compile": args.compile,
                       "packed_linear_bytes": eng.stats()["packed_linear_bytes"],
+                      "fast_path": eng.runner.fast is not None,
                       "threads": torch.get_num_threads(),
                       "results": results}, indent=2))
     print("\n| batch | Aurora tok/s | transformers tok/s | ratio |\n|---|---|---|---|")
