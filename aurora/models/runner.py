@@ -110,7 +110,7 @@ class TargetRunner:
         # the hand-written step for Llama-structured models (fast_llama.py); transformers' forward
         # below stays the reference and serves every other family
         self.fast = None
-        if fast_path and compile == "off":
+        if fast_path and compile == "off" and self.device.type == "cpu":   # not yet measured on GPU
             from aurora.models.fast_llama import FastLlama, supports
             if supports(model) is None:
                 self.fast = FastLlama(model)
