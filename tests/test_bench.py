@@ -173,3 +173,29 @@ def test_demo_system_choice(tmp_path, capsys):
     assert data["draft"] == "eagle+suffix+ngram" and data["load"] == 0.5
     served = sum(r["seconds"] for r in data["requests"])
     assert data["serve_wall_s"] >= 2 * served * 0.99          # waited as long as it served
+
+
+def test_domain_rows_ratio_each_domain_over_the_baseline():
+    from aurora.bench.report import domain_rows, markdown_report
+
+    def reqs(spec):          # [(domain, tokens, seconds, tau)]
+        return [{"domain": d, "tokens": n, "seconds": s, "tau": t} for d, n, s, t in spec]
+    results = {"reference": None, "meta": {}, "systems": {
+        "ngram": {"requests": reqs([("chat", 10, 1.0, 2.0), ("chat", 10, 2.0, 1.0), ("code", 20, 1.0, 3.0)])},
+        "suffix+ngram": {"requests": reqs([("chat", 10, 0.5, 4.0), ("chat", 10, 1.0, 2.0), ("code", 20, 2.0, 1.0)])}}}
+    headers, rows = domain_rows(results)
+    assert headers == ("domain", "requests", "ngram", "suffix+ngram")
+    chat, code = rows
+    assert chat[:3] == ["chat", 2, "7.5 / 6.7 (τ 1.50)"]                  # median of 10 and 5; 20 tokens / 3 s
+    assert chat[3] == "15.0 / 13.3 (τ 3.00): 2.00× / 2.00×"
+    assert code[3] == "10.0 / 10.0 (τ 1.00): 0.50× / 0.50×"
+    results["reference"] = "suffix+ngram"                                 # the reference is the baseline
+    assert domain_rows(results)[1][0][2].endswith(": 0.50× / 0.50×")
+    one = {"reference": None, "systems": {"ngram": {"requests": reqs([("chat", 1, 1.0, 1.0)])}}}
+    assert domain_rows(one) is None                                      # one domain: the main table says it
+    results["meta"] = {"model": "m", "hardware": "h", "num_requests": 6, "domains": ["chat", "code"],
+                       "switches": [4], "max_tokens": 8, "temperature": 0, "dtype": "float32", "warmup": 1,
+                       "wall_s": 1.0}
+    for s in results["systems"].values():
+        s.update(label="x", tokens_per_s=1.0)
+    assert "By domain" in markdown_report(results)

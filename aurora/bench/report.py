@@ -127,6 +127,42 @@ def summary_rows(results: dict) -> list[list]:
     return rows
 
 
+def domain_rows(results: dict) -> tuple[tuple, list[list]] | None:
+    """Per-domain table (None for one domain): each system's median / total tok/s and mean τ on
+    that domain's requests, and its ratios over the baseline (the reference system, else the
+    first listed) on the same requests."""
+    systems = {n: s for n, s in results["systems"].items() if s.get("requests")}
+    domains = list(dict.fromkeys(q["domain"] for s in systems.values() for q in s["requests"]))
+    if len(domains) < 2 or not systems:
+        return None
+    base = results.get("reference") if results.get("reference") in systems else next(iter(systems))
+
+    def stats(name: str, domain: str):
+        reqs = [q for q in systems[name]["requests"] if q["domain"] == domain and q.get("seconds")]
+        if not reqs:
+            return None
+        taus = [q["tau"] for q in reqs if q.get("tau") is not None]
+        return (median([q["tokens"] / q["seconds"] for q in reqs]),
+                sum(q["tokens"] for q in reqs) / sum(q["seconds"] for q in reqs),
+                sum(taus) / len(taus) if taus else None, len(reqs))
+
+    rows = []
+    for domain in domains:
+        b = stats(base, domain)
+        row = [domain, b[3] if b else 0]
+        for name in systems:
+            st = stats(name, domain)
+            if st is None:
+                row.append("–")
+                continue
+            cell = f"{st[0]:.1f} / {st[1]:.1f}" + (f" (τ {st[2]:.2f})" if st[2] is not None else "")
+            if name != base and b:
+                cell += f": {st[0] / b[0]:.2f}× / {st[1] / b[1]:.2f}×"
+            row.append(cell)
+        rows.append(row)
+    return ("domain", "requests", *systems), rows
+
+
 def markdown_report(results: dict) -> str:
     meta = results["meta"]
     lines = [f"# Aurora bench — {meta['model']}", "",
@@ -140,6 +176,12 @@ def markdown_report(results: dict) -> str:
              f"tok/s is the median over requests of output tokens / request wall time (prefill "
              f"included), speedup is that median over the `{results.get('reference') or '–'}` one."), "",
              format_table(TABLE_HEADERS, summary_rows(results)), ""]
+    by_domain = domain_rows(results)
+    if by_domain:
+        headers, rows = by_domain
+        base = results.get("reference") if results.get("reference") in headers else headers[2]
+        lines += [f"By domain: median / total tok/s (mean τ), then the ratios over `{base}` on the same "
+                  "requests (median / total).", "", format_table(headers, rows), ""]
     if results.get("skipped"):
         lines += ["Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in results["skipped"].items()), ""]
     lines += [
