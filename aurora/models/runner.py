@@ -157,7 +157,8 @@ class TargetRunner:
         if self.fast is not None:
             hidden, features = self.fast.forward(
                 batch.input_ids, batch.positions,
-                lambda i, q, k, v, scaling: _paged_attend(ctx, i, q, k, v, scaling), self.feature_layers)
+                lambda i, q, k, v, scaling, window: _paged_attend(ctx, i, q, k, v, scaling, window),
+                self.feature_layers)
             return StepResult(logits=self.logits_from_hidden(hidden[batch.logits_rows]), hidden=hidden,
                               features=features)
         _local.ctx = ctx
