@@ -180,8 +180,8 @@ def markdown_report(results: dict) -> str:
     if by_domain:
         headers, rows = by_domain
         base = results.get("reference") if results.get("reference") in headers else headers[2]
-        lines += [f"By domain: median / total tok/s (mean τ), then the ratios over `{base}` on the same "
-                  "requests (median / total).", "", format_table(headers, rows), ""]
+        lines += [(f"By domain: median / total tok/s (mean τ), then the ratios over `{base}` on the same "
+                   "requests (median / total)."), "", format_table(headers, rows), ""]
     if results.get("skipped"):
         lines += ["Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in results["skipped"].items()), ""]
     lines += [
