@@ -134,3 +134,13 @@ def test_banner_says_when_linear_weights_are_packed():
         eng.close()
     assert not any("packed" in ln for ln in plain), plain
     assert any("linear weights packed for oneDNN, +5 MiB" in ln for ln in kept), kept
+    assert any("hand-written Llama step" in ln for ln in plain), plain     # tiny-llama on CPU: the fast path
+
+
+def test_banner_and_stats_say_which_forward_serves():
+    for on in (True, False):
+        with Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="float32",
+                                 fast_path=on)) as eng:
+            lines = banner_lines(eng, ServerConfig(port=0), "http://127.0.0.1:1")
+            assert eng.stats()["fast_path"] is on
+        assert any("hand-written Llama step" in ln for ln in lines) is on, lines

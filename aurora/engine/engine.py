@@ -215,6 +215,7 @@ class Engine:
         s["kv_blocks_free"] = alloc.num_free
         s["kv_blocks_total"] = alloc.num_blocks
         s["packed_linear_bytes"] = self.runner.packed_bytes   # packed weight copies (config.packed_linears)
+        s["fast_path"] = self.runner.fast is not None          # hand-written Llama step (config.fast_path)
         if self.scheduler.prefix is not None:
             s.update(self.scheduler.prefix.stats())
         s.update(self._isolation.stats())

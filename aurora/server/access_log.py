@@ -68,7 +68,8 @@ def banner_lines(engine, config, url: str) -> list[str]:
     auth = "Bearer key required" if config.api_key else "no API key"
     return [(f"listening on {url} (OpenAI API at {url}/v1; {auth}; at most {config.max_concurrent} "
              f"concurrent generations)"),
-            f"model {ec.model} on {engine.device}, dtype {dtype}{_packed(engine)}, {threads} serving thread(s)",
+            (f"model {ec.model} on {engine.device}, dtype {dtype}{_packed(engine)}{_fast(engine)}, "
+             f"{threads} serving thread(s)"),
             f"draft {ec.draft} (version {engine.proposer.version}), online training {trainer}",
             saved]
 
@@ -77,6 +78,11 @@ def _packed(engine) -> str:
     """' (linear weights packed for oneDNN, +X MiB)' when the runner keeps packed weight copies."""
     size = getattr(getattr(engine, "runner", None), "packed_bytes", 0)
     return f" (linear weights packed for oneDNN, +{size >> 20} MiB)" if size else ""
+
+
+def _fast(engine) -> str:
+    """', hand-written Llama step' when the runner serves through models/fast_llama.py."""
+    return ", hand-written Llama step" if getattr(getattr(engine, "runner", None), "fast", None) is not None else ""
 
 
 def log_banner(engine, config, url: str) -> None:
