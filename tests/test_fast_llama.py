@@ -106,7 +106,7 @@ def test_bf16_engine_fuses_its_projections_when_packed(model):
         assert fast is not None
         packed = eng.stats()["packed_linear_bytes"] > 0
         biased = model == "tiny-qwen2"                            # q/k/v biases: separate calls
-        assert all((layer.qkv is not None) == (packed and not biased) for layer in fast.layers)
-        assert all((layer.gate_up is not None) == packed for layer in fast.layers)
+        assert all(isinstance(layer.qkv, FusedPacked) == (packed and not biased) for layer in fast.layers)
+        assert all(isinstance(layer.gate_up, FusedPacked) == packed for layer in fast.layers)
         out = eng.generate_batch(PROMPTS, SamplingParams(max_tokens=6, temperature=0))
     assert all(len(o.token_ids) == 6 for o in out)

@@ -60,11 +60,12 @@ def supports(model) -> str | None:
     return None
 
 
-def _fuse(linears):
-    """One packed GEMM over `linears` (same input) when all are packed and unbiased, else None."""
+def _joint(linears):
+    """x -> [x W_1^T | x W_2^T | ...]: one packed GEMM (FusedPacked) when all of `linears` are
+    packed and unbiased, else their own calls concatenated."""
     if all(isinstance(m, PackedLinear) and m.active and m.bias is None for m in linears):
         return FusedPacked(linears)
-    return None
+    return lambda x: torch.cat([m(x) for m in linears], dim=-1)
 
 
 class _Layer:
@@ -72,15 +73,14 @@ class _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         self.index = attn.layer_idx
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self.heads = self.q.out_features // head_dim
-        self.kv_heads = self.k.out_features // head_dim
+        self.o, self.down = attn.o_proj, mlp.down_proj
+        self.heads = attn.q_proj.out_features // head_dim
+        self.kv_heads = attn.k_proj.out_features // head_dim
         self.scaling = getattr(attn, "scaling", head_dim ** -0.5)
         self.sliding_window = getattr(attn, "sliding_window", None)         # Qwen2/3 sliding layers
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)   # Qwen3
-        self.qkv = _fuse([self.q, self.k, self.v])
-        self.gate_up = _fuse([self.gate, self.up])
+        self.qkv = _joint([attn.q_proj, attn.k_proj, attn.v_proj])              # x -> [T, (H + 2Hkv) D]
+        self.gate_up = _joint([mlp.gate_proj, mlp.up_proj])                     # x -> [T, 2I]
 
 
 class FastLlama:
@@ -93,16 +93,6 @@ class FastLlama:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.layers = [_Layer(layer, self.head_dim) for layer in inner.layers[:cfg.num_hidden_layers]]
-
-    def _qkv(self, layer: _Layer, x: torch.Tensor):
-        if layer.qkv is not None:
-            return layer.qkv(x)                                               # [T, (H + 2Hkv) D]
-        return torch.cat([layer.q(x), layer.k(x), layer.v(x)], dim=-1)
-
-    def _gate_up(self, layer: _Layer, x: torch.Tensor):
-        if layer.gate_up is not None:
-            return layer.gate_up(x)                                           # [T, 2I]
-        return torch.cat([layer.gate(x), layer.up(x)], dim=-1)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, feature_layers):
@@ -117,7 +107,7 @@ class FastLlama:
         T, D = h.shape[0], self.head_dim
         wanted = {i: None for i in feature_layers}
         for layer in self.layers:
-            qkv = self._qkv(layer, layer.norm1(h))                                 # [T, (H + 2Hkv) D]
+            qkv = layer.qkv(layer.norm1(h))                                   # [T, (H + 2Hkv) D]
             nq = layer.heads + layer.kv_heads
             qk = qkv[:, :nq * D].view(T, nq, D)                               # [T, H + Hkv, D]
             if layer.q_norm is not None:                                      # per-head norms (Qwen3)
@@ -128,7 +118,7 @@ class FastLlama:
             out = attend(layer.index, qk[:, :layer.heads], qk[:, layer.heads:], v, layer.scaling,
                          layer.sliding_window)
             h = h + layer.o(out.reshape(T, layer.heads * D))
-            gu = self._gate_up(layer, layer.norm2(h))                         # [T, 2I]
+            gu = layer.gate_up(layer.norm2(h))                                # [T, 2I]
             g, u = gu.chunk(2, dim=-1)
             h = h + layer.down(F.silu(g) * u)
             if layer.index in wanted:

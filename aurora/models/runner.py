@@ -5,10 +5,12 @@ hands it only the new tokens' q/k/v (RoPE applied from our position ids). It wri
 K/V into the paged pool and attends over cached prefix + the new tokens under the
 step's tree mask. Any decoder family transformers supports runs unchanged.
 `compile="on"` swaps in the compiled static path (compiled.py), `fast_path` a hand-written
-eager step for Llama-structured models (fast_llama.py); this eager path stays the reference. `quantize="int8"|"int4"` swaps the linear layers for weight-only ones (quant.py).
+eager step for Llama-structured models (fast_llama.py); this eager path stays the reference.
+`quantize="int8"|"int4"` swaps the linear layers for weight-only ones (quant.py).
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -155,10 +157,8 @@ class TargetRunner:
             return self.compiled(batch)
         ctx = {"batch": batch, "cache": self.cache, "impl": backend(self.device)}
         if self.fast is not None:
-            hidden, features = self.fast.forward(
-                batch.input_ids, batch.positions,
-                lambda i, q, k, v, scaling, window: _paged_attend(ctx, i, q, k, v, scaling, window),
-                self.feature_layers)
+            hidden, features = self.fast.forward(batch.input_ids, batch.positions,
+                                                 functools.partial(_paged_attend, ctx), self.feature_layers)
             return StepResult(logits=self.logits_from_hidden(hidden[batch.logits_rows]), hidden=hidden,
                               features=features)
         _local.ctx = ctx
