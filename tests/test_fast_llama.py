@@ -94,7 +94,8 @@ def test_fused_packed_gemm_equals_the_separate_calls():
             assert torch.equal(fused(x), want)
             assert torch.equal(torch.cat([w(x) for w in wrapped], -1), want)   # ... they take F.linear
         long = torch.randn(PLAIN_FROM_ROWS, 96).to(torch.bfloat16)               # a long prompt: plain GEMMs
-        assert torch.equal(fused(long), torch.cat([F.linear(long, m.weight) for m in lins], -1))
+        parts = fused(long)                                       # separate outputs, no concatenation copy
+        assert isinstance(parts, tuple) and all(torch.equal(p, F.linear(long, m.weight)) for p, m in zip(parts, lins))
     with pytest.raises(ValueError, match="biased"):
         FusedPacked([PackedLinear(torch.nn.Linear(8, 8).to(torch.bfloat16))])
 
@@ -110,3 +111,18 @@ def test_bf16_engine_fuses_its_projections_when_packed(model):
         assert all(isinstance(layer.gate_up, FusedPacked) == packed for layer in fast.layers)
         out = eng.generate_batch(PROMPTS, SamplingParams(max_tokens=6, temperature=0))
     assert all(len(o.token_ids) == 6 for o in out)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3"])
+def test_long_prompt_projections_run_apart_and_equal_the_reference_in_bf16(model, monkeypatch):
+    """From PLAIN_FROM_ROWS rows the projections come back as separate outputs (q/k/v and gate/up
+    not concatenated) and RoPE runs on q and k apart; the step is still the reference's bits."""
+    monkeypatch.setattr("aurora.models.packed_linear.PLAIN_FROM_ROWS", 8)     # every prompt step is "long"
+    calls: list[int] = []
+    with Engine(EngineConfig(model=model, draft="none", online=False, dtype="bfloat16")) as eng:
+        layer = eng.runner.fast.layers[0]
+        x = torch.randn(9, layer.norm1.weight.shape[0]).to(torch.bfloat16)
+        assert isinstance(layer.qkv(x), tuple) and isinstance(layer.gate_up(x), tuple)
+        eng.runner.forward = _both_paths(eng.runner, calls)
+        eng.generate_batch(PROMPTS, SamplingParams(max_tokens=1, temperature=0))
+    assert calls and min(calls) >= 8

@@ -48,10 +48,12 @@ def build_step(seqs: list[Sequence], trees: list[DraftTree | None], block_size: 
         masks.append(mask)
         seq_lens.append(base + n)
         query_start.append(query_start[-1] + n)
-    max_new = max(mk.shape[0] for mk in masks)
-    tree_mask = torch.zeros(len(input_ids), max_new, dtype=torch.bool)
-    for mk, s in zip(masks, query_start):
-        tree_mask[s:s + mk.shape[0], :mk.shape[1]] = mk
+    if len(masks) == 1:                              # one sequence (a long prompt: no [T, T] copy)
+        tree_mask = masks[0]
+    else:
+        tree_mask = torch.zeros(len(input_ids), max(mk.shape[0] for mk in masks), dtype=torch.bool)
+        for mk, s in zip(masks, query_start):
+            tree_mask[s:s + mk.shape[0], :mk.shape[1]] = mk
     max_blocks = max(len(s.block_ids) for s in seqs)
     block_tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
     for i, s in enumerate(seqs):

@@ -20,7 +20,9 @@ sin from the model's own rotary module (RoPE scaling included). The fused GEMMs 
 weights' output rows, so every output column is the same dot product over the same inputs; on
 this CPU oneDNN returns the same bits as the separate calls at decode shapes (1-64 rows), and
 may differ in the last bf16 bit at prompt sizes (~300+ rows), where it blocks differently. fp32
-(no packing, no fusion) is bit-identical to the reference on every step (tests).
+(no packing, no fusion) is bit-identical to the reference on every step (tests). From
+PLAIN_FROM_ROWS rows (long prompts) the projections run as separate `F.linear` calls and RoPE
+runs on q and k apart: concatenating the outputs cost ~0.4 s of a 9.5 s 8,000-token prefill.
 
 What it saves against the reference, per step of SmolLM2-135M (30 layers): 90 of the 211
 GEMM calls, the per-layer transposes/reshapes of the attention module, the hooks transformers
@@ -61,11 +63,18 @@ def supports(model) -> str | None:
 
 
 def _joint(linears):
-    """x -> [x W_1^T | x W_2^T | ...]: one packed GEMM (FusedPacked) when all of `linears` are
-    packed and unbiased, else their own calls concatenated."""
+    """x -> the layers' outputs: one tensor [T, sum out] = [x W_1^T | x W_2^T | ...] when one
+    packed GEMM computes them (FusedPacked: all of `linears` packed and unbiased, short inputs),
+    else a tuple of their own outputs (never concatenated: a copy per layer)."""
     if all(isinstance(m, PackedLinear) and m.active and m.bias is None for m in linears):
         return FusedPacked(linears)
-    return lambda x: torch.cat([m(x) for m in linears], dim=-1)
+    return lambda x: tuple(m(x) for m in linears)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x [T, n, D] -> x cos + rotate_half(x) sin, as swap_halves(x) * [-sin_1, sin_2]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin_signed
 
 
 class _Layer:
@@ -79,8 +88,23 @@ class _Layer:
         self.scaling = getattr(attn, "scaling", head_dim ** -0.5)
         self.sliding_window = getattr(attn, "sliding_window", None)         # Qwen2/3 sliding layers
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)   # Qwen3
-        self.qkv = _joint([attn.q_proj, attn.k_proj, attn.v_proj])              # x -> [T, (H + 2Hkv) D]
-        self.gate_up = _joint([mlp.gate_proj, mlp.up_proj])                     # x -> [T, 2I]
+        self.qkv = _joint([attn.q_proj, attn.k_proj, attn.v_proj])              # x -> [T, (H + 2Hkv) D] or (q, k, v)
+        self.gate_up = _joint([mlp.gate_proj, mlp.up_proj])                     # x -> [T, 2I] or (g, u)
+
+    def attention_inputs(self, x: torch.Tensor, cos, sin_signed):
+        """x [T, d] -> q [T, H, D], k, v [T, Hkv, D]: projected, QK-normed (Qwen3), RoPE'd."""
+        T, qkv = x.shape[0], self.qkv(x)
+        if isinstance(qkv, tuple):                                            # separate GEMMs
+            q, k, v = (t.view(T, -1, cos.shape[-1]) for t in qkv)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            return _rope(q, cos, sin_signed), _rope(k, cos, sin_signed), v
+        D, nq = cos.shape[-1], self.heads + self.kv_heads                     # one GEMM: q | k adjacent,
+        qk = qkv[:, :nq * D].view(T, nq, D)                                   # RoPE'd at once [T, H + Hkv, D]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :self.heads]), self.k_norm(qk[:, self.heads:])], dim=1)
+        qk = _rope(qk, cos, sin_signed)
+        return qk[:, :self.heads], qk[:, self.heads:], qkv[:, nq * D:].view(T, self.kv_heads, D)
 
 
 class FastLlama:
@@ -107,19 +131,11 @@ class FastLlama:
         T, D = h.shape[0], self.head_dim
         wanted = {i: None for i in feature_layers}
         for layer in self.layers:
-            qkv = layer.qkv(layer.norm1(h))                                   # [T, (H + 2Hkv) D]
-            nq = layer.heads + layer.kv_heads
-            qk = qkv[:, :nq * D].view(T, nq, D)                               # [T, H + Hkv, D]
-            if layer.q_norm is not None:                                      # per-head norms (Qwen3)
-                qk = torch.cat([layer.q_norm(qk[:, :layer.heads]), layer.k_norm(qk[:, layer.heads:])], dim=1)
-            swapped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1)
-            qk = qk * cos + swapped * sin_signed                              # RoPE on q and k at once
-            v = qkv[:, nq * D:].view(T, layer.kv_heads, D)                    # [T, Hkv, D]
-            out = attend(layer.index, qk[:, :layer.heads], qk[:, layer.heads:], v, layer.scaling,
-                         layer.sliding_window)
+            q, k, v = layer.attention_inputs(layer.norm1(h), cos, sin_signed)
+            out = attend(layer.index, q, k, v, layer.scaling, layer.sliding_window)     # [T, H, D]
             h = h + layer.o(out.reshape(T, layer.heads * D))
-            gu = layer.gate_up(layer.norm2(h))                                # [T, 2I]
-            g, u = gu.chunk(2, dim=-1)
+            gu = layer.gate_up(layer.norm2(h))                                # [T, 2I] or (g, u)
+            g, u = gu if isinstance(gu, tuple) else gu.chunk(2, dim=-1)
             h = h + layer.down(F.silu(g) * u)
             if layer.index in wanted:
                 wanted[layer.index] = h

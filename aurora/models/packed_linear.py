@@ -100,9 +100,12 @@ class FusedPacked:
             m.fused = True
             m.packed = torch.empty(0, dtype=m.weight.dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:                      # [..., in] -> [..., sum out]
-        if x.numel() >= PLAIN_FROM_ROWS * self.in_features:                    # see PLAIN_FROM_ROWS
-            return torch.cat([F.linear(x, m.weight) for m in self.layers], dim=-1)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """[..., in] -> [..., sum out] from the one packed GEMM; from PLAIN_FROM_ROWS rows (a long
+        prompt) the layers' own `F.linear` outputs as a tuple, not concatenated: at 8,000 rows
+        the concatenation copies took ~0.4 s of a 9.5 s SmolLM2 prefill."""
+        if x.numel() >= PLAIN_FROM_ROWS * self.in_features:
+            return tuple(F.linear(x, m.weight) for m in self.layers)
         return _packed_product(x, self.packed, None, self.out_features)
 
 
