@@ -96,7 +96,7 @@ class TrainerConfig:
     buffer_bytes: int = 256 << 20
     threads: int = 0                   # CPU: torch threads of a training unit (0 = the serving threads; units run between steps)
     busy_share: float = 0.15           # CPU: max fraction of wall time the trainer computes while serving is busy
-    min_busy_share: float = 0.03       # CPU: the busy share while training stops earning (flywheel.py; capped by busy_share)
+    min_busy_share: float = 0.03       # CPU: the busy share while training stops earning, and a saved draft's first (flywheel.py)
     idle_grace_s: float = 0.1          # CPU: serving counts as busy until idle this long (a back-to-back client's gap is not idle time)
     earn_gain: float = 0.01            # relative guard gain per publish that keeps (or doubles back) the busy share
     draft_vocab: int = 8192            # 0 = full target vocabulary

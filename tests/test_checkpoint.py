@@ -176,3 +176,25 @@ def test_a_saved_draft_served_online_keeps_its_weights(tmp_path):
     with _engine(TrainerConfig(guard=False, draft_vocab=200)) as fresh:   # a new head does start from the target's rows
         head = fresh.proposer.head
         torch.testing.assert_close(head.lm_head.weight, fresh.runner.lm_head.weight[head.d2t].to(head.lm_head.weight))
+
+
+def test_a_saved_draft_starts_at_the_floor_busy_share_and_earns_up(tmp_path):
+    """The trainer's share of busy serving is earned (flywheel.py): a draft from scratch starts at
+    busy_share, a saved one at min_busy_share, and a guard verdict that beats it doubles that."""
+    from aurora.flywheel.checkpoint import save_head
+    from aurora.models.eagle import build_head
+    with Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="float32")) as eng:
+        head = build_head(eng.runner, 200, seed=3)
+        layers = list(eng.runner.feature_layers)
+    save_head(head, tmp_path, {"feature_layers": layers, "version": 0})
+    trainer = TrainerConfig(draft_vocab=200, busy_share=0.2, min_busy_share=0.04)
+    with Engine(EngineConfig(model="tiny-llama", draft=f"eagle:{tmp_path}", online=True, dtype="float32",
+                             trainer=trainer)) as eng:
+        fw = eng.flywheel
+        fw.pause()
+        assert fw.budget.share == 0.04 and fw.stats()["busy_share"] == 0.04
+        fw._earn(1.1, 1.0)                                        # the candidate beat the active draft
+        assert fw.budget.share == 0.08
+    with _engine(trainer) as fresh:
+        fresh.flywheel.pause()
+        assert fresh.flywheel.budget.share == 0.2
