@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
               f"trainer's CPU cost included): {report.fmt(speedup)}× median (requests {sorted(base)})")
     if base_ngram:
         print(f"speedup over the n-gram draft alone (same prompts): {report.fmt(speedup_ngram)}× median")
-        why = verdict(speedup, speedup_ngram, tau_early, tau_late, trainer, extra.get("draft_sources"), args.load)
+        why = verdict(speedup, speedup_ngram, tau_early, tau_late, trainer, extra.get("draft_sources"), args.load,
+                      saved=args.checkpoint is not None)
         if why:
             print(why)
     if extra.get("saved_draft"):
@@ -238,12 +239,19 @@ def checked_checkpoint(path: str) -> str:
     return str(p)
 
 
+FEW_STEPS = 10        # optimizer steps below which a saved draft's speedup is not learning's
+
+
 def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources: dict | None,
-            load: float = 1.0) -> str | None:
-    """One line saying why learning has not paid yet (None when it has)."""
-    if speedup is not None and speedup_ngram is not None and speedup > 1.0 and speedup_ngram >= 1.0:
-        return None
+            load: float = 1.0, saved: bool = False) -> str | None:
+    """One line saying why learning has not paid yet; when it pays from a `saved` draft the
+    trainer barely changed, one saying so; else None."""
     steps = trainer.get("steps", 0) or 0
+    if speedup is not None and speedup_ngram is not None and speedup > 1.0 and speedup_ngram >= 1.0:
+        if saved and steps < FEW_STEPS:
+            return (f"what pays here is the saved draft: the trainer made {steps} optimizer steps in this demo "
+                    "(a saved draft earns its share of busy serving from min_busy_share; README, Trainer overhead)")
+        return None
     gain, cost = (sources or {}).get("learned_gain", 0), (sources or {}).get("learned_cost", 0)
     share = trainer.get("busy_share")
     share_note = f" (busy share {100 * share:.0f}% at the end)" if share is not None else ""
