@@ -217,6 +217,7 @@ def test_demo_verdict_lines():
     assert verdict(1.2, 1.05, 1.5, 1.9, {"steps": 500}, None, saved=True) is None
     assert "what pays here is the saved draft" in verdict(1.2, 1.05, 1.5, 1.9, {"steps": 0}, None, saved=True)
     assert verdict(1.2, 1.05, 1.5, 1.9, {"steps": 0}, None) is None          # from scratch: nothing saved paid
+    assert "the saved draft did not pay" in verdict(1.17, 0.93, 2.0, 1.5, {"steps": 0}, None, saved=True)
     assert "only 3 optimizer steps" in verdict(0.8, 0.9, 1.5, 1.9, {"steps": 3}, None)
     assert "did not rise" in verdict(0.8, 0.9, 1.9, 1.5, {"steps": 500}, None)
     line = verdict(0.9, 0.95, 1.5, 1.9, {"steps": 500}, {"learned_gain": 0.1, "learned_cost": 0.3})

@@ -252,6 +252,10 @@ def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources:
             return (f"what pays here is the saved draft: the trainer made {steps} optimizer steps in this demo "
                     "(a saved draft earns its share of busy serving from min_busy_share; README, Trainer overhead)")
         return None
+    if saved and steps < FEW_STEPS:
+        return (f"the saved draft did not pay in this run, and it is what served: the trainer made {steps} optimizer "
+                "steps (a saved draft earns its share of busy serving from min_busy_share); its edge over prompt "
+                "lookup on these prompts is a few per cent, within the spread between runs (README, Results)")
     gain, cost = (sources or {}).get("learned_gain", 0), (sources or {}).get("learned_cost", 0)
     share = trainer.get("busy_share")
     share_note = f" (busy share {100 * share:.0f}% at the end)" if share is not None else ""
