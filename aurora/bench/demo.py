@@ -247,15 +247,16 @@ def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources:
     """One line saying why learning has not paid yet; when it pays from a `saved` draft the
     trainer barely changed, one saying so; else None."""
     steps = trainer.get("steps", 0) or 0
-    if speedup is not None and speedup_ngram is not None and speedup > 1.0 and speedup_ngram >= 1.0:
-        if saved and steps < FEW_STEPS:
-            return (f"what pays here is the saved draft: the trainer made {steps} optimizer steps in this demo "
-                    "(a saved draft earns its share of busy serving from min_busy_share; README, Trainer overhead)")
-        return None
-    if saved and steps < FEW_STEPS:
-        return (f"the saved draft did not pay in this run, and it is what served: the trainer made {steps} optimizer "
-                "steps (a saved draft earns its share of busy serving from min_busy_share); its edge over prompt "
+    pays = speedup is not None and speedup_ngram is not None and speedup > 1.0 and speedup_ngram >= 1.0
+    if saved and steps < FEW_STEPS:                  # the saved draft served, barely trained
+        why = (f"the trainer made {steps} optimizer steps (a saved draft earns its share of busy serving from "
+               "min_busy_share; README, Trainer overhead)")
+        if pays:
+            return f"what pays here is the saved draft: {why}"
+        return (f"the saved draft did not pay in this run, and it is what served: {why}; its edge over prompt "
                 "lookup on these prompts is a few per cent, within the spread between runs (README, Results)")
+    if pays:
+        return None
     gain, cost = (sources or {}).get("learned_gain", 0), (sources or {}).get("learned_cost", 0)
     share = trainer.get("busy_share")
     share_note = f" (busy share {100 * share:.0f}% at the end)" if share is not None else ""

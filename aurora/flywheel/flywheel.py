@@ -89,7 +89,7 @@ class Flywheel:
         # starts at the floor: it already learned what general traffic teaches, and until a guard
         # verdict shows training beating it, each share of busy serving buys nothing.
         pretrained = getattr(self.proposer, "pretrained", False)
-        self.budget = ShareBudget(min(config.min_busy_share, config.busy_share) if pretrained else config.busy_share)
+        self.budget = ShareBudget(self._floor_share() if pretrained else config.busy_share)
         self.share_cuts = 0                            # guard verdicts that halved the busy share
         self.yielded_turns = 0                         # turns not taken: idle time already gave the share
         engine.step_hooks.append(self._on_step)
@@ -272,10 +272,14 @@ class Flywheel:
         if cand >= active * (1 + c.earn_gain):
             budget.share = min(c.busy_share, 2 * budget.share)
         else:
-            floor = min(c.min_busy_share, c.busy_share)
+            floor = self._floor_share()
             if budget.share > floor:
                 self.share_cuts += 1
             budget.share = max(floor, budget.share / 2)
+
+    def _floor_share(self) -> float:
+        """The lowest busy share: while training stops earning, and a saved draft's first."""
+        return min(self.config.min_busy_share, self.config.busy_share)
 
     def _rollback_target(self, windows, cand: float, active: float):
         """The weights to roll back to, or None. Rolls back when the active draft scores below
