@@ -84,3 +84,14 @@ def test_default_day0_dir_sits_next_to_the_persisted_draft(monkeypatch, tmp_path
     monkeypatch.setenv("AURORA_CACHE_DIR", str(tmp_path))
     assert default_day0_dir("smollm2-135m") == tmp_path / "drafts" / "smollm2-135m-day0"
     assert default_day0_dir("smollm2-135m").parent == default_draft_dir("smollm2-135m").parent
+
+
+def test_cosine_schedule_runs_from_lr_to_a_tenth():
+    """`--schedule cosine` (the default): lr at the first step, LR_FLOOR * lr at the last, halfway
+    between at the middle, never rising; `constant` keeps lr."""
+    from aurora.flywheel.pretrain import LR_FLOOR, lr_at
+    rates = [lr_at(s, 100, 1e-3, "cosine") for s in range(101)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(LR_FLOOR * 1e-3)
+    assert rates[50] == pytest.approx((1 + LR_FLOOR) / 2 * 1e-3)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert {lr_at(s, 100, 1e-3, "constant") for s in (0, 50, 100)} == {1e-3}

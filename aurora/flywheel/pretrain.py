@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ import torch
 HELD_CONVS = 20
 ROLES = {"human": "user", "gpt": "assistant"}
 PROGRESS_S = 20.0                # seconds between progress lines
+S_PER_CONV, S_PER_STEP = 0.34, 0.42   # eta_text: seconds per distilled conversation / optimizer step
+LR_FLOOR = 0.1                   # cosine schedule: the last step's rate, as a fraction of --lr
 
 
 def default_day0_dir(model: str) -> Path:
@@ -97,10 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--turns", type=int, default=4, help="messages per conversation (default 4)")
     ap.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+                    help="learning rate over the run: cosine decay to a tenth of --lr (default), or constant")
     ap.add_argument("--evals", type=int, default=3, help="held-out scores along the run (default 3)")
     ap.add_argument("--traces", help="real serving traces to score on too (examples/flywheel_ab.py --collect)")
     ap.add_argument("--no-save", action="store_true", help="measure only, write nothing")
     return ap
+
+
+def eta_text(convs: int, steps: int) -> str:
+    """A rough duration for SmolLM2-135M on 2 CPU cores (measured in session 19: ~0.34 s per
+    conversation distilled, ~0.42 s per optimizer step; slower machines take up to ~1.5x)."""
+    return f"about {convs * S_PER_CONV / 60:.0f} + {steps * S_PER_STEP / 60:.0f} min for SmolLM2-135M on 2 CPU cores"
 
 
 def _say(msg: str) -> None:
@@ -128,9 +139,18 @@ def distil_corpus(eng, convs: int, max_len: int, turns: int) -> list:
     return recs
 
 
-def train_head(eng, train: list, sets: dict, steps: int, lr: float, evals: int):
-    """Train a fresh head (corpus vocabulary, target-initialised LM head) on `train`;
-    score it on each of `sets` (name -> records) `evals` times. -> (trainer, curve)."""
+def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
+    """The learning rate of optimizer step `step` of `steps`: constant, or cosine from `lr`
+    down to `LR_FLOOR * lr` at the last step:  lr * (f + (1 - f) * (1 + cos(pi * step / steps)) / 2)."""
+    if schedule == "constant" or steps <= 1:
+        return lr
+    return lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+
+
+def train_head(eng, train: list, sets: dict, steps: int, lr: float, evals: int, schedule: str = "constant"):
+    """Train a fresh head (corpus vocabulary, target-initialised LM head) on `train` with the
+    learning rate `lr_at` gives each step; score it on each of `sets` (name -> records) `evals`
+    times. -> (trainer, curve)."""
     from aurora import TrainerConfig
     from aurora.flywheel.trainer import Trainer
     from aurora.flywheel.vocab import VocabCounter, init_from_target
@@ -159,6 +179,8 @@ def train_head(eng, train: list, sets: dict, steps: int, lr: float, evals: int):
             _say(f"step {step}/{steps}, loss {tr.last_losses.get('total', float('nan')):.3f} "
                  f"({el:.0f} s, ~{el / step * (steps - step):.0f} s left)")
         if step < steps:
+            for group in tr.opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, schedule)
             tr.optimizer_step()
     return tr, curve
 
@@ -180,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     _say(f"{args.model}: distilling {args.convs} ShareGPT conversations through the target, then "
-         f"{args.steps} training steps (about 5 + 18 min with the defaults on 2 CPU cores)")
+         f"{args.steps} training steps ({eta_text(args.convs, args.steps)})")
     eng = Engine(EngineConfig(model=args.model, draft="none", online=False))
     try:
         recs = distil_corpus(eng, args.convs, args.max_len, args.turns)
@@ -189,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         _say(json.dumps(report))
         held, train = recs[-HELD_CONVS:], recs[:-HELD_CONVS]
         tr, curve = eng.run_on_worker(train_head, eng, train, {"held": held, "real": real},
-                                      args.steps, args.lr, args.evals)
-        report |= {"steps": tr.steps, "rows_trained": tr.tokens_trained, "curve": curve,
+                                      args.steps, args.lr, args.evals, args.schedule)
+        report |= {"steps": tr.steps, "lr": args.lr, "schedule": args.schedule, "rows_trained": tr.tokens_trained, "curve": curve,
                    "wall_s": round(time.perf_counter() - t0, 1)}
         if out is not None:
             head = tr.head.to(eng.runner.dtype).eval()
