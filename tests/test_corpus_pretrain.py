@@ -95,3 +95,24 @@ def test_cosine_schedule_runs_from_lr_to_a_tenth():
     assert rates[50] == pytest.approx((1 + LR_FLOOR) / 2 * 1e-3)
     assert all(a >= b for a, b in zip(rates, rates[1:]))
     assert {lr_at(s, 100, 1e-3, "constant") for s in (0, 50, 100)} == {1e-3}
+
+
+def test_demo_names_a_day0_draft_from_an_older_recipe(tmp_path):
+    """A corpus draft with fewer conversations than the default, or saved before the recipe was
+    recorded, gets a rebuild hint; a current one, and a draft that is not a corpus draft, do not."""
+    import json
+
+    from aurora.flywheel.pretrain import DEFAULT_CONVS, older_recipe_note
+
+    def saved(meta):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(meta))
+        return d
+    src = "aurora pretrain-draft (ShareGPT)"
+    old = older_recipe_note(saved({"source": src, "pretrain": {"convs": 400}}))
+    assert old and "from 400 conversations" in old and f"uses {DEFAULT_CONVS}" in old and "--force" in old
+    assert "older recipe" in older_recipe_note(saved({"source": "corpus_pretrain (ShareGPT)"}))
+    assert older_recipe_note(saved({"source": src, "pretrain": {"convs": DEFAULT_CONVS}})) is None
+    assert older_recipe_note(saved({"version": 3})) is None
+    assert older_recipe_note(tmp_path / "missing") is None

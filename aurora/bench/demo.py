@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({' -> '.join(domains)}), {args.max_tokens} tokens each, greedy, batch 1, "
           + ("back to back" if args.load >= 1 else f"serving {args.load:.0%} of the time (the trainer "
              "learns in the gaps)"), flush=True)
+    if args.checkpoint:
+        from aurora.flywheel.pretrain import older_recipe_note
+        note = older_recipe_note(args.checkpoint)
+        if note:
+            print(f"aurora demo: {note}", flush=True)
     try:
         with report.heartbeat("loading the engine (target, draft, trainer)"):
             online = build_system(system, opts)
@@ -235,7 +240,7 @@ def checked_checkpoint(path: str) -> str:
     p = Path(path).expanduser()
     if not has_checkpoint(p):
         raise ValueError(f"--checkpoint {path}: no saved draft there (config.json + draft.safetensors); "
-                         f"`aurora pretrain-draft --out {path}` builds a day-0 draft (~22 min on 2 CPU cores)")
+                         f"`aurora pretrain-draft --out {path}` builds a day-0 draft (~55 min on 2 CPU cores)")
     return str(p)
 
 

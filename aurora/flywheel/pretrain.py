@@ -13,8 +13,10 @@ bench/demo prompts (`load_domain(d, 100, seed)` for seeds 0-3) are skipped.
 
 Reports simulated greedy chain tau (the guard's score, unroll 3, at most 4) on held-out
 conversations and, with `--traces`, on real serving traces (examples/flywheel_ab.py --collect).
-Defaults (400 conversations, 1,500 steps at lr 1e-3) are the measured best on the 2-core CPU:
-~5 min distilling + ~18 min training; held-out tau 1.00 -> 1.45 (README, "A day-0 draft").
+Defaults (2,000 conversations, 5,000 steps, lr 1e-3 with a cosine decay to a tenth) are the
+best measured on the 2-core CPU: ~15 min distilling + ~38 min training; held-out tau 1.00 -> 1.65.
+More data kept helping (400 conversations / 1,500 steps: 1.45; 1,000 / 3,000: 1.53; README,
+"A day-0 draft").
 
     aurora pretrain-draft                      # -> ~/.cache/aurora/drafts/<model>-day0/
     aurora demo --checkpoint ~/.cache/aurora/drafts/smollm2-135m-day0
@@ -33,7 +35,8 @@ import torch
 HELD_CONVS = 20
 ROLES = {"human": "user", "gpt": "assistant"}
 PROGRESS_S = 20.0                # seconds between progress lines
-S_PER_CONV, S_PER_STEP = 0.34, 0.42   # eta_text: seconds per distilled conversation / optimizer step
+DEFAULT_CONVS, DEFAULT_STEPS = 2000, 5000
+S_PER_CONV, S_PER_STEP = 0.45, 0.45   # eta_text: seconds per distilled conversation / optimizer step
 LR_FLOOR = 0.1                   # cosine schedule: the last step's rate, as a fraction of --lr
 
 
@@ -94,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None,
                     help="checkpoint directory (default: ~/.cache/aurora/drafts/<model>-day0/)")
     ap.add_argument("--force", action="store_true", help="replace a draft already saved in --out")
-    ap.add_argument("--convs", type=int, default=400, help=f"conversations distilled (the last {HELD_CONVS} "
-                                                          "held out; default 400)")
+    ap.add_argument("--convs", type=int, default=DEFAULT_CONVS, help=f"conversations distilled (the last "
+                    f"{HELD_CONVS} held out; default {DEFAULT_CONVS})")
     ap.add_argument("--max-len", type=int, default=512, help="tokens per conversation (default 512)")
     ap.add_argument("--turns", type=int, default=4, help="messages per conversation (default 4)")
-    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
                     help="learning rate over the run: cosine decay to a tenth of --lr (default), or constant")
@@ -108,9 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def older_recipe_note(path) -> str | None:
+    """One line when the day-0 draft saved at `path` was built from fewer conversations than
+    today's default (a weaker draft, e.g. one from before session 19), else None."""
+    try:
+        meta = json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or "ShareGPT" not in str(meta.get("source", "")):
+        return None                                   # not a corpus-distilled day-0 draft
+    convs = (meta.get("pretrain") or {}).get("convs")  # absent: saved before the recipe was recorded
+    if isinstance(convs, int) and convs >= DEFAULT_CONVS:
+        return None
+    built = f"from {convs} conversations" if isinstance(convs, int) else "by an older recipe"
+    return (f"this day-0 draft was distilled {built}; the current recipe uses "
+            f"{DEFAULT_CONVS} and serves a stronger draft (README, \"A day-0 draft\"): `aurora pretrain-draft "
+            f"--force --out {path}` rebuilds it ({eta_text(DEFAULT_CONVS, DEFAULT_STEPS)})")
+
+
 def eta_text(convs: int, steps: int) -> str:
-    """A rough duration for SmolLM2-135M on 2 CPU cores (measured in session 19: ~0.34 s per
-    conversation distilled, ~0.42 s per optimizer step; slower machines take up to ~1.5x)."""
+    """A rough duration for SmolLM2-135M on 2 CPU cores (measured in session 19: 0.34-0.48 s per
+    conversation distilled, 0.42-0.47 s per optimizer step; slower machines take up to ~1.5x)."""
     return f"about {convs * S_PER_CONV / 60:.0f} + {steps * S_PER_STEP / 60:.0f} min for SmolLM2-135M on 2 CPU cores"
 
 
