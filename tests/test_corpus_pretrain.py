@@ -2,6 +2,8 @@
 the same tokens (features and the target's distribution), and its trained head loads as a draft."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -93,7 +95,7 @@ def test_cosine_schedule_runs_from_lr_to_a_tenth():
     rates = [lr_at(s, 100, 1e-3, "cosine") for s in range(101)]
     assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(LR_FLOOR * 1e-3)
     assert rates[50] == pytest.approx((1 + LR_FLOOR) / 2 * 1e-3)
-    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates))
     assert {lr_at(s, 100, 1e-3, "constant") for s in (0, 50, 100)} == {1e-3}
 
 
