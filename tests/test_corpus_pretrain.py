@@ -113,7 +113,7 @@ def test_demo_names_a_day0_draft_from_an_older_recipe(tmp_path):
         return d
     src = "aurora pretrain-draft (ShareGPT)"
     old = older_recipe_note(saved({"source": src, "pretrain": {"convs": 400}}))
-    assert old and "from 400 conversations" in old and f"uses {DEFAULT_CONVS}" in old and "--force" in old
+    assert old and "from 400 conversations" in old and f"distils {DEFAULT_CONVS} conversations" in old and "--force" in old
     assert "older recipe" in older_recipe_note(saved({"source": "corpus_pretrain (ShareGPT)"}))
     assert older_recipe_note(saved({"source": src, "pretrain": {"convs": DEFAULT_CONVS}})) is None
     assert older_recipe_note(saved({"version": 3})) is None

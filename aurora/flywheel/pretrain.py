@@ -124,8 +124,8 @@ def older_recipe_note(path) -> str | None:
     if isinstance(convs, int) and convs >= DEFAULT_CONVS:
         return None
     built = f"from {convs} conversations" if isinstance(convs, int) else "by an older recipe"
-    return (f"this day-0 draft was distilled {built}; the current recipe uses "
-            f"{DEFAULT_CONVS} and serves a stronger draft (README, \"A day-0 draft\"): `aurora pretrain-draft "
+    return (f"this day-0 draft was distilled {built}; the current recipe distils "
+            f"{DEFAULT_CONVS} conversations and serves a stronger draft (README, \"A day-0 draft\"): `aurora pretrain-draft "
             f"--force --out {path}` rebuilds it ({eta_text(DEFAULT_CONVS, DEFAULT_STEPS)})")
 
 
