@@ -124,9 +124,9 @@ def older_recipe_note(path) -> str | None:
     if isinstance(convs, int) and convs >= DEFAULT_CONVS:
         return None
     built = f"from {convs} conversations" if isinstance(convs, int) else "by an older recipe"
-    return (f"this day-0 draft was distilled {built}; the current recipe distils "
-            f"{DEFAULT_CONVS} conversations and serves a stronger draft (README, \"A day-0 draft\"): `aurora pretrain-draft "
-            f"--force --out {path}` rebuilds it ({eta_text(DEFAULT_CONVS, DEFAULT_STEPS)})")
+    return (f"this day-0 draft was distilled {built}; the current recipe distils {DEFAULT_CONVS} "
+            f"conversations and serves a stronger draft (README, \"A day-0 draft\"): "
+            f"`aurora pretrain-draft --force --out {path}` rebuilds it ({eta_text(DEFAULT_CONVS, DEFAULT_STEPS)})")
 
 
 def eta_text(convs: int, steps: int) -> str:
@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         held, train = recs[-HELD_CONVS:], recs[:-HELD_CONVS]
         tr, curve = eng.run_on_worker(train_head, eng, train, {"held": held, "real": real},
                                       args.steps, args.lr, args.evals, args.schedule)
-        report |= {"steps": tr.steps, "lr": args.lr, "schedule": args.schedule, "rows_trained": tr.tokens_trained, "curve": curve,
-                   "wall_s": round(time.perf_counter() - t0, 1)}
+        report |= {"steps": tr.steps, "lr": args.lr, "schedule": args.schedule,
+                   "rows_trained": tr.tokens_trained, "curve": curve, "wall_s": round(time.perf_counter() - t0, 1)}
         if out is not None:
             head = tr.head.to(eng.runner.dtype).eval()
             save_head(head, out, {"feature_layers": list(eng.runner.feature_layers), "version": 0,
