@@ -239,8 +239,10 @@ def checked_checkpoint(path: str) -> str:
     from aurora.flywheel.checkpoint import has_checkpoint
     p = Path(path).expanduser()
     if not has_checkpoint(p):
+        from aurora.flywheel.pretrain import DEFAULT_CONVS, DEFAULT_STEPS, eta_text
         raise ValueError(f"--checkpoint {path}: no saved draft there (config.json + draft.safetensors); "
-                         f"`aurora pretrain-draft --out {path}` builds a day-0 draft (~55 min on 2 CPU cores)")
+                         f"`aurora pretrain-draft --out {path}` builds a day-0 draft "
+                         f"({eta_text(DEFAULT_CONVS, DEFAULT_STEPS)})")
     return str(p)
 
 

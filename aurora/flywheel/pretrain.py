@@ -162,13 +162,13 @@ def distil_corpus(eng, convs: int, max_len: int, turns: int) -> list:
 
 def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
     """The learning rate of optimizer step `step` of `steps`: constant, or cosine from `lr`
-    down to `LR_FLOOR * lr` at the last step:  lr * (f + (1 - f) * (1 + cos(pi * step / steps)) / 2)."""
+    at step 0 down to `LR_FLOOR * lr` at step `steps` (the last step trained is steps - 1):  lr * (f + (1 - f) * (1 + cos(pi * step / steps)) / 2)."""
     if schedule == "constant" or steps <= 1:
         return lr
     return lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
 
 
-def train_head(eng, train: list, sets: dict, steps: int, lr: float, evals: int, schedule: str = "constant"):
+def train_head(eng, train: list, sets: dict, steps: int, lr: float, evals: int, schedule: str):
     """Train a fresh head (corpus vocabulary, target-initialised LM head) on `train` with the
     learning rate `lr_at` gives each step; score it on each of `sets` (name -> records) `evals`
     times. -> (trainer, curve)."""
