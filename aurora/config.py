@@ -25,6 +25,8 @@ class SpecConfig:
     ngram_depth: int = 0        # tokens prompt lookup copies per step (0 = `depth`); capped by max_nodes
     adaptive: bool = True       # verify only the nodes that pay at the current load (engine/policy.py)
     eagle_min_prob: float = 0.3  # learned draft: expand a node only while its path probability q >= this
+    learned_gate: str = "coverage"  # composed drafts: the learned branch's gate per coverage group
+                                    # ("coverage": separate for steps another draft proposed on; "single")
     # suffix draft: memory of all traffic (aurora/drafts/suffix.py). The index stores token ids of
     # every prompt and output served; `suffix_persist` allows saving it to disk (user text).
     suffix_bytes: int = 64 << 20       # byte budget of the index (oldest requests evicted beyond it)
@@ -54,6 +56,8 @@ class SpecConfig:
             raise ValueError("SpecConfig needs 1 <= suffix_max_depth <= 64 and suffix_spec_factor > 0")
         if self.suffix_q not in ("point", "frequency"):
             raise ValueError(f"SpecConfig.suffix_q must be 'point' or 'frequency', got {self.suffix_q!r}")
+        if self.learned_gate not in ("coverage", "single"):
+            raise ValueError(f"SpecConfig.learned_gate must be 'coverage' or 'single', got {self.learned_gate!r}")
         if not 0 <= self.eagle_min_prob < 1:
             raise ValueError(f"SpecConfig.eagle_min_prob must be in [0, 1), got {self.eagle_min_prob}")
         if not 0 <= self.suffix_min_prob <= 1:

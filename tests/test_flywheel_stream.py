@@ -126,8 +126,7 @@ def _run(comp, accepted_depths: int, steps: int):
         tree = comp.propose([_Seq()], CTX)[0]
         CLOCK.t += STEP_S
         comp.on_step(None, None, None, None)
-        learned_ran = comp._ran_learned
-        path = list(range(min(accepted_depths, len(tree)))) if learned_ran else []
+        path = sorted(tree.learned)[:accepted_depths]                # the learned chain's first nodes
         comp.observe([tree], [(path, 0)])
 
 
@@ -225,3 +224,44 @@ def test_demo_verdict_lines():
     paying = {"learned_gain": 0.36, "learned_cost": 0.10}
     assert "take their CPU share from serving" in verdict(1.2, 0.87, 1.9, 1.7, {"steps": 13}, paying)
     assert "take their CPU share" not in verdict(1.2, 0.87, 1.9, 1.7, {"steps": 13}, paying, load=0.6)
+
+
+def test_gate_is_kept_per_coverage_group():
+    """The learned branch pays only where the training-free draft has no proposal: its gate
+    closes on covered steps (it is then run only to probe) and stays open on uncovered ones."""
+    from aurora.drafts.compose import COVERED, UNCOVERED
+
+    class _Alternating(_Fixed):                                   # a match on every other step
+        def propose(self, seqs, ctx):
+            self.calls += 1
+            return [DraftTree.chain([1] if self.calls % 2 else []) for _ in seqs]
+
+    learned, ngram = _Fixed([7, 8, 9, 10], True), _Alternating([], False)
+    comp = _composed(learned, ngram)
+    ran = {COVERED: 0, UNCOVERED: 0}
+    for step in range(80 * EXPLORE_EVERY):
+        if step == 40 * EXPLORE_EVERY:                            # the optimistic prior has decayed
+            ran = {COVERED: 0, UNCOVERED: 0}
+        tree = comp.propose([_Seq()], CTX)[0]
+        group = COVERED if ngram.calls % 2 else UNCOVERED
+        ran[group] += comp._ran_learned
+        CLOCK.t += STEP_S
+        comp.on_step(None, None, None, None)
+        path = sorted(tree.learned)[:2] if group == UNCOVERED else []   # pays only where uncovered
+        comp.observe([tree], [(path, 0)])
+    by = comp.source_stats()["by_coverage"]
+    assert by["uncovered"]["gate_open"] and not by["covered"]["gate_open"]
+    assert ran[UNCOVERED] == 20 * EXPLORE_EVERY and ran[COVERED] < 4 * EXPLORE_EVERY
+    assert by["uncovered"]["share"] == pytest.approx(by["covered"]["share"], abs=0.05)
+
+
+def test_learned_marks_survive_pruning_and_merge_respects_depth():
+    """The adaptive policy's pruning re-indexes a tree; the learned-only marks must follow
+    the nodes (else the gate would credit the learned branch nothing on pruned steps)."""
+    from aurora.engine.policy import subtree
+    tree = DraftTree.chain([1, 2])
+    tree.merge(DraftTree.chain([5, 6, 7]), dedupe=True, max_nodes=16, max_depth=2)
+    assert tree.token_ids == [1, 2, 5, 6]                           # depth 3 (token 7) left out
+    tree.learned, tree.coverage = {2, 3}, 1
+    pruned = subtree(tree, {0, 2, 3})
+    assert pruned.token_ids == [1, 5, 6] and pruned.learned == {1, 2} and pruned.coverage == 1

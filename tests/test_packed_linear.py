@@ -125,6 +125,20 @@ def test_a_weight_written_in_place_is_repacked_at_its_next_call():
     assert torch.equal(after, F.linear(x, lin.weight, lin.bias))
 
 
+def test_a_fused_gemm_is_repacked_when_one_of_its_weights_is_written():
+    """FusedPacked (q/k/v of a learned draft's serving slot): a hot swap writes the weights in
+    place; the next call must compute from the new ones."""
+    from aurora.models.packed_linear import FusedPacked
+    layers = [PackedLinear(_linear(False, 64, d)) for d in (32, 16, 16)]
+    fused = FusedPacked(layers)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        layers[1].weight.copy_(torch.randn(16, 64).to(torch.bfloat16))
+    with torch.inference_mode():
+        y = fused(x)
+    assert torch.equal(y, torch.cat([F.linear(x, m.weight) for m in layers], -1))
+
+
 def test_learned_draft_serves_from_packed_slots_and_swaps_into_them(monkeypatch):
     """An eagle draft on a bf16 CPU engine packs its serving slots at its first proposal; its
     proposals equal those of the same engine unpacked, before and after a hot swap of new weights
@@ -149,6 +163,7 @@ def test_learned_draft_serves_from_packed_slots_and_swaps_into_them(monkeypatch)
             # steps (and so proposals) do not depend on when the second request reached the engine
             slots = eng.proposer.slots
             assert all(isinstance(m, PackedLinear) for s in slots for m in (s.fc, s.lm_head)) == on
+            assert all(s._qkv is not None and s._gate_up is not None for s in slots) == on   # fused GEMMs
             torch.manual_seed(1)
             donor = type(slots[0]).from_config(slots[0].config_dict()).to(torch.bfloat16)
             eng.run_on_worker(publish, eng.proposer, donor, 1)     # the hot swap: the inactive slot ...

@@ -195,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"learned branch: +{src['learned_gain']:.2f} accepted tokens per step for a cost of "
               f"{src['learned_cost']:.2f} (target-step units); gate {'open' if src.get('gate_open') else 'closed'} "
               "at the end — the rest of τ comes from the draft's training-free parts")
+        groups = {g: v for g, v in (src.get("by_coverage") or {}).items() if v.get("share")}
+        if groups:
+            print("  by step: " + "; ".join(
+                f"{'another draft proposed' if g == 'covered' else 'nothing else proposed'} "
+                f"({100 * v['share']:.0f}% of steps): "
+                f"+{v['gain']:.2f} for {v['cost']:.2f}, gate {'open' if v['gate_open'] else 'closed'}"
+                for g, v in groups.items()))
     third = max(1, len(rows) // 3)
     tau_early = report.mean([r["tau"] for r in rows[:third]])
     tau_late = report.mean([r["tau"] for r in rows[-third:]])

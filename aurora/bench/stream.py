@@ -31,6 +31,9 @@ STREAM_SYSTEMS = {
     "online": ("eagle+ngram online from scratch", "eagle+ngram", True),
     "online-ckpt": ("eagle+ngram online from --checkpoint (e.g. the corpus day-0 draft)", "eagle:{ckpt}+ngram", True),
     "frozen-ckpt": ("eagle+ngram from --checkpoint, frozen (never trained on the stream)", "eagle:{ckpt}+ngram", False),
+    "frozen-ckpt-1gate": ("frozen-ckpt with one learned gate for all steps (SpecConfig(learned_gate='single'))",
+                          "eagle:{ckpt}+ngram", False),
+    "online-ckpt-1gate": ("online-ckpt with one learned gate for all steps", "eagle:{ckpt}+ngram", True),
     "eagle-online": ("eagle online alone", "eagle", True),
     "eagle-static": ("eagle trained on the first domain, then frozen", "eagle", True),
 }
@@ -59,9 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _engine(name: str, args):
     from aurora import Engine, EngineConfig
+    from aurora.config import SpecConfig
     _, draft, online = STREAM_SYSTEMS[name]
+    spec = SpecConfig(learned_gate="single" if name.endswith("-1gate") else "coverage")
     return Engine(EngineConfig(model=args.model, draft=draft.replace("{ckpt}", args.checkpoint or ""),
-                               online=online, dtype=args.dtype, max_batch=1, seed=args.seed))
+                               online=online, dtype=args.dtype, max_batch=1, seed=args.seed, spec=spec))
 
 
 def _serve_one(eng, i: int, prompt, args) -> dict:
@@ -71,14 +76,18 @@ def _serve_one(eng, i: int, prompt, args) -> dict:
     t0 = time.perf_counter()
     out = eng.generate_batch([prompt.text[:args.max_prompt_chars]], params)[0]
     dt = time.perf_counter() - t0
-    tr = eng.stats().get("trainer") or {}
+    stats = eng.stats()
+    tr = stats.get("trainer") or {}
+    by_coverage = (stats.get("draft_sources") or {}).get("by_coverage") or {}   # the learned gate, per group
     if args.utilization < 1:
         time.sleep(dt * (1 / args.utilization - 1))
     return {"i": i, "domain": prompt.domain, "tokens": len(out.token_ids), "seconds": dt,
             "ttft_s": out.stats.get("ttft_s"),
             "tau": out.stats.get("accepted_length"), "draft_version": out.stats.get("draft_version"),
             "steps": tr.get("steps", 0), "swaps": tr.get("swaps", 0),
-            "tokens_trained": tr.get("tokens_trained", 0)}
+            "tokens_trained": tr.get("tokens_trained", 0),
+            "gate": {g: {k: v[k] for k in ("share", "gain", "cost", "gate_open", "depth")}
+                     for g, v in by_coverage.items()}}
 
 
 def _frozen_now(name: str, i: int, shift_at: list[int]) -> bool:
@@ -160,7 +169,7 @@ def summarize(runs: dict[str, list[dict]], shift_at: list[int], n: int, window: 
                        "ttft_s": _mean(r.get("ttft_s") for r in sel),
                        "tau_start": _mean(r["tau"] for r in rows[a:a + max(1, (b - a) // 3)]),
                        "steps_end": rows[b - 1]["steps"]}
-        for name in ("online", "online-ckpt", "frozen-ckpt"):
+        for name in ("online", "online-ckpt", "frozen-ckpt", "online-ckpt-1gate", "frozen-ckpt-1gate"):
             if name in d and "ngram" in d:
                 d[f"{name}_over_ngram_tok_s"] = d[name]["tok_s"] / max(1e-9, d["ngram"]["tok_s"])
         domains.append(d)

@@ -85,11 +85,13 @@ class EagleProposer(Proposer):
 
     def _pack_slots(self) -> None:
         """Serve from linear weights packed for oneDNN, as the target does (models/packed_linear.py;
-        a hot swap's in-place copy repacks a layer at its next call). Done at the first proposal,
-        after the flywheel has taken its fp32 training copy of the plain head."""
+        a hot swap's in-place copy repacks a layer at its next call), q/k/v and gate/up fused into
+        one GEMM each. Done at the first proposal, after the flywheel has taken its fp32 training
+        copy of the plain head."""
         from aurora.models.packed_linear import pack_linears
         for slot in self.slots:
             pack_linears(slot, calibrate=False)     # the runner's calibration decided for this CPU
+            slot.fuse_for_serving()
         self._packed = True
 
     # ------------------------------------------------------------ proposing

@@ -290,12 +290,14 @@ def _mode(seqs) -> str:
 
 
 def subtree(tree: DraftTree, keep: set[int]) -> DraftTree:
-    """The nodes in `keep` (closed under ancestors), re-indexed in order; q rows are shared."""
-    out = DraftTree(q_probs=tree.q_probs, draft_version=tree.draft_version)
+    """The nodes in `keep` (closed under ancestors), re-indexed in order; q rows are shared, and
+    so are the composed draft's marks (which nodes only the learned branch proposed)."""
+    out = DraftTree(q_probs=tree.q_probs, draft_version=tree.draft_version, coverage=tree.coverage)
     remap: dict[int, int] = {}
     for i in sorted(keep):
         parent = tree.parents[i]
         remap[i] = out.add(tree.token_ids[i], remap[parent] if parent >= 0 else -1, tree.logprobs[i], tree.q_rows[i])
+    out.learned = {remap[i] for i in tree.learned if i in remap}
     return out
 
 

@@ -22,6 +22,8 @@ class DraftTree:
     q_rows: list[int] = field(default_factory=list)
     q_probs: torch.Tensor | None = None          # [num_dists, vocab] float32 (CPU)
     draft_version: int = 0
+    learned: set[int] = field(default_factory=set)   # nodes only a composed tree's learned draft proposed
+    coverage: int = -1        # composed drafts: the learned branch's accounting group (-1: it did not run)
     _kids: dict = field(default_factory=dict, repr=False, compare=False)     # parent -> [child]
     _by_token: dict = field(default_factory=dict, repr=False, compare=False)  # (parent, token) -> first child
 
@@ -75,9 +77,9 @@ class DraftTree:
             parent = tree.add(t, parent)
         return tree
 
-    def merge(self, other: "DraftTree", dedupe: bool, max_nodes: int) -> set[int]:
-        """Graft `other`'s nodes into this tree (shared prefixes merged when `dedupe`).
-        Returns the indices of this tree's nodes that `other` also proposed."""
+    def merge(self, other: "DraftTree", dedupe: bool, max_nodes: int, max_depth: int = 1 << 30) -> set[int]:
+        """Graft `other`'s nodes up to `max_depth` into this tree (shared prefixes merged when
+        `dedupe`). Returns the indices of this tree's nodes that `other` also proposed."""
         shared: set[int] = set()
         remap: dict[int, int] = {}
         q_offset = 0
@@ -89,8 +91,8 @@ class DraftTree:
                 self.q_probs = torch.cat([self.q_probs, other.q_probs])
         for i, tok in enumerate(other.token_ids):
             parent = remap.get(other.parents[i], -1) if other.parents[i] >= 0 else -1
-            if other.parents[i] >= 0 and other.parents[i] not in remap:
-                continue                                  # its parent was dropped
+            if (other.parents[i] >= 0 and other.parents[i] not in remap) or other.depths[i] > max_depth:
+                continue                                  # too deep, or its parent was dropped
             existing = self.find_child(parent, tok) if dedupe else -1
             if existing >= 0:
                 remap[i] = existing

@@ -105,6 +105,19 @@ class EngineCollector:
                 if _num(rate) is not None:
                     family.add_metric([str(depth)], _num(rate))
             yield family
+        groups = (stats.get("draft_sources") or {}).get("by_coverage") if isinstance(stats.get("draft_sources"), dict) \
+            else None
+        if isinstance(groups, dict):                # the learned branch's gate per coverage group
+            for key, name, doc in (("gain", "aurora_learned_gain_by_coverage",
+                                    "Learned-only accepted tokens per step, by whether another draft proposed"),
+                                   ("cost", "aurora_learned_cost_by_coverage",
+                                    "Learned draft's cost per step in accepted-token units, by coverage group"),
+                                   ("share", "aurora_learned_coverage_share", "Share of steps in each coverage group")):
+                family = GaugeMetricFamily(name, doc, labels=["group"])
+                for group, vals in groups.items():
+                    if isinstance(vals, dict) and _num(vals.get(key)) is not None:
+                        family.add_metric([str(group)], _num(vals.get(key)))
+                yield family
         for section, key, name, doc, counter in TRAINER_SCALARS:
             sub = stats.get(section)
             if isinstance(sub, dict):
