@@ -130,7 +130,7 @@ def test_a_fused_gemm_is_repacked_when_one_of_its_weights_is_written():
     place; the next call must compute from the new ones."""
     from aurora.models.packed_linear import FusedPacked
     layers = [PackedLinear(_linear(False, 64, d)) for d in (32, 16, 16)]
-    fused = FusedPacked(layers)
+    fused = FusedPacked(layers, track_writes=True)
     x = torch.randn(3, 64).to(torch.bfloat16)
     with torch.no_grad():
         layers[1].weight.copy_(torch.randn(16, 64).to(torch.bfloat16))

@@ -127,7 +127,7 @@ class EagleHead(nn.Module):
         layers = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
         if not all(isinstance(m, PackedLinear) for m in layers):
             return False
-        self._qkv, self._gate_up = FusedPacked(layers[:3]), FusedPacked(layers[3:])
+        self._qkv, self._gate_up = FusedPacked(layers[:3], True), FusedPacked(layers[3:], True)
         return True
 
     @property

@@ -86,17 +86,19 @@ class FusedPacked:
     """One packed GEMM for several layers that read the same input (q/k/v, gate/up): their
     weights' rows concatenated, [sum out, in], packed once. Each output column is the same dot
     product as in its own layer's call. The layers' own packed copies are released (they then
-    take `F.linear`, same values), so memory does not grow. A weight written in place since the
-    last call (a learned draft's serving slot at a hot swap) is repacked then, as PackedLinear does."""
+    take `F.linear`, same values), so memory does not grow. With `track_writes` (a learned
+    draft's serving slot, written in place at each hot swap) a weight written since the last call
+    is repacked then, as PackedLinear does; a model's fixed weights skip that check (~60 calls a
+    step)."""
 
-    def __init__(self, layers: list[PackedLinear]):
+    def __init__(self, layers: list[PackedLinear], track_writes: bool = False):
         if any(m.bias is not None for m in layers):
             raise ValueError("FusedPacked: biased layers are not fused")
         self.layers = layers
         self.in_features = layers[0].in_features
         self.out_features = sum(m.out_features for m in layers)
         self.packed = _pack(torch.cat([m.weight.detach() for m in layers]))   # [sum out, in], packed
-        self._versions = self._weight_versions()
+        self._versions = self._weight_versions() if track_writes else None
         for m in layers:
             m.fused = True
             m.packed = torch.empty(0, dtype=m.weight.dtype)
@@ -107,10 +109,11 @@ class FusedPacked:
         the concatenation copies took ~0.4 s of a 9.5 s SmolLM2 prefill."""
         if x.numel() >= PLAIN_FROM_ROWS * self.in_features:
             return tuple(F.linear(x, m.weight) for m in self.layers)
-        versions = self._weight_versions()
-        if versions != self._versions:                 # written in place since: repack once
-            self.packed = _pack(torch.cat([m.weight.detach() for m in self.layers]))
-            self._versions = versions
+        if self._versions is not None:
+            versions = self._weight_versions()
+            if versions != self._versions:             # written in place since: repack once
+                self.packed = _pack(torch.cat([m.weight.detach() for m in self.layers]))
+                self._versions = versions
         return _packed_product(x, self.packed, None, self.out_features)
 
     def _weight_versions(self) -> tuple[int, ...]:
