@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -228,8 +229,10 @@ def test_demo_verdict_lines():
 
 def test_gate_is_kept_per_coverage_group():
     """The learned branch pays only where the training-free draft has no proposal: its gate
-    closes on covered steps (it is then run only to probe) and stays open on uncovered ones."""
-    from aurora.drafts.compose import COVERED, UNCOVERED
+    closes on steps with a lookup match (it is then run only to probe) and stays open on the
+    others."""
+    from aurora.drafts.compose import UNCOVERED
+    COVERED = 1                                                   # a 1-token match (chain([1]) has no match_len)
 
     class _Alternating(_Fixed):                                   # a match on every other step
         def propose(self, seqs, ctx):
@@ -250,9 +253,9 @@ def test_gate_is_kept_per_coverage_group():
         path = sorted(tree.learned)[:2] if group == UNCOVERED else []   # pays only where uncovered
         comp.observe([tree], [(path, 0)])
     by = comp.source_stats()["by_coverage"]
-    assert by["uncovered"]["gate_open"] and not by["covered"]["gate_open"]
+    assert by["none"]["gate_open"] and not by["match1"]["gate_open"]
     assert ran[UNCOVERED] == 20 * EXPLORE_EVERY and ran[COVERED] < 4 * EXPLORE_EVERY
-    assert by["uncovered"]["share"] == pytest.approx(by["covered"]["share"], abs=0.05)
+    assert by["none"]["share"] == pytest.approx(by["match1"]["share"], abs=0.05)
 
 
 def test_learned_marks_survive_pruning_and_merge_respects_depth():
@@ -265,3 +268,35 @@ def test_learned_marks_survive_pruning_and_merge_respects_depth():
     tree.learned, tree.coverage = {2, 3}, 1
     pruned = subtree(tree, {0, 2, 3})
     assert pruned.token_ids == [1, 5, 6] and pruned.learned == {1, 2} and pruned.coverage == 1
+
+
+def test_coverage_groups_follow_the_lookup_match_length():
+    """ngram and the suffix draft record how much context they matched; a composed tree keeps
+    the longest, and the gate's group is that length capped at 3 (0: no proposal)."""
+    from aurora.drafts.compose import coverage_group
+    from aurora.drafts.ngram import NgramProposer
+    from aurora.engine.tree import DraftTree as Tree
+    seq = SimpleNamespace(token_ids=[5, 6, 7, 8, 1, 5, 6, 7])      # "5 6 7" seen before: a 3-token match
+    tree = NgramProposer().propose([seq], CTX)[0]
+    assert tree.token_ids == [8, 1, 5, 6] and tree.match_len == 3 and coverage_group(tree) == 3
+    seq.token_ids = [5, 6, 9, 2, 6]                                 # only "6" recurs
+    tree = NgramProposer().propose([seq], CTX)[0]
+    assert tree.match_len == 1 and coverage_group(tree) == 1
+    assert coverage_group(Tree()) == 0
+    base = Tree.chain([1])
+    base.match_len = 1
+    other = Tree.chain([1, 2])
+    other.match_len = 5
+    base.merge(other, dedupe=True, max_nodes=16)
+    assert base.match_len == 5 and coverage_group(base) == 3
+
+
+def test_suffix_draft_records_its_match_length():
+    from aurora.drafts.suffix import SuffixProposer
+    prop = SuffixProposer(SpecConfig())
+    done = SimpleNamespace(request_id="a", token_ids=[1, 2, 3, 4, 5, 6], num_prompt_tokens=2, params=_Seq.params)
+    prop.propose([done], CTX)
+    prop.release(done)
+    live = SimpleNamespace(request_id="b", token_ids=[9, 2, 3, 4], num_prompt_tokens=1, params=_Seq.params)
+    tree = prop.propose([live], CTX)[0]
+    assert tree.token_ids[:2] == [5, 6] and tree.match_len == 3

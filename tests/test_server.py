@@ -201,8 +201,8 @@ def test_metrics(server, engine):
     engine.stats_extra["trainer"] = lambda: {"steps": 12, "losses": {"imitation": 1.5, "discard": 0.25},
                                              "swaps": 3, "rollbacks": 1}
     engine.stats_extra["buffer"] = lambda: {"fill": 0.5, "dropped": 4}
-    engine.stats_extra["draft_sources"] = lambda: {"by_coverage": {"covered": {"gain": 0.1, "cost": 0.2, "share": 0.6},
-                                                                   "uncovered": {"gain": 0.5, "cost": 0.2, "share": 0.4}}}
+    engine.stats_extra["draft_sources"] = lambda: {"by_coverage": {"match3+": {"gain": 0.1, "cost": 0.2, "share": 0.6},
+                                                                   "none": {"gain": 0.5, "cost": 0.2, "share": 0.4}}}
     try:
         status, headers, text = call(server, "GET", "/metrics")
     finally:
@@ -218,8 +218,8 @@ def test_metrics(server, engine):
                  "aurora_prefix_cache_hit_tokens_total", "aurora_prefix_cache_blocks",
                  "aurora_trainer_steps_total 12.0", 'aurora_trainer_loss{term="imitation"} 1.5',
                  "aurora_draft_swaps_total 3.0", "aurora_draft_rollbacks_total 1.0", "aurora_buffer_fill 0.5",
-                 "aurora_buffer_dropped_total 4.0", 'aurora_learned_gain_by_coverage{group="uncovered"} 0.5',
-                 'aurora_learned_coverage_share{group="covered"} 0.6'):
+                 "aurora_buffer_dropped_total 4.0", 'aurora_learned_gain_by_coverage{group="none"} 0.5',
+                 'aurora_learned_coverage_share{group="match3+"} 0.6'):
         assert line in text, line
     # without online training the trainer families are simply absent
     assert "aurora_trainer_steps" not in call(server, "GET", "/metrics")[2]

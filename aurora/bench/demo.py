@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = {g: v for g, v in (src.get("by_coverage") or {}).items() if v.get("share")}
         if groups:
             print("  by step: " + "; ".join(
-                f"{'another draft proposed' if g == 'covered' else 'nothing else proposed'} "
+                f"{'nothing else proposed' if g == 'none' else 'lookup matched ' + g[5:] + ' tokens'} "
                 f"({100 * v['share']:.0f}% of steps): "
                 f"+{v['gain']:.2f} for {v['cost']:.2f}, gate {'open' if v['gate_open'] else 'closed'}"
                 for g, v in groups.items()))

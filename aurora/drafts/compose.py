@@ -4,11 +4,12 @@ prefixes are merged under greedy; under sampling siblings stay separate draws.
 
 The training-free drafts propose first; the learned draft's candidates are grafted onto
 their trees, and the nodes only it proposed are marked (`DraftTree.learned`, kept through
-the adaptive policy's pruning). Its accounting is kept per *coverage group*: sequences the
-other drafts left without a proposal this step (UNCOVERED) and sequences they did propose
-for (COVERED). Where prompt lookup or the suffix index already matched, the learned branch
-mostly re-proposes the same tokens: its marginal gain there is smaller, and the group lets
-the gate skip it there while it keeps paying where nothing else drafts.
+the adaptive policy's pruning). Its accounting is kept per *coverage group*, by how much
+context the other drafts matched for this step's proposal (`DraftTree.match_len`): none
+(no proposal), 1, 2, or >= 3 tokens. A longer match is more often right, and where the
+lookup is right the learned draft only repeats it: its marginal gain falls with the match
+length, and the groups let the gate skip it where it does not pay while it keeps drafting
+where nothing else does.
 
 Cost-aware gate per group, re-estimated online (exponential averages):
 * gain g: accepted tokens per step that only the learned branch proposed, per depth;
@@ -43,8 +44,13 @@ EXPLORE_DEPTH = 2
 DECAY = 0.97            # exponential averaging of gains and costs (per observed step)
 MAX_DEPTH = 32
 PRIOR_GAIN = 0.3        # learned-only accepted tokens at depth 1 assumed before any measurement
-UNCOVERED, COVERED = 0, 1
-GROUP_NAMES = ("uncovered", "covered")
+GROUP_NAMES = ("none", "match1", "match2", "match3+")   # by the other drafts' matched context length
+UNCOVERED = 0
+
+
+def coverage_group(tree: DraftTree) -> int:
+    """0: no other proposal; else the matched context length, capped at 3 (at least 1)."""
+    return 0 if not len(tree) else min(len(GROUP_NAMES) - 1, max(1, tree.match_len))
 
 
 class _Ema:
@@ -111,7 +117,7 @@ class ComposedProposer(Proposer):
         self.name = "+".join(p.name for p in parts)
         self.learnable = any(p.learnable for p in parts)
         self.num_steps = 0
-        self._branches = [_Branch(), _Branch()]          # by coverage group
+        self._branches = [_Branch() for _ in GROUP_NAMES]   # by coverage group
         self._draft_units = _Ema()            # learned draft seconds / target step seconds, per depth drafted
         self._step_cost = StepCostModel()      # target step seconds = a + b * nodes (engine/costs.py)
         self._learned_s = 0.0
@@ -203,7 +209,7 @@ class ComposedProposer(Proposer):
                 tree.merge(other, dedupe=seq.params.greedy, max_nodes=budget)
         trees = trees or [DraftTree() for _ in seqs]
         single = spec.learned_gate == "single"             # one gate for every step (an A/B of the groups)
-        groups = [UNCOVERED if single or not len(t) else COVERED for t in trees]
+        groups = [UNCOVERED if single else coverage_group(t) for t in trees]
         learned = self.learned
         version = getattr(learned, "version", None)
         self._depths = {}

@@ -9,13 +9,18 @@ from aurora.engine.tree import DraftTree
 def lookup(tokens: list[int], depth: int, n_max: int, n_min: int) -> list[int]:
     """Continuation (up to `depth` tokens) after the most recent earlier occurrence of
     the longest suffix of length n_max..n_min."""
+    return lookup_match(tokens, depth, n_max, n_min)[0]
+
+
+def lookup_match(tokens: list[int], depth: int, n_max: int, n_min: int) -> tuple[list[int], int]:
+    """`lookup`'s continuation and the length n of the suffix it matched (0: none)."""
     size = len(tokens)
     for n in range(min(n_max, size - 1), n_min - 1, -1):
         suffix = tokens[size - n:]
         for start in range(size - n - 1, -1, -1):
             if tokens[start:start + n] == suffix:
-                return tokens[start + n:start + n + depth]
-    return []
+                return tokens[start + n:start + n + depth], n
+    return [], 0
 
 
 class NgramProposer(Proposer):
@@ -26,6 +31,9 @@ class NgramProposer(Proposer):
         trees = []
         for seq in seqs:
             window = seq.token_ids[-1024:]
-            cont = lookup(window, min(spec.ngram_depth or spec.depth, spec.max_nodes), spec.ngram_max, spec.ngram_min)
-            trees.append(DraftTree.chain(cont))
+            cont, n = lookup_match(window, min(spec.ngram_depth or spec.depth, spec.max_nodes), spec.ngram_max,
+                                   spec.ngram_min)
+            tree = DraftTree.chain(cont)
+            tree.match_len = n if cont else 0
+            trees.append(tree)
         return trees

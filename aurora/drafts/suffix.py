@@ -77,9 +77,9 @@ class SuffixProposer(Proposer):
                 if self.spec.suffix_q == "frequency" and not seq.params.greedy:
                     trees.append(self._sampled_tree(seq, cur, spec, max_depth, ctx.vocab_size))
                     continue
-                tokens, parents, probs, _ = self.index.speculate(
+                tokens, parents, probs, length = self.index.speculate(
                     cur, spec.max_nodes, max_depth, self.spec.suffix_min_prob, self.spec.suffix_spec_factor)
-                tree = DraftTree()
+                tree = DraftTree(match_len=length if tokens else 0)
                 for tok, parent, prob in zip(tokens, parents, probs):
                     tree.add(tok, parent, math.log(prob))
                 trees.append(tree)

@@ -22,6 +22,7 @@ class DraftTree:
     q_rows: list[int] = field(default_factory=list)
     q_probs: torch.Tensor | None = None          # [num_dists, vocab] float32 (CPU)
     draft_version: int = 0
+    match_len: int = 0        # context tokens a lookup draft matched to propose it (0: no lookup match)
     learned: set[int] = field(default_factory=set)   # nodes only a composed tree's learned draft proposed
     coverage: int = -1        # composed drafts: the learned branch's accounting group (-1: it did not run)
     _kids: dict = field(default_factory=dict, repr=False, compare=False)     # parent -> [child]
@@ -83,6 +84,8 @@ class DraftTree:
         shared: set[int] = set()
         remap: dict[int, int] = {}
         q_offset = 0
+        if len(other):
+            self.match_len = max(self.match_len, other.match_len)
         if other.q_probs is not None:
             if self.q_probs is None:
                 self.q_probs = other.q_probs
