@@ -208,11 +208,20 @@ class ComposedProposer(Proposer):
             for seq, tree, other in zip(seqs, trees, extra):
                 tree.merge(other, dedupe=seq.params.greedy, max_nodes=budget)
         trees = trees or [DraftTree() for _ in seqs]
+        learned = self.learned
+        self._depths, self._ran_learned, self._learned_s = {}, False, 0.0
+        if learned is not None:
+            self._propose_learned(learned, seqs, trees, spec, ctx.vocab_size, budget)
+        self._num_nodes = sum(len(t) for t in trees)
+        self._t_verify = self.clock()
+        return trees
+
+    def _propose_learned(self, learned, seqs, trees: list[DraftTree], spec, vocab_size: int, budget: int) -> None:
+        """Each group's gate decides its depth (0: skip); the learned draft runs once for the
+        sequences of the open (or probing) groups and is grafted onto their trees."""
         single = spec.learned_gate == "single"             # one gate for every step (an A/B of the groups)
         groups = [UNCOVERED if single else coverage_group(t) for t in trees]
-        learned = self.learned
-        version = getattr(learned, "version", None)
-        self._depths = {}
+        version = learned.version
         for g, branch in enumerate(self._branches):
             branch.share.add(float(g in groups))
             if g not in groups:
@@ -225,22 +234,19 @@ class ComposedProposer(Proposer):
             if depth:
                 branch.depth_limit = depth
             self._depths[g] = depth
-        run = [i for i, g in enumerate(groups) if self._depths[g] > 0] if learned is not None else []
-        self._ran_learned, self._learned_s = bool(run), 0.0
-        if run:
-            depth = max(self._depths[groups[i]] for i in run)
-            t0 = self.clock()
-            extra = learned.propose([seqs[i] for i in run], ProposeContext(replace(spec, depth=depth), ctx.vocab_size))
-            self._learned_s, self._learned_depth = self.clock() - t0, depth
-            for i, other in zip(run, extra):
-                tree, n_before = trees[i], len(trees[i])
-                tree.merge(other, dedupe=seqs[i].params.greedy, max_nodes=max(budget, n_before + depth),
-                           max_depth=self._depths[groups[i]])
-                tree.learned, tree.coverage = set(range(n_before, len(tree))), groups[i]
-                tree.draft_version = other.draft_version
-        self._num_nodes = sum(len(t) for t in trees)
-        self._t_verify = self.clock()
-        return trees
+        run = [i for i, g in enumerate(groups) if self._depths[g] > 0]
+        if not run:
+            return
+        depth = max(self._depths[groups[i]] for i in run)
+        t0 = self.clock()
+        extra = learned.propose([seqs[i] for i in run], ProposeContext(replace(spec, depth=depth), vocab_size))
+        self._learned_s, self._learned_depth, self._ran_learned = self.clock() - t0, depth, True
+        for i, other in zip(run, extra):
+            tree, n_before = trees[i], len(trees[i])
+            tree.merge(other, dedupe=seqs[i].params.greedy, max_nodes=max(budget, n_before + depth),
+                       max_depth=self._depths[groups[i]])
+            tree.learned, tree.coverage = set(range(n_before, len(tree))), groups[i]
+            tree.draft_version = other.draft_version
 
     def on_step(self, seqs, batch, result, rows):
         if self._t_verify is not None:                 # target forward + verification of this step

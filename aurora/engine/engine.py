@@ -202,11 +202,12 @@ class Engine:
         s = self._stats.snapshot()
         s["draft"] = self.config.draft
         s["draft_version"] = self.proposer.version
-        if hasattr(self.proposer, "gain"):             # composed draft: learned branch gate
+        composed_learned = hasattr(self.proposer, "source_stats") and self.proposer.learnable
+        if composed_learned:                           # composed draft: learned branch gate
             s["learned_gain"] = self.proposer.gain
             s["learned_gate_open"] = self.proposer.gate_open
         s.update({f"policy_{k}": v for k, v in self.policy.state().items()})
-        if hasattr(self.proposer, "source_stats"):     # per-source marginal gain and cost
+        if composed_learned:                           # per-source marginal gain and cost
             s["draft_sources"] = self.proposer.source_stats()
             s["learned_cost"] = s["draft_sources"]["learned_cost"]
         s["running"] = len(self.scheduler.running)
