@@ -281,3 +281,19 @@ def test_admin_export_action(engine, tmp_path):
         for bad in ({"dir": "../x"}, {"dir": "/tmp/x"}, {"dir": "d", "format": "onnx"}, {"dir": "d", "path": "p"}):
             assert _post(srv, {"action": "export", **bad})[0] == 400, bad
     assert not (tmp_path.parent / "x").exists()
+
+
+def test_rms_norm_matches_the_formula_and_promotes_mixed_dtypes():
+    """The head's RMSNorm (torch's fused kernel) equals x / rms(x) * w in fp32, and the fp32
+    training copy fed bf16 embeddings computes in fp32 (no silent bf16 rounding of its output)."""
+    from aurora.models.eagle import RMSNorm
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 16)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    torch.testing.assert_close(norm(x), ref)
+    y = norm(x.to(torch.bfloat16))
+    assert y.dtype == torch.float32
+    xb = x.to(torch.bfloat16).float()
+    torch.testing.assert_close(y, xb * torch.rsqrt(xb.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight)

@@ -24,7 +24,8 @@ FC_INIT_STD = 0.002
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, by torch's fused kernel (one op instead of six; fp32 values equal the
-    written-out formula's, bf16 within one rounding)."""
+    written-out formula's, bf16 within one rounding). Mixed dtypes (the fp32 training copy fed
+    the target's bf16 embeddings) compute in the wider one, as type promotion did before."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -32,7 +33,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        w = self.weight
+        if x.dtype != w.dtype:
+            dtype = torch.promote_types(x.dtype, w.dtype)
+            x, w = x.to(dtype), w.to(dtype)
+        return nn.functional.rms_norm(x, w.shape, w, self.eps)
 
 
 _ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
