@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = {g: v for g, v in (src.get("by_coverage") or {}).items() if v.get("share")}
         if groups:
             print("  by step: " + "; ".join(
-                f"{'nothing else proposed' if g == 'none' else 'lookup matched ' + g[5:] + ' tokens'} "
+                f"{'nothing else proposed' if g == 'none' else _matched(g)} "
                 f"({100 * v['share']:.0f}% of steps): "
                 f"+{v['gain']:.2f} for {v['cost']:.2f}, gate {'open' if v['gate_open'] else 'closed'}"
                 for g, v in groups.items()))
@@ -289,6 +289,12 @@ def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources:
                 f"tokens/step but costs {cost:.2f} (gate mostly closed; n-gram carries it)")
     return (f"learning has not paid yet: τ rose ({tau_early:.2f} → {tau_late:.2f}) but not enough to beat "
             "the draft's own cost on this CPU")
+
+
+def _matched(group: str) -> str:
+    """'match1' -> 'lookup matched 1 token', 'match3+' -> 'lookup matched 3+ tokens'."""
+    n = group[len("match"):]
+    return f"lookup matched {n} token{'' if n == '1' else 's'}"
 
 
 def _pct(x) -> str:
