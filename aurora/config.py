@@ -25,8 +25,8 @@ class SpecConfig:
     ngram_depth: int = 0        # tokens prompt lookup copies per step (0 = `depth`); capped by max_nodes
     adaptive: bool = True       # verify only the nodes that pay at the current load (engine/policy.py)
     eagle_min_prob: float = 0.3  # learned draft: expand a node only while its path probability q >= this
-    learned_gate: str = "coverage"  # composed drafts: the learned branch's gate per coverage group
-                                    # ("coverage": separate for steps another draft proposed on; "single")
+    learned_gate: str = "coverage"  # composed drafts: the learned branch's gate kept per coverage group
+                                    # ("coverage": by the lookup's matched length 0/1/2/3+; "single": one)
     # suffix draft: memory of all traffic (aurora/drafts/suffix.py). The index stores token ids of
     # every prompt and output served; `suffix_persist` allows saving it to disk (user text).
     suffix_bytes: int = 64 << 20       # byte budget of the index (oldest requests evicted beyond it)
