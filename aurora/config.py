@@ -158,8 +158,8 @@ class EngineConfig:
     seed: int = 0
     compile: str = "off"               # target step: off (eager reference) | on (inductor / CUDA graphs) | static
     quantize: str = "none"             # target linear weights: none | int8 | int4 (CPU, weight-only)
-    packed_linears: bool = True        # CPU, bf16, eager: linear weights packed once for oneDNN (if a timing at
-                                       # load says it pays; +2 bytes per weight; models/packed_linear.py)
+    packed_linears: bool = True        # CPU, bf16/fp32, eager: linear weights packed once for oneDNN (if a timing
+                                       # at load says it pays; +2/+4 bytes per weight; models/packed_linear.py)
     fast_path: bool = True             # eager Llama-structured targets: the hand-written step (models/fast_llama.py);
                                        # False = transformers' forward (the reference; every other family uses it)
     spec: SpecConfig = field(default_factory=SpecConfig)

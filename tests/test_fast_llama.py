@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
 from aurora.models.fast_llama import supports
-from aurora.models.packed_linear import PLAIN_FROM_ROWS, FusedPacked, PackedLinear
+from aurora.models.packed_linear import PLAIN_FROM_ROWS, FusedPacked, PackedLinear, packing_supported
 from aurora.models.presets import build
 
 PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(a, b):", "hello hello hello world", "the cat sat"]
@@ -81,23 +81,26 @@ def test_which_models_take_it():
         assert eng.runner.fast is None                            # the compiled path has its own step
 
 
-def test_fused_packed_gemm_equals_the_separate_calls():
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
+    not packing_supported(torch.bfloat16), reason="this CPU's oneDNN cannot pack bf16")), pytest.param(torch.float32, id="fp32")])
+def test_fused_packed_gemm_equals_the_separate_calls(dtype):
     torch.manual_seed(0)
-    lins = [torch.nn.Linear(96, n, bias=False).to(torch.bfloat16) for n in (96, 32, 32)]
+    lins = [torch.nn.Linear(96, n, bias=False).to(dtype) for n in (96, 32, 32)]
     wrapped = [PackedLinear(m) for m in lins]
-    x_rows = [torch.randn(n, 96).to(torch.bfloat16) for n in (1, 3, 8, 64)]
+    x_rows = [torch.randn(n, 96).to(dtype) for n in (1, 3, 8, 64)]
     with torch.inference_mode():
         separate = [torch.cat([w(x) for w in wrapped], -1) for x in x_rows]
         fused = FusedPacked(wrapped)
         assert all(w.fused for w in wrapped)                      # their own copies are released ...
         for x, want in zip(x_rows, separate):
             assert torch.equal(fused(x), want)
-            assert torch.equal(torch.cat([w(x) for w in wrapped], -1), want)   # ... they take F.linear
-        long = torch.randn(PLAIN_FROM_ROWS, 96).to(torch.bfloat16)               # a long prompt: plain GEMMs
+            plain = torch.cat([w(x) for w in wrapped], -1)        # ... they take F.linear (fp32: its rounding)
+            assert torch.equal(plain, want) if dtype == torch.bfloat16 else torch.allclose(plain, want, atol=1e-5)
+        long = torch.randn(PLAIN_FROM_ROWS, 96).to(dtype)               # a long prompt: plain GEMMs
         parts = fused(long)                                       # separate outputs, no concatenation copy
         assert isinstance(parts, tuple) and all(torch.equal(p, F.linear(long, m.weight)) for p, m in zip(parts, lins))
     with pytest.raises(ValueError, match="biased"):
-        FusedPacked([PackedLinear(torch.nn.Linear(8, 8).to(torch.bfloat16))])
+        FusedPacked([PackedLinear(torch.nn.Linear(8, 8).to(dtype))])
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])

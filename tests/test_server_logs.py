@@ -125,10 +125,10 @@ def test_banner_says_when_learned_drafts_are_lost():
 
 
 def test_banner_says_when_linear_weights_are_packed():
-    eng = Engine(EngineConfig(model="tiny-llama", draft="ngram", online=False, dtype="float32"))
+    eng = Engine(EngineConfig(model="tiny-llama", draft="ngram", online=False, dtype="float32", packed_linears=False))
     try:
         plain = banner_lines(eng, ServerConfig(port=0), "http://127.0.0.1:1")
-        eng.runner.packed_bytes = 5 << 20                     # as a bf16 CPU engine that packed its weights
+        eng.runner.packed_bytes = 5 << 20                     # as a CPU engine that packed its weights
         kept = banner_lines(eng, ServerConfig(port=0), "http://127.0.0.1:1")
     finally:
         eng.close()

@@ -37,7 +37,7 @@ class EagleProposer(Proposer):
         self._staged: tuple[int, int] | None = None      # (slot, version) ready to flip
         self._lock = threading.Lock()
         self.ready_event = None                          # CUDA event marking the staged slot written
-        self._packed = False                             # slots' linears packed (CPU bf16, see propose)
+        self._packed = False                             # slots' linears packed (CPU bf16/fp32, see propose)
 
     @classmethod
     def create(cls, runner, config, checkpoint: str | None = None) -> EagleProposer:

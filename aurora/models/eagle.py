@@ -126,7 +126,7 @@ class EagleHead(nn.Module):
     def fuse_for_serving(self) -> bool:
         """q/k/v as one packed GEMM and gate/up as another (models/packed_linear.py's FusedPacked:
         5 calls -> 2 per head call; a hot swap's in-place write repacks them). Only for a head
-        whose linears pack_linears wrapped (CPU bf16 serving slots); returns whether it fused."""
+        whose linears pack_linears wrapped (CPU bf16/fp32 serving slots); returns whether it fused."""
         from aurora.models.packed_linear import FusedPacked, PackedLinear
         attn, mlp = self.midlayer.self_attn, self.midlayer.mlp
         layers = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]

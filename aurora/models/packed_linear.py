@@ -1,4 +1,4 @@
-"""Linear layers whose bf16 weights are packed once, at load, into the CPU GEMM library's layout.
+"""Linear layers whose bf16 or fp32 weights are packed once, at load, into the CPU GEMM library's layout.
 
 `F.linear(x, W)` on a bf16 CPU tensor hands W to oneDNN, which re-lays it out into its blocked
 (AMX / AVX-512 tile) format on every call. A decode step makes ~210 such calls over 1-8 rows each,
@@ -6,7 +6,7 @@ so that per-call reordering, not the arithmetic, is much of the step. Each wrapp
 model's weight W [out, in] and a copy packed once (`torch.ops.mkldnn._reorder_linear_weight`),
 and computes
 
-    y = x @ W^T + b    by oneDNN on the packed copy   (CPU, bf16, no gradient wanted)
+    y = x @ W^T + b    by oneDNN on the packed copy   (CPU, bf16 or fp32, no gradient wanted)
     y = F.linear(x, W, b)                               otherwise (autograd, other devices/dtypes,
                                                         and >= PLAIN_FROM_ROWS rows: a long prompt)
 
@@ -23,10 +23,26 @@ summed by the same library: on this CPU the outputs were bit-identical to
 and the 49,152-row LM head 5.1 -> 3.0 ms at one row, 5.6 -> 3.6 ms at 8 (README, "Packed linear
 weights"). It also beats the fp32 weight copies this file used to keep for 1-3 rows (27.5 / 31.1
 / 33.8 ms -> 25.5 / 26.4 / 25.4) at half their memory: a packed copy costs 2 bytes per weight
-(~270 MB for SmolLM2-135M, LM head included). Models whose copies would pass `COPY_BUDGET_BYTES`
+(~270 MB for SmolLM2-135M, LM head included).
+
+fp32 (the dtype `auto` picks on a CPU without native bf16, e.g. an AVX2-only AMD EPYC, where
+oneDNN cannot pack bf16 at all): `F.linear` goes to MKL, whose few-row kernels are slow there; the
+packed oneDNN GEMM is not. The same 210 linears, fp32, 2-core AVX2 EPYC (ms, medians of 10):
+
+    rows          1      2      4      8      17
+    F.linear    59.7   93.7  129.5  132.6  146.5
+    packed      43.6   74.3   66.6   78.6   82.5
+
+A decode step of the engine went 144 -> 96 ms (examples/spec_costs.py). The fp32 products are
+not `F.linear`'s bits (another summation order; |diff| ~1e-6), but every row gets the same bits
+whatever the row count of its call, which `F.linear` in fp32 does not guarantee (its one-row
+path is another kernel): a verify step of 17 rows and a plain decode of 1 compute each row
+alike. A packed fp32 copy costs 4 bytes per weight (~540 MB for SmolLM2-135M).
+
+Models whose copies would pass `COPY_BUDGET_BYTES`
 are left as they are, and so is every model on a CPU where a timing at load (`packed_time_ratio`:
 alternating passes over all its linears at 1 and 8 rows, ~0.7 s) does not show the packed path
-clearly faster, or whose torch lacks the oneDNN ops.
+clearly faster, or whose torch lacks the oneDNN ops (or cannot pack the dtype on this CPU).
 
 Long prompts go the other way: for thousands of rows the reorder is amortised and oneDNN's own
 choice for a plain weight is the faster GEMM. One decoder layer's 7 linears (ms, medians of 7,
@@ -35,6 +51,7 @@ alternating): 8,000 rows 66-73 plain vs 77-81 packed; 4,000 rows 35.3 vs 38.2; 1
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -49,6 +66,18 @@ PAYS_BELOW = 0.95                    # mean packed / plain time below which the 
 BATCH_HINT = 8                       # the row count oneDNN is told to pack for (any count works)
 CALIBRATION_ROWS = (1, 8)            # batch-1 decode; a batch of decodes or a small draft tree
 PLAIN_FROM_ROWS = 2048               # calls this large (prefill of long prompts) are faster unpacked
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def packing_supported(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN packs `dtype` weights (bf16 needs AVX-512 or AVX-NE-CONVERT;
+    on an AVX2-only CPU only fp32 packs)."""
+    try:
+        _pack(torch.zeros(8, 8, dtype=dtype))
+    except (RuntimeError, AttributeError):
+        return False
+    return True
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -73,7 +102,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                      # [..., in] -> [..., out]
         w = self.weight
-        if (not self.active or self.fused or w.dtype != torch.bfloat16 or x.dtype != w.dtype or x.device.type != "cpu"
+        if (not self.active or self.fused or w.dtype not in PACKED_DTYPES or x.dtype != w.dtype or x.device.type != "cpu"
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 or x.numel() >= PLAIN_FROM_ROWS * self.in_features):
             return F.linear(x, w, self.bias)
@@ -147,17 +176,17 @@ def packed_time_ratio(layers: list[PackedLinear], rows: tuple[int, ...] = CALIBR
 
 
 def pack_linears(model: nn.Module, budget_bytes: int = COPY_BUDGET_BYTES, calibrate: bool = True) -> int:
-    """Wrap every bf16 CPU nn.Linear of `model` (LM head included); returns the bytes of the packed
+    """Wrap every bf16 or fp32 CPU nn.Linear of `model` (LM head included); returns the bytes of the packed
     copies. Left as it is (returns 0): nothing to wrap, copies over `budget_bytes`, a torch without
     the oneDNN ops, or, with `calibrate`, a CPU where the packed path is not clearly faster over
     the whole model (mean ratio over CALIBRATION_ROWS < PAYS_BELOW; measured here: 0.76-0.92 in
     six loads, single ratios 0.66-0.96)."""
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
+               if type(child) is nn.Linear and child.weight.dtype in PACKED_DTYPES
                and child.weight.device.type == "cpu"]
     if not targets:
         return 0
-    size = sum(2 * child.weight.numel() for _, _, child in targets)
+    size = sum(child.weight.element_size() * child.weight.numel() for _, _, child in targets)
     if size > budget_bytes:
         log.info("packed linear weights skipped: the copies would exceed %d MiB", budget_bytes >> 20)
         return 0

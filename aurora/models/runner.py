@@ -87,7 +87,7 @@ class TargetRunner:
         if quantize != "none":      # weight-only int8/int4 linear layers (CPU kernels), see quant.py
             from aurora.models.quant import quantize_model
             quantize_model(model, quantize)
-        # CPU, bf16, eager: linear weights packed once into oneDNN's layout (packed_linear.py)
+        # CPU, bf16 or fp32, eager: linear weights packed once into oneDNN's layout (packed_linear.py)
         self.packed_bytes = 0
         if packed_linears and compile == "off" and next(model.parameters()).device.type == "cpu":
             from aurora.models.packed_linear import pack_linears
