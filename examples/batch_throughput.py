@@ -7,6 +7,7 @@ the engine's compute thread (same thread, same OpenMP pool).
 takes minutes and happens before anything is timed); transformers stays eager `generate`.
 
     python examples/batch_throughput.py [--model smollm2-135m] [--batch 8] [--max-tokens 64] [--compile on]
+                                        [--packed-linears off]
 """
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--compile", default="off", choices=("off", "on"))
+    ap.add_argument("--packed-linears", default="on", choices=("off", "on"),
+                    help="off: Aurora's linears take F.linear (the A/B of models/packed_linear.py)")
     args = ap.parse_args()
     eng = Engine(EngineConfig(model=args.model, draft="none", online=False, dtype=args.dtype,
-                              compile=args.compile, prefix_cache=False))   # repeats the prompts: measure prefill
+                              compile=args.compile, prefix_cache=False,
+                              packed_linears=args.packed_linears == "on"))   # repeats the prompts: measure prefill
     torch.set_num_threads(eng.serve_threads())
     tok, model = eng.tokenizer, eng.runner.model
     prompts = [p.text[:400] for p in load_domain("chat", args.batch, seed=3)]
