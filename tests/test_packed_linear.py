@@ -15,11 +15,9 @@ from aurora import Engine, EngineConfig, SamplingParams, SpecConfig
 from aurora.models.packed_linear import PackedLinear, pack_linears, packing_supported, plain_linears
 from aurora.models.presets import build
 
-BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not packing_supported(torch.bfloat16), reason="this CPU's oneDNN cannot pack bf16 weights"), id="bf16")
-DTYPES = [BF16, pytest.param(torch.float32, id="fp32")]
 needs_bf16_packing = pytest.mark.skipif(not packing_supported(torch.bfloat16),
                                         reason="this CPU's oneDNN cannot pack bf16 weights")
+DTYPES = [pytest.param(torch.bfloat16, marks=needs_bf16_packing, id="bf16"), pytest.param(torch.float32, id="fp32")]
 
 
 def _linear(bias: bool = True, d_in: int = 48, d_out: int = 40, dtype=torch.bfloat16) -> nn.Linear:
