@@ -24,6 +24,8 @@ class SpecConfig:
     ngram_min: int = 1
     ngram_depth: int = 0        # tokens prompt lookup copies per step (0 = `depth`); capped by max_nodes
     adaptive: bool = True       # verify only the nodes that pay at the current load (engine/policy.py)
+    policy_sources: bool = True  # adaptive: acceptance kept per draft source and evidence (False: pooled
+                                 # by kind only, the accounting before sources, for A/Bs)
     eagle_min_prob: float = 0.3  # learned draft: expand a node only while its path probability q >= this
     learned_gate: str = "coverage"  # composed drafts: the learned branch's gate kept per coverage group
                                     # ("coverage": by the lookup's matched length 0/1/2/3+; "single": one)

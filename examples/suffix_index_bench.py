@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         cur = index.open()
         index.extend(cur, ids[max(0, cut - 32):cut])
         t0, c0 = time.perf_counter(), time.process_time()
-        tokens, _, _, _ = index.speculate(cur, args.max_nodes, 16, 0.1, 1.0)
+        tokens = index.speculate(cur, args.max_nodes, 16, 0.1, 1.0)[0]
         lat.append(time.perf_counter() - t0)
         cpu_lat.append(time.process_time() - c0)
         sizes.append(len(tokens))

@@ -85,6 +85,56 @@ def test_sampled_acceptance_is_kept_apart_from_greedy_acceptance():
     assert set(policy.state()["accepted_per_proposal"]) == {"greedy", "sampled"}
 
 
+def test_acceptance_is_kept_per_source_so_weak_matches_are_pruned_and_strong_ones_kept():
+    """Pooled, short one-occurrence suffix matches (always rejected here) and long repeated
+    matches (always accepted) average to one alpha; per source the policy cuts the former and
+    verifies the latter whole. The coarse estimate (what a source-less node uses) stays pooled."""
+    weak, strong = "sfx:m2:s1", "sfx:m12:s4"
+
+    def trained(**spec):
+        policy = AdaptivePolicy(SpecConfig(depth=5, max_nodes=16, adaptive=True, **spec))
+        _train(policy, accept_depths=2, step_s=(0.05, 0.06))             # step costs for the cost model
+        for i in range(80):
+            seq = _seq(f"w{i}")
+            for source, accepted in ((weak, []), (strong, [0, 1, 2, 3, 4])):
+                policy.observe([seq], [DraftTree.chain([7, 8, 9, 10, 11], source)], [(accepted, 0)])
+            policy.release(seq)
+        return policy
+
+    pooled = trained(policy_sources=False)                               # the A/B switch: kinds only
+    tree = DraftTree.chain([7, 8, 9], weak)
+    assert pooled.node_probs(tree)[0] == pytest.approx(pooled.alpha("lookup", 1)) and not pooled.state()["alpha_by_source"]
+    policy = trained()
+    assert policy.node_probs(tree)[0] < 0.1 and policy.alpha("lookup", 1, fine=f"lookup/{weak}") < 0.1
+    assert policy.alpha("lookup", 3, fine=f"lookup/{strong}") > 0.9
+    assert 0.3 < policy.alpha("lookup", 1) < 0.7
+    fresh = _seq("new")
+    kept = policy.prune([fresh, fresh], [DraftTree.chain([7, 8, 9], weak), DraftTree.chain([7, 8, 9, 10, 11], strong)])
+    assert len(kept[0]) == 0 and len(kept[1]) == 5
+    assert kept[1].sources == [strong] * 5                               # pruning keeps the sources
+    state = policy.state()
+    assert f"lookup/{weak}@1" in state["alpha_by_source"] and "lookup@1" in state["alpha"]
+
+
+def test_a_sequence_whose_lookups_fail_scales_down_every_source_of_it():
+    policy = AdaptivePolicy(SpecConfig(adaptive=True))
+    for i in range(40):                                                  # everyone: half right at depth 1
+        seq = _seq(f"e{i}")
+        policy.observe([seq], [DraftTree.chain([7], "ng:m3")], [([0] if i % 2 else [], 0)])
+        policy.release(seq)
+    new_text = _seq("new")
+    for _ in range(20):
+        policy.observe([new_text], [DraftTree.chain([7], "ng:m3")], [([], 0)])
+    before = policy.alpha("lookup", 1, "new", "lookup/sfx:m4:s1")       # a source it has not tried yet
+    assert before < 0.5 * policy.alpha("lookup", 1, None, "lookup/sfx:m4:s1")
+
+
+def test_merged_trees_keep_sources_and_mark_agreement():
+    a = DraftTree.chain([5, 6, 7], "sfx:m8:s1")
+    a.merge(DraftTree.chain([5, 6, 9], "ng:m2"), dedupe=True, max_nodes=16)
+    assert a.token_ids == [5, 6, 7, 9] and a.sources == ["agree", "agree", "sfx:m8:s1", "ng:m2"]
+
+
 def test_subtree_keeps_ancestors_order_and_q_rows():
     tree = DraftTree()
     a = tree.add(5, -1, -0.1, 0)

@@ -11,6 +11,7 @@ import pytest
 
 from aurora import EngineConfig, SamplingParams, SpecConfig
 from aurora.drafts.base import ProposeContext
+from aurora.drafts.ngram import NgramProposer
 from aurora.drafts.suffix import SuffixProposer, find_suffix
 from aurora.drafts.suffix_index import LEVELS, SuffixIndex
 from aurora.engine.sampling import make_generator
@@ -88,8 +89,10 @@ def test_children_are_ranked_continuation_counts(seed):
         counts: dict[int, int] = {}
         for p in positions:
             counts[traffic.next_token(p)] = counts.get(traffic.next_token(p), 0) + 1
-        tokens, parents, probs, _ = index.speculate(cur, max_nodes=64, max_depth=1, min_prob=0.0, spec_factor=100)
+        tokens, parents, probs, _, supports = index.speculate(cur, max_nodes=64, max_depth=1, min_prob=0.0,
+                                                              spec_factor=100)
         assert parents == [-1] * len(tokens)
+        assert supports == [counts[t] for t in tokens]                  # occurrences behind each node
         assert dict(zip(tokens, probs)) == pytest.approx({t: c / len(positions) for t, c in counts.items()})
         assert [counts[t] for t in tokens] == sorted(counts.values(), reverse=True)
 
@@ -100,7 +103,8 @@ def test_tree_invariants(seed):
     traffic = random_traffic(index, 3000, vocab=6, seed=seed)
     for rid, cur in traffic.cursors.items():
         for max_nodes, min_prob, factor in [(16, 0.1, 1.0), (8, 0.3, 2.0), (32, 0.0, 0.5)]:
-            tokens, parents, probs, length = index.speculate(cur, max_nodes, 16, min_prob, factor)
+            tokens, parents, probs, length, supports = index.speculate(cur, max_nodes, 16, min_prob, factor)
+            assert all(supports[i] <= supports[par] for i, par in enumerate(parents) if par >= 0)
             assert len(tokens) <= min(max_nodes, math.ceil(factor * length))     # short match, few nodes
             depth = []
             for i, par in enumerate(parents):
@@ -207,6 +211,19 @@ def test_prompts_indexed_on_step_before_decoding():
     prop.on_step([prefill], None, None, None)         # prefilling: never proposed for, still indexed
     other = seq("o", [11, 12, 13])
     assert prop.propose([other], ctx(spec))[0].token_ids == [14, 15, 16]    # depth <= match length 3
+
+
+def test_proposals_name_their_evidence_for_the_policy():
+    """Suffix nodes carry (match length, occurrences behind the path, minor branch); prompt
+    lookup's carry its match length (DraftTree.sources, read by the adaptive policy)."""
+    spec = SpecConfig(suffix_bytes=2 * MIB, suffix_min_prob=0.0)
+    prop = SuffixProposer(spec)
+    for rid, ids in (("a", [1, 2, 3, 4, 5]), ("b", [1, 2, 3, 4, 5]), ("c", [1, 2, 3, 4, 5]), ("d", [1, 2, 3, 9])):
+        prop.on_step([seq(rid, ids)], None, None, None)
+    tree = prop.propose([seq("e", [7, 1, 2, 3])], ctx(spec))[0]     # "1 2 3": 3 tokens matched, seen 4 times
+    assert tree.token_ids[:3] == [4, 9, 5]
+    assert tree.sources[:3] == ["sfx:m3:s2", "sfx:m3:s1:minor", "sfx:m3:s2"]   # 3 of 4, 1 of 4, then 3 of 3
+    assert NgramProposer().propose([seq("f", [1, 2, 3, 1, 2])], ctx(spec))[0].sources == ["ng:m2"] * 3
 
 
 def test_proposer_persistence_and_switch(tmp_path):

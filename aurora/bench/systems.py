@@ -33,6 +33,7 @@ class SystemSpec:
     needs_checkpoint: bool = False
     discard: bool = False        # online: also the discard hinge + counterfactual KL on rejected proposals
     adaptive: bool = False       # Aurora: SpecConfig(adaptive=True), verify only the nodes that pay
+    policy_sources: bool = True  # Aurora, adaptive: SpecConfig(policy_sources=...)
     ngram_depth: int = 0         # Aurora: SpecConfig.ngram_depth (tokens prompt lookup copies; 0 = default)
     tree_nodes: int = 0          # Aurora: SpecConfig.max_nodes and suffix_max_depth (0 = defaults, 16)
     compile: str = "off"         # Aurora: EngineConfig.compile (target step)
@@ -65,6 +66,9 @@ SYSTEMS: dict[str, SystemSpec] = {
                                    "suffix+ngram", tree_nodes=32),
     "suffix+ngram-adaptive": SystemSpec("Aurora, suffix+ngram, adaptive tree policy", "aurora", "suffix+ngram",
                                         adaptive=True),
+    "suffix+ngram-adaptive-pooled": SystemSpec("Aurora, suffix+ngram, adaptive policy pooling acceptance by kind "
+                                               "(SpecConfig(policy_sources=False), for A/Bs)", "aurora",
+                                               "suffix+ngram", adaptive=True, policy_sources=False),
     "eagle+suffix+ngram-adaptive": SystemSpec("Aurora, eagle+suffix+ngram online from scratch, adaptive tree policy",
                                               "aurora", "eagle+suffix+ngram", online=True, adaptive=True),
     "eagle+suffix+ngram-ckpt": SystemSpec("Aurora, eagle+suffix+ngram online from checkpoint", "aurora",
@@ -332,7 +336,8 @@ def build_system(name: str, opts: BuildOptions) -> System:
     from aurora.config import EngineConfig, SpecConfig, TrainerConfig
     trainer = TrainerConfig(w_discard=0.5, w_counterfactual=0.5) if spec.discard else TrainerConfig()
     nodes = {"max_nodes": spec.tree_nodes, "suffix_max_depth": spec.tree_nodes} if spec.tree_nodes else {}
-    config = EngineConfig(trainer=trainer, spec=SpecConfig(adaptive=spec.adaptive, ngram_depth=spec.ngram_depth, **nodes),
+    config = EngineConfig(trainer=trainer, spec=SpecConfig(adaptive=spec.adaptive, ngram_depth=spec.ngram_depth,
+                                                          policy_sources=spec.policy_sources, **nodes),
                           model=opts.model,
                           draft=spec.draft.format(ckpt=opts.checkpoint), online=spec.online, dtype=opts.dtype, device=opts.device,
                           kv_tokens=opts.kv_tokens, max_batch=1, threads=opts.threads, seed=opts.seed,

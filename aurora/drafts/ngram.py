@@ -33,7 +33,7 @@ class NgramProposer(Proposer):
             window = seq.token_ids[-1024:]
             cont, n = lookup_match(window, min(spec.ngram_depth or spec.depth, spec.max_nodes), spec.ngram_max,
                                    spec.ngram_min)
-            tree = DraftTree.chain(cont)
+            tree = DraftTree.chain(cont, source=f"ng:m{n}")
             tree.match_len = n if cont else 0
             trees.append(tree)
         return trees

@@ -77,11 +77,12 @@ class SuffixProposer(Proposer):
                 if self.spec.suffix_q == "frequency" and not seq.params.greedy:
                     trees.append(self._sampled_tree(seq, cur, spec, max_depth, ctx.vocab_size))
                     continue
-                tokens, parents, probs, length = self.index.speculate(
+                tokens, parents, probs, length, supports = self.index.speculate(
                     cur, spec.max_nodes, max_depth, self.spec.suffix_min_prob, self.spec.suffix_spec_factor)
                 tree = DraftTree(match_len=length if tokens else 0)
-                for tok, parent, prob in zip(tokens, parents, probs):
-                    tree.add(tok, parent, math.log(prob))
+                for tok, parent, prob, support in zip(tokens, parents, probs, supports):
+                    share = prob / probs[parent] if parent >= 0 else prob
+                    tree.add(tok, parent, math.log(prob), source=suffix_source(length, support, share))
                 trees.append(tree)
         return trees
 
@@ -96,7 +97,7 @@ class SuffixProposer(Proposer):
             toks, ps = zip(*dist)
             q[r, list(toks)] = torch.tensor(ps)
         for tok, parent, row in zip(tokens, parents, q_rows):
-            tree.add(tok, parent, math.log(float(q[row, tok])), row)
+            tree.add(tok, parent, math.log(float(q[row, tok])), row, "sfx:q")
         tree.q_probs = q
         return tree
 
@@ -123,6 +124,14 @@ class SuffixProposer(Proposer):
         idx = self.index
         return {"tokens": idx.num_tokens, "bytes": idx.nbytes, "max_bytes": idx.max_bytes,
                 "requests": idx.num_requests, "in_flight": len(self._cursors)}
+
+
+def suffix_source(match_len: int, support: int, share: float) -> str:
+    """A suffix node's evidence class for the adaptive policy's acceptance statistics: context
+    tokens matched, earlier occurrences behind its path (1, 2-3, 4+), and whether it is a minor
+    continuation (under half of its parent's occurrences)."""
+    s = 1 if support < 2 else (2 if support < 4 else 4)
+    return f"sfx:m{match_len}:s{s}" + (":minor" if share < 0.5 else "")
 
 
 def find_suffix(proposer: Proposer) -> SuffixProposer | None:

@@ -222,18 +222,19 @@ class SuffixIndex:
         return sorted(groups.items(), key=lambda kv: -len(kv[1]))
 
     def speculate(self, cur: Cursor, max_nodes: int, max_depth: int, min_prob: float = 0.1,
-                  spec_factor: float = 1.0) -> tuple[list[int], list[int], list[float], int]:
+                  spec_factor: float = 1.0) -> tuple[list[int], list[int], list[float], int, list[int]]:
         """A draft tree from what followed the matched context: best-first by path frequency
         (product of child count / parent count along the path), children ranked by count,
         at most ceil(spec_factor * match length) nodes (a short match is weak evidence: few
         nodes, cheap to verify), depth <= max_depth, nodes whose path frequency < min_prob cut.
-        Returns (token_ids, parents, path_probs, match_length); parents precede children."""
+        Returns (token_ids, parents, path_probs, match_length, supports); parents precede
+        children; supports[i] = earlier occurrences whose continuation is node i's whole path."""
         m = self.match(cur)
         max_nodes = min(max_nodes, math.ceil(spec_factor * m.length))
         if not m.positions or max_nodes < 1:
-            return [], [], [], m.length
+            return [], [], [], m.length, []
         depth_cap = max(1, min(max_depth, max_nodes))
-        tokens, parents, probs = [], [], []
+        tokens, parents, probs, supports = [], [], [], []
         heap = [(-1.0, 0, -1, 0, m.positions)]   # (-path prob, tie, parent node, depth, positions)
         tie = 1
         while heap and len(tokens) < max_nodes:
@@ -249,11 +250,12 @@ class SuffixIndex:
                 tokens.append(token)
                 parents.append(node)
                 probs.append(prob)
+                supports.append(len(nexts))
                 heapq.heappush(heap, (-prob, tie, child, depth + 1, nexts))
                 tie += 1
                 if len(tokens) >= max_nodes:
                     break
-        return tokens, parents, probs, m.length
+        return tokens, parents, probs, m.length, supports
 
     def sample_tree(self, cur: Cursor, max_nodes: int, max_depth: int, spec_factor: float, root_draws: int,
                     generator=None) -> tuple[list[int], list[int], list[int], list[list[tuple[int, float]]]]:

@@ -2,8 +2,8 @@
 
 The fixed policy proposes the configured `SpecConfig` and verifies every node. The
 adaptive one (`SpecConfig.adaptive`) estimates, per node, the probability it is accepted,
-p(node) = prod over its path of alpha(kind, depth) (conditional acceptance measured online
-by depth and draft kind, blended with the sequence's own history), and verifies the nodes
+p(node) = prod over its path of alpha(kind, source, depth) (conditional acceptance measured
+online, blended with the sequence's own history), and verifies the nodes
 whose p beats their marginal cost: batch tokens per second (sum_i E_i) / t(B + N) improves
 when a node is added iff p > b * (sum_i E_i) / t, with t(T) = a + b*T learned from the
 engine's own step timings (`costs.py`). Before proposing, the realised gain per proposing
@@ -17,6 +17,20 @@ step's wall time and emitted tokens, kept per (batch-size bucket, decoding mode,
 not) as decayed sums, and once both kinds of step have evidence in a bucket, a measured
 tokens/s without speculation above the one with it switches speculation off there (with
 probes); steps without speculation are sampled now and then so that evidence exists.
+
+Acceptance is kept at two levels. Coarse: (kind, depth), kind = lookup / scored (node_kind).
+Fine: (kind/source, depth), the source saying what proposed the node on what evidence
+(`DraftTree.sources`: e.g. a suffix match of 2 tokens seen once, "sfx:m2:s1", against one of
+12 tokens seen 4+ times, "sfx:m12:s4"). A fine estimate starts from the coarse one as its
+prior (W pseudo-observations), so a new source costs nothing until its own evidence says
+otherwise:
+    alpha_coarse = (wins + PRIOR_ALPHA W) / (tries + W),
+    alpha_fine   = (wins_f + alpha_coarse W) / (tries_f + W).
+A sequence's own history scales it (its coarse acceptance over everyone's: a request of new
+text makes all its lookups less likely) and then its own fine evidence refines it the same way.
+Pooled, the one-occurrence short matches of new text (rarely right) and the long repeated
+matches (nearly always right) average into one alpha that verifies the former too deep and
+the latter too shallow.
 """
 from __future__ import annotations
 
@@ -41,6 +55,14 @@ def node_kind(tree: DraftTree, node: int, greedy: bool = True) -> str:
     sequences keep their own statistics (kind + ':sampled')."""
     kind = "scored" if tree.q_rows[node] >= 0 or tree.logprobs[node] != 0.0 else "lookup"
     return kind if greedy else kind + ":sampled"
+
+
+def node_key(tree: DraftTree, node: int, greedy: bool = True) -> tuple[str, str]:
+    """(coarse kind, fine kind) of a node's acceptance statistics; fine == coarse when the
+    tree knows nothing of the node's source."""
+    kind = node_kind(tree, node, greedy)
+    source = tree.sources[node]
+    return kind, (f"{kind}/{source}" if source else kind)
 
 
 def _everyone(greedy: bool) -> tuple:
@@ -104,19 +126,33 @@ class AdaptivePolicy(SpeculationPolicy):
         self.num_steps_off_measured = 0                     # off because measured rates said so
 
     # ------------------------------------------------------------ estimates
-    def alpha(self, kind: str, depth: int, request_id: str | None = None) -> float:
-        """Conditional acceptance of a node of `kind` at `depth` given its parent was accepted."""
-        key = (kind, depth)
-        g = (self._wins.get(key, 0.0) + PRIOR_ALPHA * PRIOR_WEIGHT) / (self._tries.get(key, 0.0) + PRIOR_WEIGHT)
+    def _key(self, tree: DraftTree, node: int, greedy: bool) -> tuple[str, str]:
+        kind, fine = node_key(tree, node, greedy)
+        return (kind, fine) if self.spec.policy_sources else (kind, kind)
+
+    def _blend(self, tries: dict, wins: dict, key: tuple, prior: float) -> float:
+        return (wins.get(key, 0.0) + prior * PRIOR_WEIGHT) / (tries.get(key, 0.0) + PRIOR_WEIGHT)
+
+    def alpha(self, kind: str, depth: int, request_id: str | None = None, fine: str | None = None) -> float:
+        """Conditional acceptance of a node of `kind` (fine kind `fine`, see node_key) at `depth`
+        given its parent was accepted: global coarse -> global fine, scaled by how this sequence's
+        own coarse acceptance compares with everyone's -> the sequence's own fine evidence."""
+        coarse = (kind, depth)
+        g_coarse = self._blend(self._tries, self._wins, coarse, PRIOR_ALPHA)
+        key = (fine or kind, depth)
+        g = self._blend(self._tries, self._wins, key, g_coarse) if key != coarse else g_coarse
         own = self._seq.get(request_id) if request_id is not None else None
-        if not own or key not in own["tries"]:
+        if not own:
             return g
-        return (own["wins"].get(key, 0.0) + g * PRIOR_WEIGHT) / (own["tries"][key] + PRIOR_WEIGHT)
+        if key != coarse and coarse in own["tries"]:     # this sequence's lookups fare better or worse
+            g = min(1.0, g * self._blend(own["tries"], own["wins"], coarse, g_coarse) / max(g_coarse, 1e-6))
+        return self._blend(own["tries"], own["wins"], key, g) if key in own["tries"] else g
 
     def node_probs(self, tree: DraftTree, request_id: str | None = None, greedy: bool = True) -> list[float]:
         probs: list[float] = []
         for i, parent in enumerate(tree.parents):
-            a = self.alpha(node_kind(tree, i, greedy), tree.depths[i], request_id)
+            kind, fine = self._key(tree, i, greedy)
+            a = self.alpha(kind, tree.depths[i], request_id, fine)
             probs.append(a * (probs[parent] if parent >= 0 else 1.0))
         return probs
 
@@ -136,7 +172,7 @@ class AdaptivePolicy(SpeculationPolicy):
     def expected_tokens(self, seq) -> float:
         """Tokens a sequence would emit per step with the full configured chain (its best case)."""
         mode = "" if seq.params.greedy else ":sampled"
-        kinds = ({k for k, _ in self._tries if k.endswith(":sampled") == bool(mode)}
+        kinds = ({k for k, _ in self._tries if "/" not in k and k.endswith(":sampled") == bool(mode)}
                  or {"lookup" + mode, "scored" + mode})                 # the kinds this draft proposes
         e, p = 1.0, 1.0
         for d in range(1, self.spec.depth + 1):
@@ -247,9 +283,13 @@ class AdaptivePolicy(SpeculationPolicy):
             for node, parent in enumerate(tree.parents):
                 if parent not in judged:
                     continue
-                key = (node_kind(tree, node, seq.params.greedy), tree.depths[node])
+                kind, fine = self._key(tree, node, seq.params.greedy)
+                depth = tree.depths[node]
                 win = 1.0 if node in accepted else 0.0
-                for store_t, store_w in ((self._tries, self._wins), (own["tries"], own["wins"])):
+                stores = [(self._tries, self._wins, (kind, depth)), (own["tries"], own["wins"], (kind, depth))]
+                if fine != kind:
+                    stores += [(self._tries, self._wins, (fine, depth)), (own["tries"], own["wins"], (fine, depth))]
+                for store_t, store_w, key in stores:
                     store_t[key] = store_t.get(key, 0.0) * 0.995 + 1.0
                     store_w[key] = store_w.get(key, 0.0) * 0.995 + win
 
@@ -275,7 +315,9 @@ class AdaptivePolicy(SpeculationPolicy):
                                           if (v := self._gain.get(_everyone(g)))},
                 "nodes_proposed": self.num_nodes_proposed,
                 "nodes_verified": self.num_nodes_verified,
-                "alpha": {f"{k}@{d}": round(self.alpha(k, d), 3) for k, d in sorted(self._tries)}}
+                "alpha": {f"{k}@{d}": round(self.alpha(k, d), 3) for k, d in sorted(self._tries) if "/" not in k},
+                "alpha_by_source": {f"{k}@{d}": round(self.alpha(k.split("/")[0], d, fine=k), 3)
+                                    for k, d in sorted(self._tries) if "/" in k}}
 
 
 def _bucket(num_seqs: int) -> str:
@@ -296,7 +338,8 @@ def subtree(tree: DraftTree, keep: set[int]) -> DraftTree:
     remap: dict[int, int] = {}
     for i in sorted(keep):
         parent = tree.parents[i]
-        remap[i] = out.add(tree.token_ids[i], remap[parent] if parent >= 0 else -1, tree.logprobs[i], tree.q_rows[i])
+        remap[i] = out.add(tree.token_ids[i], remap[parent] if parent >= 0 else -1, tree.logprobs[i], tree.q_rows[i],
+                           tree.sources[i])
     out.learned = {remap[i] for i in tree.learned if i in remap}
     return out
 

@@ -4,6 +4,11 @@ Node parents precede children (topological order). Parent -1 means the root: the
 sequence's pending last token, whose target logits score the depth-1 nodes.
 `q_rows[i]` indexes the processed draft distribution node i was drawn from
 (`q_probs`), or is -1 when the proposal was deterministic (a point mass on the token).
+`sources[i]` says what proposed node i and on what evidence ("" when nothing finer than its
+q row is known), e.g. "sfx:m8:s2" (suffix memory, 8 context tokens matched, 2-3 earlier
+occurrences behind this path) or "ng:m3" (prompt lookup, 3-token match); the adaptive policy
+keeps its acceptance statistics per source (engine/policy.py). A node two drafts proposed
+alike is marked "agree".
 Children are indexed as nodes are added, so child lookups are O(1).
 """
 from __future__ import annotations
@@ -20,6 +25,7 @@ class DraftTree:
     depths: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     q_rows: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
     q_probs: torch.Tensor | None = None          # [num_dists, vocab] float32 (CPU)
     draft_version: int = 0
     match_len: int = 0        # context tokens a lookup draft matched to propose it (0: no lookup match)
@@ -29,6 +35,7 @@ class DraftTree:
     _by_token: dict = field(default_factory=dict, repr=False, compare=False)  # (parent, token) -> first child
 
     def __post_init__(self):
+        self.sources += [""] * (len(self.token_ids) - len(self.sources))
         for i, (p, t) in enumerate(zip(self.parents, self.token_ids)):
             self._index(i, p, t)
 
@@ -39,13 +46,14 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    def add(self, token_id: int, parent: int, logprob: float = 0.0, q_row: int = -1) -> int:
+    def add(self, token_id: int, parent: int, logprob: float = 0.0, q_row: int = -1, source: str = "") -> int:
         depth = 1 if parent < 0 else self.depths[parent] + 1
         self.token_ids.append(int(token_id))
         self.parents.append(int(parent))
         self.depths.append(depth)
         self.logprobs.append(float(logprob))
         self.q_rows.append(int(q_row))
+        self.sources.append(source)
         node = len(self.token_ids) - 1
         self._index(node, int(parent), int(token_id))
         return node
@@ -71,11 +79,11 @@ class DraftTree:
         return max(self.depths, default=0)
 
     @staticmethod
-    def chain(token_ids: list[int]) -> "DraftTree":
+    def chain(token_ids: list[int], source: str = "") -> "DraftTree":
         tree = DraftTree()
         parent = -1
         for t in token_ids:
-            parent = tree.add(t, parent)
+            parent = tree.add(t, parent, source=source)
         return tree
 
     def merge(self, other: "DraftTree", dedupe: bool, max_nodes: int, max_depth: int = 1 << 30) -> set[int]:
@@ -100,7 +108,9 @@ class DraftTree:
             if existing >= 0:
                 remap[i] = existing
                 shared.add(existing)
+                if self.sources[existing] and other.sources[i] and self.sources[existing] != other.sources[i]:
+                    self.sources[existing] = "agree"      # two drafts' evidence behind one node
             elif len(self) < max_nodes:
                 q_row = other.q_rows[i] + q_offset if other.q_rows[i] >= 0 else -1
-                remap[i] = self.add(tok, parent, other.logprobs[i], q_row)
+                remap[i] = self.add(tok, parent, other.logprobs[i], q_row, other.sources[i])
         return shared
