@@ -26,6 +26,8 @@ class SpecConfig:
     adaptive: bool = True       # verify only the nodes that pay at the current load (engine/policy.py)
     policy_sources: bool = True  # adaptive: acceptance kept per draft source and evidence (False: pooled
                                  # by kind only, the accounting before sources, for A/Bs)
+    policy_costs: str = "measured"  # adaptive: step time per row count as measured ("linear": the fitted
+                                    # line a + b*T, the model before the measured curve, for A/Bs)
     eagle_min_prob: float = 0.3  # learned draft: expand a node only while its path probability q >= this
     learned_gate: str = "coverage"  # composed drafts: the learned branch's gate kept per coverage group
                                     # ("coverage": by the lookup's matched length 0/1/2/3+; "single": one)
@@ -56,6 +58,8 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.suffix_bytes must be at least 1 MiB, got {self.suffix_bytes}")
         if not 1 <= self.suffix_max_depth <= 64 or self.suffix_spec_factor <= 0:
             raise ValueError("SpecConfig needs 1 <= suffix_max_depth <= 64 and suffix_spec_factor > 0")
+        if self.policy_costs not in ("measured", "linear"):
+            raise ValueError(f"SpecConfig.policy_costs must be 'measured' or 'linear', got {self.policy_costs!r}")
         if self.suffix_q not in ("point", "frequency"):
             raise ValueError(f"SpecConfig.suffix_q must be 'point' or 'frequency', got {self.suffix_q!r}")
         if self.learned_gate not in ("coverage", "single"):

@@ -47,6 +47,55 @@ def _train(policy, accept_depths: int, steps: int = 60, tokens=(1, 6), step_s=(0
     return seq
 
 
+def _flat_then_rising(rows: int) -> float:
+    """A CPU-like step: 20 ms up to 8 rows, then 1.5 ms per row."""
+    return 0.020 + 0.0015 * max(0, rows - 8)
+
+
+def test_cost_curve_follows_a_flat_then_rising_step():
+    m = StepCostModel()
+    for i in range(400):
+        rows = [1, 5, 9, 17, 33][i % 5]
+        m.observe(rows, _flat_then_rising(rows))
+    curve = m.curve(1, 40)
+    assert curve == sorted(curve)                                          # non-decreasing
+    assert curve[4] == pytest.approx(0.020, rel=0.05)                      # 5 rows cost one
+    assert curve[32] == pytest.approx(_flat_then_rising(33), rel=0.05)
+    _, b = m.coefficients()
+    assert curve[4] - curve[0] < 0.3 * (4 * b)                             # the line charges 4 rows 4 b
+    assert 1 not in StepCostModel().table_ms()
+
+
+def test_cost_curve_falls_back_to_the_line_where_unmeasured_or_stale():
+    m = StepCostModel()
+    m.observe(16, 1.0)                                                    # one slow 16-row step, long ago
+    for i in range(2000):
+        rows = 1 + i % 2
+        m.observe(rows, 0.01 * rows)
+    line = m.step_time(16)
+    assert m.curve(16, 16)[0] == pytest.approx(line, rel=0.01)
+
+
+@pytest.mark.parametrize("costs, kept", [("measured", 6), ("linear", 0)])
+def test_nearly_free_first_nodes_are_verified_under_the_measured_curve(costs, kept):
+    """Six sibling nodes, each accepted ~2.4 % of the time, on a step that costs about the same
+    for 1..8 rows: the measured curve verifies them all (7 rows cost about one), a line through
+    the same timings charges each ~5 % of a step and verifies none."""
+    policy = AdaptivePolicy(SpecConfig(depth=6, adaptive=True, policy_costs=costs))
+    for i in range(300):
+        rows = [1, 3, 7, 12, 17][i % 5]
+        policy.observe_step(rows, _flat_then_rising(rows), 1, 0.0005)
+    seq = _seq()
+    tree = DraftTree()
+    for k in range(6):
+        tree.add(7 + k, -1, -1.9)                       # six siblings, q rows none: 'scored'
+    for k in range(210):                                # one of the six accepted in 1 step of 7
+        policy.observe([_seq("o")], [tree], [([0] if k % 7 == 0 else [], 0)])
+    policy.release(_seq("o"))
+    assert policy.alpha("scored", 1) == pytest.approx(1 / 42, abs=0.01)
+    assert len(policy.prune([seq], [tree])[0]) == kept
+
+
 def test_policy_keeps_nodes_that_pay_and_drops_those_that_do_not():
     spec = SpecConfig(depth=5, adaptive=True)
     good = AdaptivePolicy(spec)

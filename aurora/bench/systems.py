@@ -34,6 +34,7 @@ class SystemSpec:
     discard: bool = False        # online: also the discard hinge + counterfactual KL on rejected proposals
     adaptive: bool = False       # Aurora: SpecConfig(adaptive=True), verify only the nodes that pay
     policy_sources: bool = True  # Aurora, adaptive: SpecConfig(policy_sources=...)
+    policy_costs: str = "measured"  # Aurora, adaptive: SpecConfig(policy_costs=...)
     ngram_depth: int = 0         # Aurora: SpecConfig.ngram_depth (tokens prompt lookup copies; 0 = default)
     tree_nodes: int = 0          # Aurora: SpecConfig.max_nodes and suffix_max_depth (0 = defaults, 16)
     compile: str = "off"         # Aurora: EngineConfig.compile (target step)
@@ -69,6 +70,12 @@ SYSTEMS: dict[str, SystemSpec] = {
     "suffix+ngram-adaptive-pooled": SystemSpec("Aurora, suffix+ngram, adaptive policy pooling acceptance by kind "
                                                "(SpecConfig(policy_sources=False), for A/Bs)", "aurora",
                                                "suffix+ngram", adaptive=True, policy_sources=False),
+    "suffix+ngram-adaptive-linear": SystemSpec("Aurora, suffix+ngram, adaptive policy on a linear step-cost model "
+                                               "(SpecConfig(policy_costs='linear'), for A/Bs)", "aurora",
+                                               "suffix+ngram", adaptive=True, policy_costs="linear"),
+    "suffix+ngram-adaptive-pooled-linear": SystemSpec("Aurora, suffix+ngram, the adaptive policy before sources and "
+                                                      "the measured curve (for A/Bs)", "aurora", "suffix+ngram",
+                                                      adaptive=True, policy_sources=False, policy_costs="linear"),
     "eagle+suffix+ngram-adaptive": SystemSpec("Aurora, eagle+suffix+ngram online from scratch, adaptive tree policy",
                                               "aurora", "eagle+suffix+ngram", online=True, adaptive=True),
     "eagle+suffix+ngram-ckpt": SystemSpec("Aurora, eagle+suffix+ngram online from checkpoint", "aurora",
@@ -337,7 +344,8 @@ def build_system(name: str, opts: BuildOptions) -> System:
     trainer = TrainerConfig(w_discard=0.5, w_counterfactual=0.5) if spec.discard else TrainerConfig()
     nodes = {"max_nodes": spec.tree_nodes, "suffix_max_depth": spec.tree_nodes} if spec.tree_nodes else {}
     config = EngineConfig(trainer=trainer, spec=SpecConfig(adaptive=spec.adaptive, ngram_depth=spec.ngram_depth,
-                                                          policy_sources=spec.policy_sources, **nodes),
+                                                          policy_sources=spec.policy_sources,
+                                                          policy_costs=spec.policy_costs, **nodes),
                           model=opts.model,
                           draft=spec.draft.format(ckpt=opts.checkpoint), online=spec.online, dtype=opts.dtype, device=opts.device,
                           kv_tokens=opts.kv_tokens, max_batch=1, threads=opts.threads, seed=opts.seed,

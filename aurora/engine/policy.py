@@ -3,11 +3,14 @@
 The fixed policy proposes the configured `SpecConfig` and verifies every node. The
 adaptive one (`SpecConfig.adaptive`) estimates, per node, the probability it is accepted,
 p(node) = prod over its path of alpha(kind, source, depth) (conditional acceptance measured
-online, blended with the sequence's own history), and verifies the nodes
-whose p beats their marginal cost: batch tokens per second (sum_i E_i) / t(B + N) improves
-when a node is added iff p > b * (sum_i E_i) / t, with t(T) = a + b*T learned from the
-engine's own step timings (`costs.py`). Before proposing, the realised gain per proposing
-sequence (accepted tokens, including steps where the draft had nothing) is weighed against
+online, blended with the sequence's own history), and verifies the set of nodes that
+maximises batch tokens per second, (B + sum of p over verified nodes) / t(B + N): candidates
+taken best first (highest p, whole root paths), every prefix scored, the best kept. t(T) is
+the step time of T rows as the engine measured it (`costs.py`): on a CPU it is flat for a few
+rows and then rises by row blocks, so the first node whose own gain p falls below its own
+cost is not where the best prefix ends (a line t = a + b*T, `policy_costs="linear"`, makes
+every node pay b and prunes the nearly free first nodes). Before proposing, the realised gain
+per proposing sequence (accepted tokens, including steps where the draft had nothing) is weighed against
 the draft's measured time plus the verified nodes' cost; when it does not pay, the step
 skips proposing (speculation off), re-probing now and then.
 
@@ -34,6 +37,7 @@ the latter too shallow.
 """
 from __future__ import annotations
 
+import math
 import random
 
 from aurora.config import SpecConfig
@@ -211,12 +215,12 @@ class AdaptivePolicy(SpeculationPolicy):
                 return self.spec
             return None
         B = len(seqs)
-        t_plain = self.costs.step_time(sum(s.num_step_tokens for s in seqs))
+        rows = sum(s.num_step_tokens for s in seqs)
         est = [self.realised(s) for s in decode]
         gain = sum(acc for acc, _ in est)
-        _, b = self.costs.coefficients()
         nodes = sum(k for _, k in est)
-        t_spec = t_plain + b * nodes + self.costs.draft_s_per_seq * len(decode)
+        times = self._step_times(rows, rows + math.ceil(nodes))
+        t_plain, t_spec = times[0], times[-1] + self.costs.draft_s_per_seq * len(decode)
         if (B + gain) / t_spec >= B / t_plain:
             self._off_steps = 0
             return self.spec
@@ -236,21 +240,26 @@ class AdaptivePolicy(SpeculationPolicy):
             self.num_nodes_proposed += len(tree)
             for node, p in enumerate(self.node_probs(tree, seq.request_id, seq.params.greedy)):
                 cands.append((p, tree.depths[node], i, node))
-        cands.sort(key=lambda c: (-c[0], c[1]))
-        a, b = self.costs.coefficients()
-        tokens = base_tokens or len(seqs)                  # rows of the step without nodes
+        cands.sort(key=lambda c: (-c[0], c[1]))           # a parent's p >= its child's: parents first
+        base = base_tokens or len(seqs)                    # rows of the step without nodes
+        times = self._step_times(base, base + len(cands))  # times[k]: the step with k more rows
         expected = float(len(seqs))
-        keep: list[set[int]] = [set() for _ in trees]
-        for p, _, i, node in cands:
-            t = a + b * tokens
-            if p * t <= b * expected:                      # adding this node lowers batch tokens/s
-                break
+        best_rate, best_k = expected / times[0], 0
+        chosen: list[tuple[int, int]] = []
+        taken: set[tuple[int, int]] = set()
+        for p, _, i, node in cands:                        # batch tokens/s of every best-first prefix
             parent = trees[i].parents[node]
-            if parent >= 0 and parent not in keep[i]:
+            if parent >= 0 and (i, parent) not in taken:
                 continue                                   # only whole root paths are verifiable
-            keep[i].add(node)
-            tokens += 1
+            chosen.append((i, node))
+            taken.add((i, node))
             expected += p
+            rate = expected / times[len(chosen)]
+            if rate > best_rate:
+                best_rate, best_k = rate, len(chosen)
+        keep: list[set[int]] = [set() for _ in trees]
+        for i, node in chosen[:best_k]:
+            keep[i].add(node)
         out = []
         for tree, kept in zip(trees, keep):
             if tree is None or len(kept) == len(tree):
@@ -259,6 +268,13 @@ class AdaptivePolicy(SpeculationPolicy):
                 out.append(subtree(tree, kept))
             self.num_nodes_verified += len(kept)
         return out
+
+    def _step_times(self, first: int, last: int) -> list[float]:
+        """Step seconds for first..last rows: the measured curve, or the fitted line
+        (`SpecConfig.policy_costs="linear"`, the model before the curve, for A/Bs)."""
+        if self.spec.policy_costs == "linear":
+            return [self.costs.step_time(t) for t in range(first, last + 1)]
+        return self.costs.curve(first, last)
 
     # ------------------------------------------------------------ learning
     def observe_step(self, num_tokens: int, forward_s: float, num_proposed: int, draft_s: float) -> None:
@@ -306,6 +322,7 @@ class AdaptivePolicy(SpeculationPolicy):
     def state(self) -> dict:
         a, b = self.costs.coefficients() if self.costs.ready else (None, None)
         return {"adaptive": True, "cost_a_ms": a and 1000 * a, "cost_b_ms": b and 1000 * b,
+                "cost_ms_by_rows": self.costs.table_ms(),
                 "draft_ms_per_seq": self.costs.draft_s_per_seq and 1000 * self.costs.draft_s_per_seq,
                 "steps_off": self.num_steps_off,
                 "steps_off_measured": self.num_steps_off_measured,
