@@ -165,17 +165,27 @@ def test_acceptance_is_kept_per_source_so_weak_matches_are_pruned_and_strong_one
     assert f"lookup/{weak}@1" in state["alpha_by_source"] and "lookup@1" in state["alpha"]
 
 
-def test_a_sequence_whose_lookups_fail_scales_down_every_source_of_it():
+def test_a_sequence_shifts_its_whole_draft_family_within_a_step_or_two():
+    """Everyone: suffix chains right about half the time at every depth. A request that repeats
+    earlier text (two steps, all five accepted) lifts every depth and match length of its suffix
+    nodes at once; one of new text (two steps, nothing accepted) lowers them; prompt lookup, a
+    different family, keeps the global estimate."""
     policy = AdaptivePolicy(SpecConfig(adaptive=True))
-    for i in range(40):                                                  # everyone: half right at depth 1
+    for i in range(60):
         seq = _seq(f"e{i}")
-        policy.observe([seq], [DraftTree.chain([7], "ng:m3")], [([0] if i % 2 else [], 0)])
+        policy.observe([seq], [DraftTree.chain([7, 8, 9, 10, 11], "sfx:m8:s1")], [(list(range(i % 6)), 0)])
         policy.release(seq)
-    new_text = _seq("new")
-    for _ in range(20):
-        policy.observe([new_text], [DraftTree.chain([7], "ng:m3")], [([], 0)])
-    before = policy.alpha("lookup", 1, "new", "lookup/sfx:m4:s1")       # a source it has not tried yet
-    assert before < 0.5 * policy.alpha("lookup", 1, None, "lookup/sfx:m4:s1")
+    glob = policy.alpha("lookup", 4, None, "lookup/sfx:m12:s1")
+    repeat, new_text = _seq("repeat"), _seq("new")
+    for _ in range(2):
+        policy.observe([repeat], [DraftTree.chain([7, 8, 9, 10, 11], "sfx:m8:s1")], [([0, 1, 2, 3, 4], 0)])
+        policy.observe([new_text], [DraftTree.chain([7, 8, 9, 10, 11], "sfx:m8:s1")], [([], 0)])
+    assert policy.alpha("lookup", 4, "repeat", "lookup/sfx:m12:s1") > 0.9 > 0.8 > glob
+    assert policy.alpha("lookup", 4, "new", "lookup/sfx:m12:s1") < 0.6 * glob
+    assert policy.alpha("lookup", 1, "new", "lookup/ng:m3") == policy.alpha("lookup", 1, None, "lookup/ng:m3")
+    policy.release(repeat)
+    assert policy.alpha("lookup", 4, "repeat", "lookup/sfx:m12:s1") == policy.alpha("lookup", 4, None,
+                                                                                    "lookup/sfx:m12:s1")
 
 
 def test_merged_trees_keep_sources_and_mark_agreement():

@@ -29,8 +29,12 @@ prior (W pseudo-observations), so a new source costs nothing until its own evide
 otherwise:
     alpha_coarse = (wins + PRIOR_ALPHA W) / (tries + W),
     alpha_fine   = (wins_f + alpha_coarse W) / (tries_f + W).
-A sequence's own history scales it (its coarse acceptance over everyone's: a request of new
-text makes all its lookups less likely) and then its own fine evidence refines it the same way.
+A sequence's own history shifts it in log-odds: logit alpha = logit alpha_fine + delta, one
+delta per (sequence, draft family: suffix / prompt lookup / agreement / learned), fitted online
+by a gradient step on the log-loss of every judged node, delta += LR (accepted - alpha). A
+request that repeats earlier text (every node accepted) lifts all its depths within a step or
+two, where per-depth own counts would need many steps each (a 96-token request at tau 12 has
+eight); a request of new text lowers them as fast.
 Pooled, the one-occurrence short matches of new text (rarely right) and the long repeated
 matches (nearly always right) average into one alpha that verifies the former too deep and
 the latter too shallow.
@@ -50,6 +54,8 @@ PROBE_EVERY = 8            # when off, propose anyway one step in this many
 RATE_DECAY = 0.95          # forgetting of the measured step rates (per observed step)
 RATE_MIN_STEPS = 4.0       # decayed steps of each kind before measured rates overrule the model
 EXPLORE_OFF_EVERY = 16     # without enough evidence of steps without speculation, one in this many
+OWN_LR = 1.0               # step of a sequence's log-odds shift per judged node
+OWN_MAX = 6.0              # |shift| cap
 
 
 def node_kind(tree: DraftTree, node: int, greedy: bool = True) -> str:
@@ -67,6 +73,16 @@ def node_key(tree: DraftTree, node: int, greedy: bool = True) -> tuple[str, str]
     kind = node_kind(tree, node, greedy)
     source = tree.sources[node]
     return kind, (f"{kind}/{source}" if source else kind)
+
+
+def _family(kind: str, fine: str) -> str:
+    """The draft family of a fine kind: 'lookup/sfx' of 'lookup/sfx:m8:s1' (the kind alone if none)."""
+    return fine.split(":", 1)[0] if fine != kind and "/" in fine else kind
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
 
 
 def _everyone(greedy: bool) -> tuple:
@@ -118,7 +134,7 @@ class AdaptivePolicy(SpeculationPolicy):
         self.costs = StepCostModel()
         self._tries: dict[tuple[str, int], float] = {}     # (kind, depth) -> attempts (parent accepted)
         self._wins: dict[tuple[str, int], float] = {}      # ... -> accepted
-        self._seq: dict[str, dict] = {}                    # request id -> its own tries / wins
+        self._seq: dict[str, dict[str, float]] = {}       # request id -> draft family -> log-odds shift
         self._rng = random.Random(seed)
         self._off_steps = 0
         self._gain: dict[str | None, list[float]] = {}      # request id (None: all) -> [w, accepted, nodes]
@@ -139,18 +155,14 @@ class AdaptivePolicy(SpeculationPolicy):
 
     def alpha(self, kind: str, depth: int, request_id: str | None = None, fine: str | None = None) -> float:
         """Conditional acceptance of a node of `kind` (fine kind `fine`, see node_key) at `depth`
-        given its parent was accepted: global coarse -> global fine, scaled by how this sequence's
-        own coarse acceptance compares with everyone's -> the sequence's own fine evidence."""
-        coarse = (kind, depth)
-        g_coarse = self._blend(self._tries, self._wins, coarse, PRIOR_ALPHA)
-        key = (fine or kind, depth)
-        g = self._blend(self._tries, self._wins, key, g_coarse) if key != coarse else g_coarse
-        own = self._seq.get(request_id) if request_id is not None else None
-        if not own:
-            return g
-        if key != coarse and coarse in own["tries"]:     # this sequence's lookups fare better or worse
-            g = min(1.0, g * self._blend(own["tries"], own["wins"], coarse, g_coarse) / max(g_coarse, 1e-6))
-        return self._blend(own["tries"], own["wins"], key, g) if key in own["tries"] else g
+        given its parent was accepted: global coarse -> global fine -> shifted by the sequence's own
+        log-odds offset for the node's draft family."""
+        fine = fine or kind
+        g = self._blend(self._tries, self._wins, (kind, depth), PRIOR_ALPHA)
+        if fine != kind:
+            g = self._blend(self._tries, self._wins, (fine, depth), g)
+        shift = self._seq.get(request_id, {}).get(_family(kind, fine)) if request_id is not None else None
+        return g if not shift else 1.0 / (1.0 + math.exp(-(_logit(g) + shift)))
 
     def node_probs(self, tree: DraftTree, request_id: str | None = None, greedy: bool = True) -> list[float]:
         probs: list[float] = []
@@ -293,7 +305,7 @@ class AdaptivePolicy(SpeculationPolicy):
                 g[0], g[1], g[2] = decay * g[0] + 1.0, decay * g[1] + len(path), decay * g[2] + len(tree)
             if not len(tree):
                 continue
-            own = self._seq.setdefault(seq.request_id, {"tries": {}, "wins": {}})
+            own = self._seq.setdefault(seq.request_id, {})
             judged = {-1, *path}                            # nodes whose children the target judged
             accepted = set(path)
             for node, parent in enumerate(tree.parents):
@@ -302,12 +314,12 @@ class AdaptivePolicy(SpeculationPolicy):
                 kind, fine = self._key(tree, node, seq.params.greedy)
                 depth = tree.depths[node]
                 win = 1.0 if node in accepted else 0.0
-                stores = [(self._tries, self._wins, (kind, depth)), (own["tries"], own["wins"], (kind, depth))]
-                if fine != kind:
-                    stores += [(self._tries, self._wins, (fine, depth)), (own["tries"], own["wins"], (fine, depth))]
-                for store_t, store_w, key in stores:
-                    store_t[key] = store_t.get(key, 0.0) * 0.995 + 1.0
-                    store_w[key] = store_w.get(key, 0.0) * 0.995 + win
+                family = _family(kind, fine)
+                pred = self.alpha(kind, depth, seq.request_id, fine)
+                own[family] = max(-OWN_MAX, min(OWN_MAX, own.get(family, 0.0) + OWN_LR * (win - pred)))
+                for key in {(kind, depth), (fine, depth)}:
+                    self._tries[key] = self._tries.get(key, 0.0) * 0.995 + 1.0
+                    self._wins[key] = self._wins.get(key, 0.0) * 0.995 + win
 
     def observe_wall(self, seqs, speculated: bool, tokens: int, seconds: float) -> None:
         r = self._rates.setdefault((_bucket(len(seqs)), _mode(seqs), speculated), [0.0, 0.0, 0.0])
