@@ -188,6 +188,28 @@ def test_a_sequence_shifts_its_whole_draft_family_within_a_step_or_two():
                                                                                     "lookup/sfx:m12:s1")
 
 
+def test_a_long_accepted_run_keeps_its_own_statistics():
+    """After a step that accepted >= RUN_LONG tokens the next step's nodes read the ':run'
+    estimates (here: always right), the others the plain source's (here: never past depth 8)."""
+    from aurora.engine.policy import RUN_LONG
+    policy = AdaptivePolicy(SpecConfig(adaptive=True))
+    chain = list(range(10, 10 + RUN_LONG + 2))
+    for i in range(40):
+        seq = _seq(f"c{i}")
+        policy.observe([seq], [DraftTree.chain(chain, "sfx:m16:s1")], [([], 0)])          # a miss: no run
+        policy.observe([seq], [DraftTree.chain(chain, "sfx:m16:s1")], [([0], 0)])         # no run before it
+        policy.observe([seq], [DraftTree.chain(chain, "sfx:m16:s1")], [(list(range(RUN_LONG)), 0)])
+        policy.observe([seq], [DraftTree.chain(chain, "sfx:m16:s1")], [(list(range(len(chain))), 0)])  # run
+        policy.release(seq)
+    copying, fresh = _seq("copying"), _seq("fresh")
+    policy.observe([copying], [DraftTree.chain(chain, "sfx:m16:s1")], [(list(range(RUN_LONG)), 0)])
+    policy.observe([fresh], [DraftTree()], [([], 0)])
+    tree = DraftTree.chain(chain, "sfx:m16:s1")
+    run, no_run = policy.node_probs(tree, "copying")[-1], policy.node_probs(tree, "fresh")[-1]
+    assert run > 0.5 > 0.3 > no_run
+    assert any(k.endswith(":run@3") for k in policy.state()["alpha_by_source"])
+
+
 def test_merged_trees_keep_sources_and_mark_agreement():
     a = DraftTree.chain([5, 6, 7], "sfx:m8:s1")
     a.merge(DraftTree.chain([5, 6, 9], "ng:m2"), dedupe=True, max_nodes=16)

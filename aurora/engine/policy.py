@@ -35,6 +35,9 @@ by a gradient step on the log-loss of every judged node, delta += LR (accepted -
 request that repeats earlier text (every node accepted) lifts all its depths within a step or
 two, where per-depth own counts would need many steps each (a 96-token request at tau 12 has
 eight); a request of new text lowers them as fast.
+A third level marks the sequence's state: ':run' when its previous step accepted at least
+RUN_LONG tokens ("lookup/sfx:m16:s1:run"): a request copying earlier text keeps copying, and
+deep nodes are accepted far more often there than on average.
 Pooled, the one-occurrence short matches of new text (rarely right) and the long repeated
 matches (nearly always right) average into one alpha that verifies the former too deep and
 the latter too shallow.
@@ -56,6 +59,7 @@ RATE_MIN_STEPS = 4.0       # decayed steps of each kind before measured rates ov
 EXPLORE_OFF_EVERY = 16     # without enough evidence of steps without speculation, one in this many
 OWN_LR = 1.0               # step of a sequence's log-odds shift per judged node
 OWN_MAX = 6.0              # |shift| cap
+RUN_LONG = 8               # a previous step that accepted this many tokens marks a copying run
 
 
 def node_kind(tree: DraftTree, node: int, greedy: bool = True) -> str:
@@ -78,6 +82,16 @@ def node_key(tree: DraftTree, node: int, greedy: bool = True) -> tuple[str, str]
 def _family(kind: str, fine: str) -> str:
     """The draft family of a fine kind: 'lookup/sfx' of 'lookup/sfx:m8:s1' (the kind alone if none)."""
     return fine.split(":", 1)[0] if fine != kind and "/" in fine else kind
+
+
+def _chain(kind: str, fine: str) -> list[str]:
+    """Keys from coarse to fine, each estimate the prior of the next: 'lookup',
+    'lookup/sfx:m8:s1', 'lookup/sfx:m8:s1:run'."""
+    keys = [kind]
+    if fine != kind:
+        base = fine.removesuffix(":run")
+        keys += [base, fine] if base != fine else [base]
+    return keys
 
 
 def _logit(p: float) -> float:
@@ -135,6 +149,7 @@ class AdaptivePolicy(SpeculationPolicy):
         self._tries: dict[tuple[str, int], float] = {}     # (kind, depth) -> attempts (parent accepted)
         self._wins: dict[tuple[str, int], float] = {}      # ... -> accepted
         self._seq: dict[str, dict[str, float]] = {}       # request id -> draft family -> log-odds shift
+        self._run: dict[str, int] = {}                     # request id -> tokens its previous step accepted
         self._rng = random.Random(seed)
         self._off_steps = 0
         self._gain: dict[str | None, list[float]] = {}      # request id (None: all) -> [w, accepted, nodes]
@@ -146,9 +161,15 @@ class AdaptivePolicy(SpeculationPolicy):
         self.num_steps_off_measured = 0                     # off because measured rates said so
 
     # ------------------------------------------------------------ estimates
-    def _key(self, tree: DraftTree, node: int, greedy: bool) -> tuple[str, str]:
+    def _key(self, tree: DraftTree, node: int, greedy: bool, request_id: str | None = None) -> tuple[str, str]:
+        """node_key, the fine kind marked ':run' when the sequence's previous step accepted at least
+        RUN_LONG tokens (a request copying earlier text keeps copying)."""
         kind, fine = node_key(tree, node, greedy)
-        return (kind, fine) if self.spec.policy_sources else (kind, kind)
+        if not self.spec.policy_sources:
+            return kind, kind
+        if fine != kind and self._run.get(request_id, 0) >= RUN_LONG:
+            fine += ":run"
+        return kind, fine
 
     def _blend(self, tries: dict, wins: dict, key: tuple, prior: float) -> float:
         return (wins.get(key, 0.0) + prior * PRIOR_WEIGHT) / (tries.get(key, 0.0) + PRIOR_WEIGHT)
@@ -158,16 +179,16 @@ class AdaptivePolicy(SpeculationPolicy):
         given its parent was accepted: global coarse -> global fine -> shifted by the sequence's own
         log-odds offset for the node's draft family."""
         fine = fine or kind
-        g = self._blend(self._tries, self._wins, (kind, depth), PRIOR_ALPHA)
-        if fine != kind:
-            g = self._blend(self._tries, self._wins, (fine, depth), g)
+        g = PRIOR_ALPHA
+        for key in _chain(kind, fine):
+            g = self._blend(self._tries, self._wins, (key, depth), g)
         shift = self._seq.get(request_id, {}).get(_family(kind, fine)) if request_id is not None else None
         return g if not shift else 1.0 / (1.0 + math.exp(-(_logit(g) + shift)))
 
     def node_probs(self, tree: DraftTree, request_id: str | None = None, greedy: bool = True) -> list[float]:
         probs: list[float] = []
         for i, parent in enumerate(tree.parents):
-            kind, fine = self._key(tree, i, greedy)
+            kind, fine = self._key(tree, i, greedy, request_id)
             a = self.alpha(kind, tree.depths[i], request_id, fine)
             probs.append(a * (probs[parent] if parent >= 0 else 1.0))
         return probs
@@ -304,6 +325,7 @@ class AdaptivePolicy(SpeculationPolicy):
                 decay = 0.99 if key == everyone else 0.9
                 g[0], g[1], g[2] = decay * g[0] + 1.0, decay * g[1] + len(path), decay * g[2] + len(tree)
             if not len(tree):
+                self._run[seq.request_id] = 0
                 continue
             own = self._seq.setdefault(seq.request_id, {})
             judged = {-1, *path}                            # nodes whose children the target judged
@@ -311,15 +333,17 @@ class AdaptivePolicy(SpeculationPolicy):
             for node, parent in enumerate(tree.parents):
                 if parent not in judged:
                     continue
-                kind, fine = self._key(tree, node, seq.params.greedy)
+                kind, fine = self._key(tree, node, seq.params.greedy, seq.request_id)
                 depth = tree.depths[node]
                 win = 1.0 if node in accepted else 0.0
                 family = _family(kind, fine)
                 pred = self.alpha(kind, depth, seq.request_id, fine)
                 own[family] = max(-OWN_MAX, min(OWN_MAX, own.get(family, 0.0) + OWN_LR * (win - pred)))
-                for key in {(kind, depth), (fine, depth)}:
+                for k in _chain(kind, fine):
+                    key = (k, depth)
                     self._tries[key] = self._tries.get(key, 0.0) * 0.995 + 1.0
                     self._wins[key] = self._wins.get(key, 0.0) * 0.995 + win
+            self._run[seq.request_id] = len(path)
 
     def observe_wall(self, seqs, speculated: bool, tokens: int, seconds: float) -> None:
         r = self._rates.setdefault((_bucket(len(seqs)), _mode(seqs), speculated), [0.0, 0.0, 0.0])
@@ -329,6 +353,7 @@ class AdaptivePolicy(SpeculationPolicy):
 
     def release(self, seq) -> None:
         self._seq.pop(seq.request_id, None)
+        self._run.pop(seq.request_id, None)
         self._gain.pop(seq.request_id, None)
 
     def state(self) -> dict:
