@@ -7,8 +7,10 @@ sampled cells of a round serve the *same* prompts, each mode on its own engine (
 remembers traffic must not see the other mode's outputs), so sampled / greedy compares like with
 like. Drafts
 use the adaptive policy unless suffixed ":fixed"; ":freq" makes the suffix draft sample its
-children from continuation frequencies under sampling (`suffix_q="frequency"`), and the options
-combine (":fixed/freq"). One process, interleaved, each engine warmed
+children from continuation frequencies under sampling (`suffix_q="frequency"`); ":pooled" and
+":linear" run the adaptive policy as it was before per-source statistics and the measured
+step-cost curve (`policy_sources=False`, `policy_costs="linear"`, for A/Bs); the options
+combine (":fixed/freq", ":pooled/linear"). One process, interleaved, each engine warmed
 up on other prompts first (the adaptive policy and the cost model learn online from that).
 A stream is a closed-loop client: it sends its next prompt the moment its previous request
 finishes, so `c` streams keep `c` requests in flight. A round gives each stream
@@ -68,12 +70,15 @@ def main() -> None:
     for name in names:
         draft, _, opts = name.partition(":")
         flags = set(opts.split("/")) - {""}
-        if flags - {"fixed", "freq"}:
-            raise SystemExit(f"unknown draft options {sorted(flags - {'fixed', 'freq'})} in {name!r}: use fixed, freq")
+        known = {"fixed", "freq", "pooled", "linear"}
+        if flags - known:
+            raise SystemExit(f"unknown draft options {sorted(flags - known)} in {name!r}: use {', '.join(sorted(known))}")
         for mode in modes:
             engines[name, mode] = Engine(EngineConfig(
                 model=args.model, draft=draft, online=False, kv_tokens=8192, prefix_cache=False,   # repeats
-                spec=SpecConfig(adaptive="fixed" not in flags, suffix_q="frequency" if "freq" in flags else "point")))
+                spec=SpecConfig(adaptive="fixed" not in flags, suffix_q="frequency" if "freq" in flags else "point",
+                                policy_sources="pooled" not in flags,
+                                policy_costs="linear" if "linear" in flags else "measured")))
     first = next(iter(engines.values()))
     torch.set_num_threads(first.serve_threads())
     tok, model = first.tokenizer, first.runner.model
