@@ -66,6 +66,15 @@ def test_cost_curve_follows_a_flat_then_rising_step():
     assert 1 not in StepCostModel().table_ms()
 
 
+def test_monotone_fit_pools_violators_instead_of_lifting_everything_after_them():
+    from aurora.engine.costs import monotone_fit
+    cells = [(1, 20.0, 1.0), (2, 30.0, 1.0), (3, 21.0, 1.0), (4, 22.0, 1.0), (5, 40.0, 1.0)]
+    fit = [y for _, y in monotone_fit(cells)]
+    assert fit == sorted(fit) and fit[0] == 20.0 and fit[-1] == 40.0
+    assert fit[1] == fit[2] == fit[3] == pytest.approx(73.0 / 3)           # 30, 21, 22 pooled, not 30 30 30
+    assert monotone_fit([(1, 1.0, 1.0), (2, 2.0, 1.0)]) == [(1, 1.0), (2, 2.0)]
+
+
 def test_cost_curve_falls_back_to_the_line_where_unmeasured_or_stale():
     m = StepCostModel()
     m.observe(16, 1.0)                                                    # one slow 16-row step, long ago

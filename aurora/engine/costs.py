@@ -12,8 +12,8 @@ step's time is flat, then steps up (`examples/spec_costs.py`: beta(1..4) ~1.07, 
 on a 2-core AVX-512 CPU, bf16). `curve` is therefore measured too: a decayed mean step time
 per row-count bucket (exact up to 8 rows, then four buckets per doubling), shrunk toward the
 line with `prior_weight` pseudo-observations, trusted less as it ages (its weight decays with
-every step of any size), interpolated between measured buckets, the line outside them, and
-made non-decreasing in T. The adaptive policy reads the curve.
+every step of any size), made non-decreasing by isotonic regression over the buckets,
+interpolated between measured buckets, the line outside them. The adaptive policy reads the curve.
 """
 from __future__ import annotations
 
@@ -30,6 +30,22 @@ def row_bucket(num_tokens: int) -> int:
         return t
     step = 1 << (int(math.log2(t - 1)) - 2)
     return -(-t // step) * step
+
+
+def monotone_fit(cells: list[tuple[int, float, float]]) -> list[tuple[int, float]]:
+    """Weighted isotonic regression (pool adjacent violators) of (x, y, weight) sorted by x:
+    the non-decreasing y closest in weighted squares. A noisy high bucket is averaged with its
+    neighbours instead of lifting every larger one (as a running maximum would)."""
+    blocks: list[list[float]] = []                         # [weighted sum, weight, count]
+    for _, y, w in cells:
+        blocks.append([y * w, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, w2, n = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += w2
+            blocks[-1][2] += n
+    ys = [blk[0] / blk[1] for blk in blocks for _ in range(int(blk[2]))]
+    return [(x, y) for (x, _, _), y in zip(cells, ys)]
 
 
 class StepCostModel:
@@ -85,11 +101,12 @@ class StepCostModel:
         bucket's mean blended with the line (weight `prior_weight`); between measured buckets,
         linear interpolation; beyond them, or where they went stale, the line."""
         a, b = self.coefficients()
-        known = []                                             # (bucket, seconds) of measured buckets
+        cells = []                                             # (bucket, seconds, weight) of measured buckets
         for k, (w, mean, seen) in sorted(self._table.items()):
             w *= AGE_DECAY ** (self.num_obs - seen)
             if w >= 1.0:
-                known.append((k, (w * mean + self.prior_weight * (a + b * k)) / (w + self.prior_weight)))
+                cells.append((k, (w * mean + self.prior_weight * (a + b * k)) / (w + self.prior_weight), w))
+        known = monotone_fit(cells)
         out, floor, j = [], 0.0, 0
         for t in range(max(1, first), max(1, first, last) + 1):
             k = row_bucket(t)
