@@ -67,6 +67,8 @@ SYSTEMS: dict[str, SystemSpec] = {
                                    "suffix+ngram", tree_nodes=32),
     "suffix+ngram-adaptive": SystemSpec("Aurora, suffix+ngram, adaptive tree policy", "aurora", "suffix+ngram",
                                         adaptive=True),
+    "suffix+ngram-adaptive-n32": SystemSpec("Aurora, suffix+ngram, adaptive policy, trees up to 32 nodes / suffix "
+                                            "depth 32", "aurora", "suffix+ngram", adaptive=True, tree_nodes=32),
     "suffix+ngram-adaptive-pooled": SystemSpec("Aurora, suffix+ngram, adaptive policy pooling acceptance by kind "
                                                "(SpecConfig(policy_sources=False), for A/Bs)", "aurora",
                                                "suffix+ngram", adaptive=True, policy_sources=False),
