@@ -8,8 +8,8 @@ remembers traffic must not see the other mode's outputs), so sampled / greedy co
 like. Drafts
 use the adaptive policy unless suffixed ":fixed"; ":freq" makes the suffix draft sample its
 children from continuation frequencies under sampling (`suffix_q="frequency"`); ":pooled" and
-":linear" run the adaptive policy as it was before per-source statistics and the measured
-step-cost curve (`policy_sources=False`, `policy_costs="linear"`, for A/Bs); the options
+":linear" run the adaptive policy without per-source statistics and on the fitted cost line
+instead of the measured curve (`policy_sources=False`, `policy_costs="linear"`, for A/Bs); the options
 combine (":fixed/freq", ":pooled/linear"). One process, interleaved, each engine warmed
 up on other prompts first (the adaptive policy and the cost model learn online from that).
 A stream is a closed-loop client: it sends its next prompt the moment its previous request
