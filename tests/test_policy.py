@@ -216,6 +216,11 @@ def test_a_long_accepted_run_keeps_its_own_statistics():
     tree = DraftTree.chain(chain, "sfx:m16:s1")
     run, no_run = policy.node_probs(tree, "copying")[-1], policy.node_probs(tree, "fresh")[-1]
     assert run > 0.5 > 0.3 > no_run
+    short = _seq("short")                                  # 4 accepted, the whole (pruned) chain: a run too
+    policy.observe([short], [DraftTree.chain([1, 2, 3, 4], "sfx:m16:s1")], [([0, 1, 2, 3], 0)])
+    assert policy.node_probs(tree, "short")[-1] > 0.5
+    policy.observe([short], [DraftTree.chain([1, 2, 3, 4, 5], "sfx:m16:s1")], [([0, 1, 2, 3], 0)])
+    assert policy.node_probs(tree, "short")[-1] < 0.3     # stopped short of the leaf: not a run
     assert any(k.endswith(":run@3") for k in policy.state()["alpha_by_source"])
 
 

@@ -36,8 +36,10 @@ request that repeats earlier text (every node accepted) lifts all its depths wit
 two, where per-depth own counts would need many steps each (a 96-token request at tau 12 has
 eight); a request of new text lowers them as fast.
 A third level marks the sequence's state: ':run' when its previous step accepted at least
-RUN_LONG tokens ("lookup/sfx:m16:s1:run"): a request copying earlier text keeps copying, and
-deep nodes are accepted far more often there than on average.
+RUN_LONG tokens, or at least RUN_LEAF and everything on its verified path up to a leaf
+("lookup/sfx:m16:s1:run"): a request copying earlier text keeps copying, and deep nodes are
+accepted far more often there than on average (the leaf rule: a pruned tree caps what a step
+can accept, so a run must not need more than the policy let it show).
 Pooled, the one-occurrence short matches of new text (rarely right) and the long repeated
 matches (nearly always right) average into one alpha that verifies the former too deep and
 the latter too shallow.
@@ -59,7 +61,8 @@ RATE_MIN_STEPS = 4.0       # decayed steps of each kind before measured rates ov
 EXPLORE_OFF_EVERY = 16     # without enough evidence of steps without speculation, one in this many
 OWN_LR = 1.0               # step of a sequence's log-odds shift per judged node
 OWN_MAX = 6.0              # |shift| cap
-RUN_LONG = 8               # a previous step that accepted this many tokens marks a copying run
+RUN_LONG = 8               # a previous step that accepted this many tokens marks a copying run,
+RUN_LEAF = 4               # ... or this many, ending at a leaf (it accepted all it was shown)
 
 
 def node_kind(tree: DraftTree, node: int, greedy: bool = True) -> str:
@@ -149,7 +152,7 @@ class AdaptivePolicy(SpeculationPolicy):
         self._tries: dict[tuple[str, int], float] = {}     # (kind, depth) -> attempts (parent accepted)
         self._wins: dict[tuple[str, int], float] = {}      # ... -> accepted
         self._seq: dict[str, dict[str, float]] = {}       # request id -> draft family -> log-odds shift
-        self._run: dict[str, int] = {}                     # request id -> tokens its previous step accepted
+        self._run: dict[str, bool] = {}                    # request id -> its previous step was a copying run
         self._rng = random.Random(seed)
         self._off_steps = 0
         self._gain: dict[str | None, list[float]] = {}      # request id (None: all) -> [w, accepted, nodes]
@@ -163,11 +166,12 @@ class AdaptivePolicy(SpeculationPolicy):
     # ------------------------------------------------------------ estimates
     def _key(self, tree: DraftTree, node: int, greedy: bool, request_id: str | None = None) -> tuple[str, str]:
         """node_key, the fine kind marked ':run' when the sequence's previous step accepted at least
-        RUN_LONG tokens (a request copying earlier text keeps copying)."""
+        RUN_LONG tokens, or RUN_LEAF and its whole verified path (a request copying earlier text
+        keeps copying; a pruned tree caps what a step can show)."""
         kind, fine = node_key(tree, node, greedy)
         if not self.spec.policy_sources:
             return kind, kind
-        if fine != kind and self._run.get(request_id, 0) >= RUN_LONG:
+        if fine != kind and self._run.get(request_id, False):
             fine += ":run"
         return kind, fine
 
@@ -325,7 +329,7 @@ class AdaptivePolicy(SpeculationPolicy):
                 decay = 0.99 if key == everyone else 0.9
                 g[0], g[1], g[2] = decay * g[0] + 1.0, decay * g[1] + len(path), decay * g[2] + len(tree)
             if not len(tree):
-                self._run[seq.request_id] = 0
+                self._run[seq.request_id] = False
                 continue
             own = self._seq.setdefault(seq.request_id, {})
             judged = {-1, *path}                            # nodes whose children the target judged
@@ -343,7 +347,8 @@ class AdaptivePolicy(SpeculationPolicy):
                     key = (k, depth)
                     self._tries[key] = self._tries.get(key, 0.0) * 0.995 + 1.0
                     self._wins[key] = self._wins.get(key, 0.0) * 0.995 + win
-            self._run[seq.request_id] = len(path)
+            leaf = bool(path) and not tree.children(path[-1])
+            self._run[seq.request_id] = len(path) >= RUN_LONG or (len(path) >= RUN_LEAF and leaf)
 
     def observe_wall(self, seqs, speculated: bool, tokens: int, seconds: float) -> None:
         r = self._rates.setdefault((_bucket(len(seqs)), _mode(seqs), speculated), [0.0, 0.0, 0.0])
