@@ -192,6 +192,8 @@ def test_a_sequence_shifts_its_whole_draft_family_within_a_step_or_two():
     assert policy.alpha("lookup", 4, "repeat", "lookup/sfx:m12:s1") > 0.9 > 0.8 > glob
     assert policy.alpha("lookup", 4, "new", "lookup/sfx:m12:s1") < 0.6 * glob
     assert policy.alpha("lookup", 1, "new", "lookup/ng:m3") == policy.alpha("lookup", 1, None, "lookup/ng:m3")
+    assert policy.alpha("scored", 2, "repeat", "scored/sfx:m4:s4:minor") > \
+        policy.alpha("scored", 2, None, "scored/sfx:m4:s4:minor")          # one family across kinds
     policy.release(repeat)
     assert policy.alpha("lookup", 4, "repeat", "lookup/sfx:m12:s1") == policy.alpha("lookup", 4, None,
                                                                                     "lookup/sfx:m12:s1")

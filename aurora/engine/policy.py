@@ -83,8 +83,13 @@ def node_key(tree: DraftTree, node: int, greedy: bool = True) -> tuple[str, str]
 
 
 def _family(kind: str, fine: str) -> str:
-    """The draft family of a fine kind: 'lookup/sfx' of 'lookup/sfx:m8:s1' (the kind alone if none)."""
-    return fine.split(":", 1)[0] if fine != kind and "/" in fine else kind
+    """The draft family of a fine kind, across kinds: 'sfx' of 'lookup/sfx:m8:s1' and of
+    'scored/sfx:m2:s4:minor' (a suffix node is 'scored' where its path branched), 'sfx:sampled'
+    under sampling; the kind itself when the node has no source."""
+    if fine == kind or "/" not in fine:
+        return kind
+    source = fine.split("/", 1)[1].split(":", 1)[0]
+    return source + (":sampled" if kind.endswith(":sampled") else "")
 
 
 def _chain(kind: str, fine: str) -> list[str]:
