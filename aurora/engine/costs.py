@@ -14,6 +14,9 @@ per row-count bucket (exact up to 8 rows, then four buckets per doubling), shrun
 line with `prior_weight` pseudo-observations, trusted less as it ages (its weight decays with
 every step of any size), made non-decreasing by isotonic regression over the buckets,
 interpolated between measured buckets, the line outside them. The adaptive policy reads the curve.
+Its buckets are total rows, whatever the batch: one sequence with three draft nodes and four
+plain sequences share the 4-row bucket although attention over four contexts costs more (a
+known limit; keying by batch size too is left to do).
 """
 from __future__ import annotations
 
