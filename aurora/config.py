@@ -25,7 +25,7 @@ class SpecConfig:
     ngram_depth: int = 0        # tokens prompt lookup copies per step (0 = `depth`); capped by max_nodes
     adaptive: bool = True       # verify only the nodes that pay at the current load (engine/policy.py)
     policy_sources: bool = True  # adaptive: acceptance kept per draft source and evidence (False: pooled
-                                 # by kind only, the accounting before sources, for A/Bs)
+                                 # by kind only, for A/Bs; the per-request log-odds shift stays)
     policy_costs: str = "measured"  # adaptive: step time per row count as measured ("linear": the fitted
                                     # line a + b*T, the model before the measured curve, for A/Bs)
     eagle_min_prob: float = 0.3  # learned draft: expand a node only while its path probability q >= this

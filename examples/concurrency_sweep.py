@@ -72,7 +72,8 @@ def main() -> None:
         flags = set(opts.split("/")) - {""}
         known = {"fixed", "freq", "pooled", "linear"}
         if flags - known:
-            raise SystemExit(f"unknown draft options {sorted(flags - known)} in {name!r}: use {', '.join(sorted(known))}")
+            raise SystemExit(f"unknown draft options {sorted(flags - known)} in {name!r}: "
+                             f"use {', '.join(sorted(known))}")
         for mode in modes:
             engines[name, mode] = Engine(EngineConfig(
                 model=args.model, draft=draft, online=False, kv_tokens=8192, prefix_cache=False,   # repeats

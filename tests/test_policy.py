@@ -161,7 +161,8 @@ def test_acceptance_is_kept_per_source_so_weak_matches_are_pruned_and_strong_one
 
     pooled = trained(policy_sources=False)                               # the A/B switch: kinds only
     tree = DraftTree.chain([7, 8, 9], weak)
-    assert pooled.node_probs(tree)[0] == pytest.approx(pooled.alpha("lookup", 1)) and not pooled.state()["alpha_by_source"]
+    assert pooled.node_probs(tree)[0] == pytest.approx(pooled.alpha("lookup", 1))
+    assert not pooled.state()["alpha_by_source"]
     policy = trained()
     assert policy.node_probs(tree)[0] < 0.1 and policy.alpha("lookup", 1, fine=f"lookup/{weak}") < 0.1
     assert policy.alpha("lookup", 3, fine=f"lookup/{strong}") > 0.9

@@ -75,8 +75,8 @@ SYSTEMS: dict[str, SystemSpec] = {
     "suffix+ngram-adaptive-linear": SystemSpec("Aurora, suffix+ngram, adaptive policy on a linear step-cost model "
                                                "(SpecConfig(policy_costs='linear'), for A/Bs)", "aurora",
                                                "suffix+ngram", adaptive=True, policy_costs="linear"),
-    "suffix+ngram-adaptive-pooled-linear": SystemSpec("Aurora, suffix+ngram, adaptive policy pooled by kind on a linear "
-                                                      "cost model (for A/Bs)", "aurora", "suffix+ngram",
+    "suffix+ngram-adaptive-pooled-linear": SystemSpec("Aurora, suffix+ngram, adaptive policy pooled by kind on a "
+                                                      "linear cost model (for A/Bs)", "aurora", "suffix+ngram",
                                                       adaptive=True, policy_sources=False, policy_costs="linear"),
     "eagle+suffix+ngram-adaptive": SystemSpec("Aurora, eagle+suffix+ngram online from scratch, adaptive tree policy",
                                               "aurora", "eagle+suffix+ngram", online=True, adaptive=True),
