@@ -82,7 +82,7 @@ def tree_attention(q, k, v, mask, scale):
 def _plan(block_tables, seq_lens, query_start, tree_mask, positions, block_size, num_tokens, sliding_window):
     """A ragged step gets one plan per group (`split_groups`); a fresh causal prompt of one
     sequence the mask-free plan; everything else the general one."""
-    groups = split_groups(query_start)
+    groups = split_groups(query_start, seq_lens)
     if groups is not None:
         parts = []
         for group in groups:

@@ -5,6 +5,7 @@ GPU tests (`-m gpu`) run realistic sizes on CUDA.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
@@ -20,7 +21,8 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from aurora.kernels import paged_tree_attention, tree_attention
-from aurora.kernels.reference import paged_tree_attention_ref, tree_attention_dense_ref
+from aurora.kernels.reference import (GROUP_CALL, KEY_COST, PROMPT_ROWS, paged_tree_attention_ref, split_groups,
+                                      tree_attention_dense_ref)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -153,7 +155,7 @@ SPEC_BATCHES = {
     "decode": [(37, "decode", 1)],
     "mixed": [(0, "prefill", 13), (37, "decode", 1), (21, "tree", 9), (5, "wide", 6)],
     "trees": [(0, "tree", 7), (18, "chain", 5), (33, "tree", 11)],
-    # prompt chunks longer than SPLIT_ROWS beside decode tokens: the dispatcher attends in groups
+    # prompt chunks longer than PROMPT_ROWS beside decode tokens: the dispatcher attends in groups
     "ragged": [(0, "prefill", 40), (37, "decode", 1), (21, "tree", 9), (10, "prefill", 35)],
 }
 
@@ -168,8 +170,44 @@ def test_reference_matches_naive_loop(batch, heads, window, softcap):
     torch.testing.assert_close(ref.double(), naive, atol=2e-5, rtol=2e-5)
     step_cache: dict = {}                 # the dispatcher's plans (grouped, mask-free prompt, folded heads)
     fast = paged_tree_attention(**args, sliding_window=window, softcap=softcap, step_cache=step_cache, impl="reference")
-    assert ("groups" in step_cache[("plan", window)]) == (batch == "ragged")
+    grouped = split_groups(args["query_start"], args["seq_lens"]) is not None
+    assert ("groups" in step_cache[("plan", window)]) == grouped and (grouped or batch != "ragged")
     torch.testing.assert_close(fast.double(), naive, atol=2e-5, rtol=2e-5)
+
+
+def _groups(n_new, lens):
+    qs = torch.tensor([0] + list(itertools.accumulate(n_new)), dtype=torch.int32)
+    return split_groups(qs, torch.tensor(lens, dtype=torch.int32))
+
+
+def _cost(groups, n_new, lens):
+    return sum(GROUP_CALL + len(g) * max(lens[i] for i in g) * (KEY_COST + max(n_new[i] for i in g)) for g in groups)
+
+
+def test_split_groups_isolates_what_padding_would_multiply():
+    """Decoding sequences stay in one call; a short prompt, deep trees or a long context beside
+    them attend apart (one call would pad all of them to it); a chunk above PROMPT_ROWS is alone."""
+    assert _groups([1] * 16, [100 + 7 * i for i in range(16)]) is None           # plain decode: one call
+    assert _groups([3, 1], [30, 17]) is None
+    assert _groups([1] * 15 + [24], [200] * 15 + [24]) == [list(range(15)), [15]]
+    assert _groups([1] * 12 + [16] * 3, [200] * 15) == [list(range(12)), [12, 13, 14]]
+    assert _groups([1] * 15 + [1], [100] * 15 + [4000]) == [list(range(15)), [15]]
+    assert [0] in _groups([PROMPT_ROWS + 1, 1, 2], [PROMPT_ROWS + 1, 50, 60])
+
+
+def test_split_groups_is_the_cheapest_contiguous_partition():
+    """Against brute force over every partition contiguous in (new tokens, context) order."""
+    rng = random.Random(3)
+    for _ in range(200):
+        b = rng.randint(2, 7)
+        n_new = [rng.choice([1, 1, 2, 4, 9, 16, 30]) for _ in range(b)]
+        lens = [n + rng.randint(0, 400) for n in n_new]
+        order = sorted(range(b), key=lambda i: (n_new[i], lens[i]))
+        best = min(_cost([order[a:c] for a, c in zip((0,) + cuts, cuts + (b,))], n_new, lens)
+                   for k in range(b) for cuts in itertools.combinations(range(1, b), k))
+        got = _groups(n_new, lens) or [list(range(b))]
+        assert sorted(i for g in got for i in g) == list(range(b))
+        assert _cost(got, n_new, lens) == pytest.approx(best)
 
 
 def test_reference_queries_never_see_other_sequences():

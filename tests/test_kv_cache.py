@@ -276,11 +276,10 @@ def test_attention_fast_paths_match_the_general_plan(dtype, contiguous, kind):
     fast = paged_tree_attention(**args, step_cache=step_cache, impl="reference")
     plan = step_cache[("plan", None)]
     if kind == "ragged":        # each prompt alone (the fresh one mask-free), decode + tree together
-        groups = plan["groups"]
-        assert [sub["causal"] for _, sub in groups] == [True, False, False]
-        assert groups[0][0] == slice(0, 40) and groups[1][0] == slice(41, 78)
-        assert groups[2][0].tolist() == [40, 78, 79, 80]
-        assert ("folded_mask", 3) in groups[2][1]       # 6 query heads over 2 kv heads: folded
+        groups = {(r.start, r.stop) if isinstance(r, slice) else tuple(r.tolist()): sub for r, sub in plan["groups"]}
+        assert sorted(groups) == [(0, 40), (40, 78, 79, 80), (41, 78)]
+        assert groups[0, 40]["causal"] and not groups[41, 78]["causal"] and not groups[40, 78, 79, 80]["causal"]
+        assert ("folded_mask", 3) in groups[40, 78, 79, 80]       # 6 query heads over 2 kv heads: folded
     else:
         assert plan["causal"] == (kind == "prompt")
         assert (plan["contiguous"] is not None) == (contiguous and len(lens) == 1)

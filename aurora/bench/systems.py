@@ -306,6 +306,9 @@ class AuroraSystem(System):
                "draft_s": stats.get("draft_s"), "verify_s": stats.get("verify_s")}
         if isinstance(stats.get("draft_sources"), dict):
             out["draft_sources"] = stats["draft_sources"]
+        policy = {k.removeprefix("policy_"): v for k, v in stats.items() if k.startswith("policy_")}
+        if policy.get("adaptive"):                     # what the adaptive policy measured and decided
+            out["policy"] = policy
         if isinstance(stats.get("trainer"), dict):
             t = stats["trainer"]
             out["trainer"] = {k: t.get(k) for k in ("steps", "loss", "losses", "swaps", "rollbacks", "version",
