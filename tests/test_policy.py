@@ -293,6 +293,22 @@ def test_measured_step_rates_keep_speculation_where_it_wins():
     assert sum(policy.choose([seq]) is None for _ in range(64)) <= 1
 
 
+def test_measured_step_rates_forget_both_kinds_at_the_same_pace():
+    """Rates of a kind not seen for a while go stale together with the bucket's clock: spec steps
+    measured long ago (a slower machine) stop being compared with recent plain steps."""
+    policy = AdaptivePolicy(SpecConfig(depth=5, adaptive=True))
+    seq = _seq("r0")
+    for _ in range(20):
+        policy.observe_wall([seq], True, 2, 0.2)           # 10 tok/s, early
+    assert policy.measured_rates([seq]) == (pytest.approx(10.0), None)
+    for _ in range(300):
+        policy.observe_wall([seq], False, 1, 0.02)         # 50 tok/s, recent
+    on, off = policy.measured_rates([seq])
+    assert on is None and off == pytest.approx(50.0)       # no recent evidence with speculation: no verdict
+    policy.observe_wall([_seq(f"b{i}") for i in range(4)], True, 8, 0.1)     # other buckets keep their own clock
+    assert policy.measured_rates([seq])[1] == pytest.approx(50.0)
+
+
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_engine_times_whole_steps_only_for_a_policy_that_reads_them(fresh_engine, adaptive):
     """The fixed tree never reads end-to-end step rates, so the engine's hot path skips timing

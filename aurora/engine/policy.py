@@ -19,7 +19,9 @@ bookkeeping, verification, sampling) is caught end to end: the engine reports ev
 step's wall time and emitted tokens, kept per (batch-size bucket, decoding mode, speculating or
 not) as decayed sums, and once both kinds of step have evidence in a bucket, a measured
 tokens/s without speculation above the one with it switches speculation off there (with
-probes); steps without speculation are sampled now and then so that evidence exists.
+probes); steps without speculation are sampled now and then so that evidence exists. Both kinds
+of a bucket forget at the same pace (per step of the bucket), so they describe the same recent
+stretch of time, and a kind without recent evidence has none.
 
 Acceptance is kept at two levels. Coarse: (kind, depth), kind = lookup / scored (node_kind).
 Fine: (kind/source, depth), the source saying what proposed the node on what evidence
@@ -56,7 +58,7 @@ from aurora.engine.tree import DraftTree
 PRIOR_ALPHA = 0.6          # conditional acceptance before any evidence (optimistic: explore)
 PRIOR_WEIGHT = 4.0         # pseudo-observations behind the prior / the global estimate
 PROBE_EVERY = 8            # when off, propose anyway one step in this many
-RATE_DECAY = 0.95          # forgetting of the measured step rates (per observed step)
+RATE_DECAY = 0.99          # forgetting of the measured step rates (per decode step of the bucket, both kinds)
 RATE_MIN_STEPS = 4.0       # decayed steps of each kind before measured rates overrule the model
 EXPLORE_OFF_EVERY = 16     # without enough evidence of steps without speculation, one in this many
 OWN_LR = 1.0               # step of a sequence's log-odds shift per judged node
@@ -356,10 +358,16 @@ class AdaptivePolicy(SpeculationPolicy):
             self._run[seq.request_id] = len(path) >= RUN_LONG or (len(path) >= RUN_LEAF and leaf)
 
     def observe_wall(self, seqs, speculated: bool, tokens: int, seconds: float) -> None:
-        r = self._rates.setdefault((_bucket(len(seqs)), _mode(seqs), speculated), [0.0, 0.0, 0.0])
-        r[0] = RATE_DECAY * r[0] + 1.0
-        r[1] = RATE_DECAY * r[1] + tokens
-        r[2] = RATE_DECAY * r[2] + seconds
+        """Both kinds of a bucket forget at every step of that bucket, not each at its own steps: the
+        rarer kind (probes, or the sampled steps without speculation) would otherwise keep rates
+        from minutes ago and be compared with the other kind's recent ones while the machine's
+        speed drifts (a `none` engine, whose two kinds are the same steps, read 480 vs 432 tok/s)."""
+        bucket, mode = _bucket(len(seqs)), _mode(seqs)
+        for kind in (True, False):
+            r = self._rates.setdefault((bucket, mode, kind), [0.0, 0.0, 0.0])
+            r[0], r[1], r[2] = RATE_DECAY * r[0], RATE_DECAY * r[1], RATE_DECAY * r[2]
+            if kind == speculated:
+                r[0], r[1], r[2] = r[0] + 1.0, r[1] + tokens, r[2] + seconds
 
     def release(self, seq) -> None:
         self._seq.pop(seq.request_id, None)
