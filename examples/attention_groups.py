@@ -10,9 +10,8 @@ from __future__ import annotations
 import random
 import time
 
-import torch
-
 import aurora.kernels as K
+import torch
 from aurora.kernels.reference import split_groups
 
 LAYERS, HEADS, KV_HEADS, DIM, BLOCK = 30, 9, 3, 64, 16
@@ -88,7 +87,7 @@ def main() -> None:
         "8 trees of 2 + 8 trees of 6": [(150 + 9 * i, 2, "tree") for i in range(8)] + [(180, 6, "tree")] * 8,
         "15 decoding + one at 3,000 tokens": dec(15) + [(3000, 1, "decode")],
     }
-    print(f"| step | one padded call / threshold rule, ms | cost-based groups, ms | groups |\n|---|---|---|---|")
+    print("| step | one padded call / threshold rule, ms | cost-based groups, ms | groups |\n|---|---|---|---|")
     new = split_groups
     try:
         for name, specs in cases.items():

@@ -21,8 +21,14 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from aurora.kernels import paged_tree_attention, tree_attention
-from aurora.kernels.reference import (GROUP_CALL, KEY_COST, PROMPT_ROWS, paged_tree_attention_ref, split_groups,
-                                      tree_attention_dense_ref)
+from aurora.kernels.reference import (
+    GROUP_CALL,
+    KEY_COST,
+    PROMPT_ROWS,
+    paged_tree_attention_ref,
+    split_groups,
+    tree_attention_dense_ref,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
