@@ -105,6 +105,31 @@ def test_nearly_free_first_nodes_are_verified_under_the_measured_curve(costs, ke
     assert len(policy.prune([seq], [tree])[0]) == kept
 
 
+def test_step_costs_are_kept_per_batch_size():
+    """One sequence verifying up to 8 nodes steps along a flat curve; eight plain sequences fill
+    the same row buckets at twice the time and pay 3 ms per extra row. Keyed by rows alone the
+    two would average; each batch's own curve prices its nodes."""
+    policy = AdaptivePolicy(SpecConfig(depth=8, adaptive=True))
+    for i in range(300):
+        rows = [1, 5, 9][i % 3]
+        policy.observe_step(rows, 0.020, 1, 0.0005, num_seqs=1)            # batch 1: flat 20 ms
+        rows = [8, 9, 12][i % 3]
+        policy.observe_step(rows, 0.040 + 0.003 * (rows - 8), 8, 0.004, num_seqs=8)
+    assert policy.step_costs(1).curve(1, 9)[-1] == pytest.approx(0.020, rel=0.02)
+    assert policy.step_costs(8).curve(9, 12)[-1] - policy.step_costs(8).curve(9, 9)[0] == pytest.approx(0.009, rel=0.1)
+    assert policy.step_costs(32) is policy.costs                          # no steps of that size yet
+    tree = DraftTree()
+    for k in range(8):
+        tree.add(7 + k, -1, -1.9)                       # eight siblings, 'scored'
+    for k in range(200):                                # one of the eight accepted in 1 step of 5
+        policy.observe([_seq("o")], [tree], [([0] if k % 5 == 0 else [], 0)])
+    policy.release(_seq("o"))
+    assert len(policy.prune([_seq()], [tree])[0]) == 8                  # nearly free at batch 1
+    batch = [_seq(f"b{i}") for i in range(8)]
+    assert sum(len(t) for t in policy.prune(batch, [tree] + [DraftTree()] * 7)) == 0   # 3 ms each at 8
+    assert set(policy.state()["cost_ms_by_batch"]) == {"1", "8-15"}
+
+
 def test_policy_keeps_nodes_that_pay_and_drops_those_that_do_not():
     spec = SpecConfig(depth=5, adaptive=True)
     good = AdaptivePolicy(spec)

@@ -15,8 +15,9 @@ line with `prior_weight` pseudo-observations, trusted less as it ages (its weigh
 every step of any size), made non-decreasing by isotonic regression over the buckets,
 interpolated between measured buckets, the line outside them. The adaptive policy reads the curve.
 Its buckets are total rows, whatever the batch: one sequence with three draft nodes and four
-plain sequences share the 4-row bucket although attention over four contexts costs more (a
-known limit; keying by batch size too is left to do).
+plain sequences share the 4-row bucket although attention over four contexts costs more, so the
+adaptive policy keeps one model per batch-size bucket besides the one over all steps and reads
+the batch's own once it has evidence (`AdaptivePolicy.step_costs`).
 """
 from __future__ import annotations
 

@@ -339,7 +339,7 @@ class Engine:
         t = time.perf_counter()
         if all(r.num_uncached == 1 for r in rows):       # the cost model learns from decode steps
             self.policy.observe_step(int(batch.input_ids.shape[0]), self._fwd_s,
-                                     sum(tr is not None for tr in trees), self._draft_s)
+                                     sum(tr is not None for tr in trees), self._draft_s, len(seqs))
         self.policy.observe(seqs, trees, outcomes)
         view = StepView(seqs, trees, batch, result, rows, outcomes, self.proposer.version)
         _guarded(self.proposer.on_step, seqs, batch, result, rows)     # a draft or trainer hook that

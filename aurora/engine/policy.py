@@ -6,8 +6,8 @@ p(node) = prod over its path of alpha(kind, source, depth) (conditional acceptan
 online, blended with the sequence's own history), and verifies the set of nodes that
 maximises batch tokens per second, (B + sum of p over verified nodes) / t(B + N): candidates
 taken best first (highest p, whole root paths), every prefix scored, the best kept. t(T) is
-the step time of T rows as the engine measured it (`costs.py`): on a CPU it is flat for a few
-rows and then rises by row blocks, so the first node whose own gain p falls below its own
+the step time of T rows as the engine measured it at this batch size (`costs.py`, one model per
+batch-size bucket once it has evidence): on a CPU it is flat for a few rows and then rises by row blocks, so the first node whose own gain p falls below its own
 cost is not where the best prefix ends (a line t = a + b*T, `policy_costs="linear"`, makes
 every node pay b and prunes the nearly free first nodes). Before proposing, the realised gain
 per proposing sequence (accepted tokens, including steps where the draft had nothing) is weighed against
@@ -65,6 +65,7 @@ OWN_LR = 1.0               # step of a sequence's log-odds shift per judged node
 OWN_MAX = 6.0              # |shift| cap
 RUN_LONG = 8               # a previous step that accepted this many tokens marks a copying run,
 RUN_LEAF = 4               # ... or this many, ending at a leaf (it accepted all it was shown)
+BATCH_COST_MIN_OBS = 8     # decode steps of a batch-size bucket before its own step-cost curve is read
 
 
 def node_kind(tree: DraftTree, node: int, greedy: bool = True) -> str:
@@ -134,8 +135,10 @@ class SpeculationPolicy:
         `base_tokens`: rows the step runs besides tree nodes."""
         return trees
 
-    def observe_step(self, num_tokens: int, forward_s: float, num_proposed: int, draft_s: float) -> None:
-        """Timing of one decode step (target forward over `num_tokens` rows; draft time)."""
+    def observe_step(self, num_tokens: int, forward_s: float, num_proposed: int, draft_s: float,
+                     num_seqs: int | None = None) -> None:
+        """Timing of one decode step (target forward over `num_tokens` rows of `num_seqs` sequences;
+        draft time)."""
 
     def observe(self, seqs, trees, outcomes) -> None:
         """Accepted paths of the verified trees."""
@@ -155,7 +158,8 @@ class AdaptivePolicy(SpeculationPolicy):
 
     def __init__(self, spec: SpecConfig, seed: int = 0):
         super().__init__(spec)
-        self.costs = StepCostModel()
+        self.costs = StepCostModel()                      # every decode step (and the draft's cost)
+        self._batch_costs: dict[str, StepCostModel] = {}   # batch-size bucket -> its own steps only
         self._tries: dict[tuple[str, int], float] = {}     # (kind, depth) -> attempts (parent accepted)
         self._wins: dict[tuple[str, int], float] = {}      # ... -> accepted
         self._seq: dict[str, dict[str, float]] = {}       # request id -> draft family -> log-odds shift
@@ -263,7 +267,7 @@ class AdaptivePolicy(SpeculationPolicy):
         est = [self.realised(s) for s in decode]
         gain = sum(acc for acc, _ in est)
         nodes = sum(k for _, k in est)
-        times = self._step_times(rows, rows + math.ceil(nodes))
+        times = self._step_times(rows, rows + math.ceil(nodes), B)
         t_plain, t_spec = times[0], times[-1] + self.costs.draft_s_per_seq * len(decode)
         if (B + gain) / t_spec >= B / t_plain:
             self._off_steps = 0
@@ -286,7 +290,7 @@ class AdaptivePolicy(SpeculationPolicy):
                 cands.append((p, tree.depths[node], i, node))
         cands.sort(key=lambda c: (-c[0], c[1]))           # a parent's p >= its child's: parents first
         base = base_tokens or len(seqs)                    # rows of the step without nodes
-        times = self._step_times(base, base + len(cands))  # times[k]: the step with k more rows
+        times = self._step_times(base, base + len(cands), len(seqs))   # times[k]: the step with k more rows
         expected = float(len(seqs))
         best_rate, best_k = expected / times[0], 0
         chosen: list[tuple[int, int]] = []
@@ -313,16 +317,29 @@ class AdaptivePolicy(SpeculationPolicy):
             self.num_nodes_verified += len(kept)
         return out
 
-    def _step_times(self, first: int, last: int) -> list[float]:
-        """Step seconds for first..last rows: the measured curve, or the fitted line
-        (`SpecConfig.policy_costs="linear"`, the model before the curve, for A/Bs)."""
+    def step_costs(self, num_seqs: int) -> StepCostModel:
+        """The cost model of steps of `num_seqs` sequences: that batch-size bucket's own once it has
+        BATCH_COST_MIN_OBS steps, else the one over all steps. The same row count costs more over
+        more sequences (attention reads every context; draft trees of different sizes attend in
+        groups), so one curve keyed by rows alone mixes, e.g., one sequence with 15 tree nodes and
+        16 plain sequences."""
+        own = self._batch_costs.get(_bucket(num_seqs))
+        return own if own is not None and own.num_obs >= BATCH_COST_MIN_OBS else self.costs
+
+    def _step_times(self, first: int, last: int, num_seqs: int) -> list[float]:
+        """Step seconds for first..last rows of `num_seqs` sequences: the measured curve, or the
+        fitted line (`SpecConfig.policy_costs="linear"`, the model before the curve, for A/Bs)."""
+        costs = self.step_costs(num_seqs)
         if self.spec.policy_costs == "linear":
-            return [self.costs.step_time(t) for t in range(first, last + 1)]
-        return self.costs.curve(first, last)
+            return [costs.step_time(t) for t in range(first, last + 1)]
+        return costs.curve(first, last)
 
     # ------------------------------------------------------------ learning
-    def observe_step(self, num_tokens: int, forward_s: float, num_proposed: int, draft_s: float) -> None:
+    def observe_step(self, num_tokens: int, forward_s: float, num_proposed: int, draft_s: float,
+                     num_seqs: int | None = None) -> None:
         self.costs.observe(num_tokens, forward_s)
+        if num_seqs:
+            self._batch_costs.setdefault(_bucket(num_seqs), StepCostModel()).observe(num_tokens, forward_s)
         if num_proposed:
             self.costs.observe_draft(num_proposed, draft_s)
 
@@ -378,6 +395,7 @@ class AdaptivePolicy(SpeculationPolicy):
         a, b = self.costs.coefficients() if self.costs.ready else (None, None)
         return {"adaptive": True, "cost_a_ms": a and 1000 * a, "cost_b_ms": b and 1000 * b,
                 "cost_ms_by_rows": self.costs.table_ms(),
+                "cost_ms_by_batch": {b: m.table_ms() for b, m in sorted(self._batch_costs.items())},
                 "draft_ms_per_seq": self.costs.draft_s_per_seq and 1000 * self.costs.draft_s_per_seq,
                 "steps_off": self.num_steps_off,
                 "steps_off_measured": self.num_steps_off_measured,
