@@ -11,7 +11,9 @@ children from continuation frequencies under sampling (`suffix_q="frequency"`); 
 ":linear" run the adaptive policy without per-source statistics and on the fitted cost line
 instead of the measured curve (`policy_sources=False`, `policy_costs="linear"`, for A/Bs); the options
 combine (":fixed/freq", ":pooled/linear"). One process, interleaved, each engine warmed
-up on other prompts first (the adaptive policy and the cost model learn online from that).
+up on other prompts first (the adaptive policy and the cost model learn online from that); odd
+rounds run the modes and the systems in reverse order (the machine's speed drifts within a round:
+`none` read 0.82-1.08x sampled / greedy in one run, though sampling costs it nothing measurable).
 A stream is a closed-loop client: it sends its next prompt the moment its previous request
 finishes, so `c` streams keep `c` requests in flight. A round gives each stream
 max(1, 4 // c) + 1 prompts and counts the tokens emitted until the first stream runs out (every
@@ -167,11 +169,12 @@ def main() -> None:
     rows = []
     for c in concs:
         samples = {mode: {"hf": [], **{name: [] for name in names}} for mode in modes}
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
             ids = fresh(c * per_stream(c))                 # the same prompts for every engine and mode
-            for mode in modes:
+            flip = r % 2 == 1                              # odd rounds run modes and systems in reverse order,
+            for mode in (modes[::-1] if flip else modes):  # so the machine's drift within a round favours none
                 samples[mode]["hf"].append(hf(ids, mode, c))
-                for name in names:
+                for name in (names[::-1] if flip else names):
                     samples[mode][name].append(aurora(engines[name, mode], ids, mode, c))
         for mode in modes:
             row = {"streams": c, "mode": mode, **{k: statistics.median(v) for k, v in samples[mode].items()}}
