@@ -6,9 +6,10 @@ p(node) = prod over its path of alpha(kind, source, depth) (conditional acceptan
 online, blended with the sequence's own history), and verifies the set of nodes that
 maximises batch tokens per second, (B + sum of p over verified nodes) / t(B + N): candidates
 taken best first (highest p, whole root paths), every prefix scored, the best kept. t(T) is
-the step time of T rows as the engine measured it at this batch size (`costs.py`, one model per
-batch-size bucket once it has evidence): on a CPU it is flat for a few rows and then rises by row blocks, so the first node whose own gain p falls below its own
-cost is not where the best prefix ends (a line t = a + b*T, `policy_costs="linear"`, makes
+the step time of T rows as the engine measured it at this batch size (`costs.py`; one model per
+batch-size bucket once it has evidence): on a CPU it is flat for a few rows and then rises by
+row blocks, so the first node whose own gain p falls below its own cost is not where the best
+prefix ends (a line t = a + b*T, `policy_costs="linear"`, makes
 every node pay b and prunes the nearly free first nodes). Before proposing, the realised gain
 per proposing sequence (accepted tokens, including steps where the draft had nothing) is weighed against
 the draft's measured time plus the verified nodes' cost; when it does not pay, the step
