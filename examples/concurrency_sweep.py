@@ -45,9 +45,10 @@ from aurora.workloads import load_domain
 MODES = {"greedy": dict(temperature=0.0), "T0.7/p0.9": dict(temperature=0.7, top_p=0.9)}
 
 
-def per_stream(c: int) -> int:
-    """Prompts each of `c` streams serves in a round (1 stream: five one after another)."""
-    return max(1, 4 // c) + 1
+def per_stream(c: int, at_least: int = 0) -> int:
+    """Prompts each of `c` streams serves in a round (1 stream: five one after another; 16
+    streams: two, or `--per-stream`)."""
+    return max(max(1, 4 // c) + 1, at_least)
 
 
 def main() -> None:
@@ -58,6 +59,10 @@ def main() -> None:
     ap.add_argument("--drafts", default="none,ngram,eagle+ngram,eagle+ngram:fixed")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--repeats", type=int, default=1, help="median of this many interleaved rounds per cell")
+    ap.add_argument("--per-stream", type=int, default=0,
+                    help="at least this many prompts per stream and round (default: 5 at one stream, 2 from "
+                         "4 streams on). The count stops when the first stream runs dry, so the other streams' "
+                         "last requests are cut after their prefill; more prompts per stream shrink that edge")
     ap.add_argument("--vary-lengths", action="store_true",
                     help="reply lengths drawn per prompt from [max_tokens/2, 3*max_tokens/2] (the same for every "
                          "system), as in real traffic; by default every reply has max_tokens, so without "
@@ -65,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     concs = [int(c) for c in args.conc.split(",")]
     modes = args.modes.split(",")
-    n = 4 + args.repeats * sum(c * per_stream(c) for c in concs)     # warm-up + one fresh set per round
+    n = 4 + args.repeats * sum(c * per_stream(c, args.per_stream) for c in concs)     # warm-up + one fresh set per round
     code, chat = load_domain("code", n, seed=7), load_domain("chat", n, seed=7)
     names = args.drafts.split(",")
     engines = {}                                                      # (draft, mode) -> its own engine
@@ -170,7 +175,7 @@ def main() -> None:
     for c in concs:
         samples = {mode: {"hf": [], **{name: [] for name in names}} for mode in modes}
         for r in range(args.repeats):
-            ids = fresh(c * per_stream(c))                 # the same prompts for every engine and mode
+            ids = fresh(c * per_stream(c, args.per_stream))                 # the same prompts for every engine and mode
             flip = r % 2 == 1                              # odd rounds run modes and systems in reverse order,
             for mode in (modes[::-1] if flip else modes):  # so the machine's drift within a round favours none
                 samples[mode]["hf"].append(hf(ids, mode, c))
