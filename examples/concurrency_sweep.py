@@ -16,7 +16,7 @@ rounds run the modes and the systems in reverse order (the machine's speed drift
 `none` read 0.82-1.08x sampled / greedy in one run, though sampling costs it nothing measurable).
 A stream is a closed-loop client: it sends its next prompt the moment its previous request
 finishes, so `c` streams keep `c` requests in flight. A round gives each stream
-max(1, 4 // c) + 1 prompts and counts the tokens emitted until the first stream runs out (every
+max(1, 4 // c) + 1 prompts (at least `--per-stream`) and counts the tokens emitted until the first stream runs out (every
 stream busy the whole time: a closed wave of `c` requests would instead end with a tail where
 speculation has made some requests finish early and the batch runs part-empty). transformers
 has no continuous batching: it runs the same prompts as left-padded batches of `c`. Every
@@ -177,7 +177,7 @@ def main() -> None:
         for r in range(args.repeats):
             ids = fresh(c * per_stream(c, args.per_stream))                 # the same prompts for every engine and mode
             flip = r % 2 == 1                              # odd rounds run modes and systems in reverse order,
-            for mode in (modes[::-1] if flip else modes):  # so the machine's drift within a round favours none
+            for mode in (modes[::-1] if flip else modes):  # so the machine's drift within a round favours no one
                 samples[mode]["hf"].append(hf(ids, mode, c))
                 for name in (names[::-1] if flip else names):
                     samples[mode][name].append(aurora(engines[name, mode], ids, mode, c))

@@ -79,16 +79,18 @@ def tree_attention(q, k, v, mask, scale):
     return tree_attention_dense_ref(q, k, v, mask, scale)
 
 
-def _plan(block_tables, seq_lens, query_start, tree_mask, positions, block_size, num_tokens, sliding_window):
+def _plan(block_tables, seq_lens, query_start, tree_mask, positions, block_size, num_tokens, sliding_window,
+          split: bool = True):
     """A ragged step gets one plan per group (`split_groups`); a fresh causal prompt of one
-    sequence the mask-free plan; everything else the general one."""
-    groups = split_groups(query_start, seq_lens)
+    sequence the mask-free plan; everything else the general one. A group is not split again:
+    the partition is already the cheapest among those contiguous in the grouping's order."""
+    groups = split_groups(query_start, seq_lens) if split else None
     if groups is not None:
         parts = []
         for group in groups:
             rows, sub = group_args(group, block_tables, seq_lens, query_start, tree_mask, positions)
             num = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
-            parts.append((rows, _plan(*sub, block_size, num, sliding_window)))
+            parts.append((rows, _plan(*sub, block_size, num, sliding_window, split=False)))
         return {"groups": parts}
     if (seq_lens.shape[0] == 1 and int(seq_lens[0]) == num_tokens and tree_mask.shape == (num_tokens, num_tokens)
             and (not sliding_window or num_tokens <= sliding_window) and num_tokens > 1
