@@ -46,6 +46,7 @@ def test_every_step_equals_the_transformers_forward_in_fp32(model, draft):
                              prefill_chunk=8)) as eng:
         assert eng.runner.fast is not None
         eng.runner.forward = _both_paths(eng.runner, calls)
+        eng.step_hooks.append(lambda view: None)      # full steps: every row's hidden state (no tail)
         greedy = SamplingParams(max_tokens=12, temperature=0)
         sampled = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=3)
         outs = eng.generate_batch(PROMPTS, [greedy, sampled, greedy])
@@ -129,3 +130,72 @@ def test_long_prompt_projections_run_apart_and_equal_the_reference_in_bf16(model
         eng.runner.forward = _both_paths(eng.runner, calls)
         eng.generate_batch(PROMPTS, SamplingParams(max_tokens=1, temperature=0))
     assert calls and min(calls) >= 8
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3"])
+def test_tail_step_runs_the_last_layer_for_the_logits_rows_only(model):
+    """A step whose rows without logits nobody reads (no step hook) runs its last layer for the
+    root and tree rows only (step.py, `tail`): a long prompt chunk beside decoding sequences with
+    draft trees gives the same logits as the full step (fp32), the same K/V in the cache, and the
+    same greedy tokens end to end; an attached step hook (which may read every row's hidden state)
+    turns it off."""
+    from aurora.engine.step import build_step
+    long_prompt = " ".join(f"w{i}" for i in range(80))
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    outs, tails = {}, {}
+    for hooked in (False, True):
+        with Engine(EngineConfig(model=model, draft="ngram", online=False, dtype="float32",
+                                 spec=SpecConfig(adaptive=False), prefill_chunk=48)) as eng:
+            seen = []
+            forward = eng.runner.forward
+
+            def spy(batch, forward=forward, seen=seen):
+                result = forward(batch)
+                seen.append((batch.tail_query_start is not None, result.hidden is None,
+                             int(batch.query_start.shape[0]) - 1))
+                return result
+            eng.runner.forward = spy
+            if hooked:
+                eng.step_hooks.append(lambda view: None)
+            outs[hooked] = [o.token_ids for o in eng.generate_batch(PROMPTS + [long_prompt], greedy)]
+            tails[hooked] = seen
+    assert outs[False] == outs[True]
+    assert any(t and none for t, none, _ in tails[False])                 # the tail ran, hidden was None
+    assert not any(t or none for t, none, _ in tails[True])
+    assert all(t == none for t, none, _ in tails[False])
+
+    # one mixed step, tail vs full: a 48-row chunk, two decoders, one with a draft tree
+    from aurora.engine.tree import DraftTree
+    with Engine(EngineConfig(model=model, draft="none", online=False, dtype="float32",
+                             prefill_chunk=48)) as eng:
+        seqs = []
+
+        def prepare():
+            for text in PROMPTS[:2]:
+                eng.add_request(eng.encode_prompt(text), SamplingParams(max_tokens=50, temperature=0))
+            eng._drain_inbox()
+            while not eng.scheduler.running or any(s.num_uncached != 1 for s in eng.scheduler.running):
+                eng.step()
+            eng.add_request(eng.encode_prompt(long_prompt), SamplingParams(max_tokens=5, temperature=0))
+            eng._drain_inbox()
+            seqs.extend(eng.scheduler.schedule(eng.policy.budget))
+            tree = DraftTree()
+            root = tree.add(5, -1)
+            tree.add(7, root)
+            tree.add(9, -1)
+            trees = [None] * len(seqs)
+            trees[[i for i, s in enumerate(seqs) if s.num_uncached == 1][0]] = tree
+            results = {}
+            for tail in (False, True):
+                batch, _ = build_step(seqs, trees, eng.config.block_size, eng.device, tail)
+                results[tail] = (eng.runner.forward(batch), [eng.runner.cache.layer(i)[0][batch.slot_mapping].clone()
+                                                             for i in range(eng.runner.num_layers)])
+            return results
+        results = eng.run_on_worker(prepare)
+        assert sorted(s.num_step_tokens for s in seqs) == [1, 1, 48]
+        full, tail = results[False], results[True]
+        assert full[0].hidden is not None and tail[0].hidden is None
+        torch.testing.assert_close(tail[0].logits, full[0].logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(tail[0].logits.argmax(-1), full[0].logits.argmax(-1))
+        for a, b in zip(tail[1], full[1]):                                # every layer's K of all rows
+            assert torch.equal(a, b)

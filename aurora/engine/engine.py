@@ -364,6 +364,13 @@ class Engine:
         by_id = {id(s): t for s, t in zip(decode, proposed)}
         return [by_id.get(id(s)) for s in seqs]
 
+    @property
+    def _tail(self) -> bool:
+        """Whether a step may run its last layer for the logits rows only (step.py, `tail`): no step
+        hook is attached (a hook, e.g. the flywheel's trace collector, may read every row's hidden
+        state)."""
+        return not self.step_hooks
+
     def _forward(self, seqs, trees):
         """Yield (seqs, trees, batch, result, rows) groups covering `seqs`: normally one batched
         forward. If it raises, retry once without draft trees (a bad tree cannot be the cause);
@@ -375,7 +382,7 @@ class Engine:
             attempts.append([None] * len(seqs))
         for group_trees in attempts:
             try:
-                batch, rows = build_step(seqs, group_trees, self.config.block_size, self.device)
+                batch, rows = build_step(seqs, group_trees, self.config.block_size, self.device, self._tail)
                 t = time.perf_counter()
                 result = self.runner.forward(batch)
                 self._fwd_s = time.perf_counter() - t
@@ -388,7 +395,7 @@ class Engine:
         none = [None]
         for seq in seqs:
             try:
-                batch, rows = build_step([seq], none, self.config.block_size, self.device)
+                batch, rows = build_step([seq], none, self.config.block_size, self.device, self._tail)
                 t = time.perf_counter()
                 result = self.runner.forward(batch)
                 self._fwd_s = time.perf_counter() - t

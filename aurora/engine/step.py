@@ -14,6 +14,8 @@ from aurora.engine.sequence import Sequence
 from aurora.engine.tree import DraftTree
 from aurora.models.runner import StepBatch
 
+TAIL_MIN_SKIP = 32     # rows without logits (prompt tokens before the root) from which the tail pays
+
 
 @dataclass
 class SeqRows:
@@ -24,7 +26,7 @@ class SeqRows:
 
 
 def build_step(seqs: list[Sequence], trees: list[DraftTree | None], block_size: int,
-               device: torch.device) -> tuple[StepBatch, list[SeqRows]]:
+               device: torch.device, tail: bool = False) -> tuple[StepBatch, list[SeqRows]]:
     input_ids, positions, slots, logits_rows, rows = [], [], [], [], []
     masks = []
     seq_lens, query_start = [], [0]
@@ -48,12 +50,16 @@ def build_step(seqs: list[Sequence], trees: list[DraftTree | None], block_size: 
         masks.append(mask)
         seq_lens.append(base + n)
         query_start.append(query_start[-1] + n)
-    if len(masks) == 1:                              # one sequence (a long prompt: no [T, T] copy)
-        tree_mask = masks[0]
-    else:
-        tree_mask = torch.zeros(len(input_ids), max(mk.shape[0] for mk in masks), dtype=torch.bool)
-        for mk, s in zip(masks, query_start):
-            tree_mask[s:s + mk.shape[0], :mk.shape[1]] = mk
+    tree_mask = _pack(masks, query_start)
+    tail_start = tail_mask = None
+    if tail and len(input_ids) - len(logits_rows) >= TAIL_MIN_SKIP:
+        # each sequence's rows from its root on: root + nodes see every earlier row as cached
+        tails = [mk[r.num_uncached - 1:, r.num_uncached - 1:] for mk, r in zip(masks, rows)]
+        tail_qs = [0]
+        for mk in tails:
+            tail_qs.append(tail_qs[-1] + mk.shape[0])
+        tail_start = torch.tensor(tail_qs, dtype=torch.int32, device=device)
+        tail_mask = _pack(tails, tail_qs).to(device)
     max_blocks = max(len(s.block_ids) for s in seqs)
     block_tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
     for i, s in enumerate(seqs):
@@ -67,5 +73,18 @@ def build_step(seqs: list[Sequence], trees: list[DraftTree | None], block_size: 
         query_start=torch.tensor(query_start, dtype=torch.int32, device=device),
         tree_mask=tree_mask.to(device),
         logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device),
+        tail_query_start=tail_start,
+        tail_tree_mask=tail_mask,
     )
     return batch, rows
+
+
+def _pack(masks: list[torch.Tensor], query_start: list[int]) -> torch.Tensor:
+    """Per-sequence [n_i, n_i] masks -> [sum n_i, max n_i], rows packed by sequence (one sequence:
+    its own mask, no copy: a long prompt's [T, T])."""
+    if len(masks) == 1:
+        return masks[0]
+    out = torch.zeros(query_start[-1], max(mk.shape[0] for mk in masks), dtype=torch.bool)
+    for mk, s in zip(masks, query_start):
+        out[s:s + mk.shape[0], :mk.shape[1]] = mk
+    return out

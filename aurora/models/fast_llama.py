@@ -119,9 +119,11 @@ class FastLlama:
         self.layers = [_Layer(layer, self.head_dim) for layer in inner.layers[:cfg.num_hidden_layers]]
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, feature_layers):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, feature_layers, tail=None):
         # input_ids, positions: [T]; attend(layer_idx, q [T, H, D], k, v [T, Hkv, D], scaling,
-        # sliding_window) -> [T, H, D]
+        # sliding_window) -> [T, H, D]. tail: (rows [R], attend_tail) -> the last layer attends and
+        # runs its MLP for `rows` only (attend_tail: q [R, H, D], k, v [T, Hkv, D] -> [R, H, D]) and
+        # the hidden state returned is [R, d] (a long prompt needs the last row's only)
         h = self.embed(input_ids)                                             # [T, d]
         cos, sin = self.rotary(h[None], positions[None])                      # [1, T, D] each, h's dtype
         half = self.head_dim // 2
@@ -130,9 +132,17 @@ class FastLlama:
         sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)   # [T, 1, D]
         T, D = h.shape[0], self.head_dim
         wanted = {i: None for i in feature_layers}
+        last = self.layers[-1].index
+        if tail is not None and last in wanted:
+            raise ValueError("a tail step needs the last layer's output of every row (a feature layer)")
         for layer in self.layers:
             q, k, v = layer.attention_inputs(layer.norm1(h), cos, sin_signed)
-            out = attend(layer.index, q, k, v, layer.scaling, layer.sliding_window)     # [T, H, D]
+            if tail is not None and layer.index == last:
+                rows, attend_tail = tail
+                out = attend_tail(layer.index, q[rows], k, v, layer.scaling, layer.sliding_window)  # [R, H, D]
+                h, T = h[rows], rows.shape[0]
+            else:
+                out = attend(layer.index, q, k, v, layer.scaling, layer.sliding_window)     # [T, H, D]
             h = h + layer.o(out.reshape(T, layer.heads * D))
             gu = layer.gate_up(layer.norm2(h))                                # [T, 2I] or (g, u)
             g, u = gu if isinstance(gu, tuple) else gu.chunk(2, dim=-1)

@@ -34,12 +34,20 @@ class StepBatch:
     query_start: torch.Tensor    # [B + 1] int32
     tree_mask: torch.Tensor      # [T, max_new] bool
     logits_rows: torch.Tensor    # [R] int64, rows of T that need logits
+    # Optional "tail" of the step: nothing reads the final hidden state of rows without logits,
+    # so the last decoder layer may attend and run its MLP for the logits rows only (K/V of all
+    # rows still go to the cache). Per sequence those rows are a suffix of its new tokens (root
+    # + tree nodes), so the tail is itself a valid step: its queries see every earlier key as
+    # cached, and each other under tail_tree_mask. None: every row runs every layer.
+    tail_query_start: torch.Tensor | None = None   # [B + 1] int32, offsets of each sequence's tail rows
+    tail_tree_mask: torch.Tensor | None = None     # [R, max_tail] bool
 
 
 @dataclass
 class StepResult:
     logits: torch.Tensor         # [R, vocab] float32, processed by final softcap if any
-    hidden: torch.Tensor         # [T, hidden] final (normed) hidden state of every new token
+    hidden: torch.Tensor | None  # [T, hidden] final (normed) hidden state of every new token
+                                 # (None when the step ran its last layer for the tail rows only)
     features: torch.Tensor       # [T, 3 * hidden] low/mid/high layer outputs (draft input)
 
 
@@ -54,6 +62,19 @@ def _paged_attend(ctx: dict, layer_idx: int, q, k, v, scaling: float, sliding_wi
         q, k_pool, v_pool, batch.block_tables, batch.seq_lens, batch.query_start, batch.tree_mask,
         batch.positions, ctx["cache"].block_size, scaling, sliding_window, softcap,
         step_cache=ctx, impl=ctx["impl"])
+
+
+def _paged_attend_tail(ctx: dict, layer_idx: int, q, k, v, scaling: float, sliding_window=None, softcap=None):
+    """`_paged_attend` with queries for the step's tail rows only (StepBatch.tail_*): K/V of every
+    new token are written, q: [R, H, D] (rows `logits_rows`) -> [R, H, D]."""
+    batch: StepBatch = ctx["batch"]
+    k_pool, v_pool = ctx["cache"].layer(layer_idx)
+    k_pool[batch.slot_mapping] = k.to(k_pool.dtype)
+    v_pool[batch.slot_mapping] = v.to(v_pool.dtype)
+    return paged_tree_attention(
+        q, k_pool, v_pool, batch.block_tables, batch.seq_lens, batch.tail_query_start, batch.tail_tree_mask,
+        batch.positions[batch.logits_rows], ctx["cache"].block_size, scaling, sliding_window, softcap,
+        step_cache=ctx.setdefault("tail", {}), impl=ctx["impl"])
 
 
 def _aurora_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -157,8 +178,13 @@ class TargetRunner:
             return self.compiled(batch)
         ctx = {"batch": batch, "cache": self.cache, "impl": backend(self.device)}
         if self.fast is not None:
+            tail = None
+            if batch.tail_query_start is not None and self.num_layers - 1 not in self.feature_layers:
+                tail = (batch.logits_rows, functools.partial(_paged_attend_tail, ctx))
             hidden, features = self.fast.forward(batch.input_ids, batch.positions,
-                                                 functools.partial(_paged_attend, ctx), self.feature_layers)
+                                                 functools.partial(_paged_attend, ctx), self.feature_layers, tail)
+            if tail is not None:                  # hidden: the logits rows' only, in their order
+                return StepResult(logits=self.logits_from_hidden(hidden), hidden=None, features=features)
             return StepResult(logits=self.logits_from_hidden(hidden[batch.logits_rows]), hidden=hidden,
                               features=features)
         _local.ctx = ctx
