@@ -23,6 +23,9 @@ may differ in the last bf16 bit at prompt sizes (~300+ rows), where it blocks di
 (no packing, no fusion) is bit-identical to the reference on every step (tests). From
 PLAIN_FROM_ROWS rows (long prompts) the projections run as separate `F.linear` calls and RoPE
 runs on q and k apart: concatenating the outputs cost ~0.4 s of a 9.5 s 8,000-token prefill.
+With a `tail` (runner.StepBatch: nothing reads other rows' hidden state) the last layer projects
+every row (their K/V go to the cache) but attends and runs o_proj and the MLP for the logits rows
+only, one row of a long prompt: ~1/L of its layer work.
 
 What it saves against the reference, per step of SmolLM2-135M (30 layers): 90 of the 211
 GEMM calls, the per-layer transposes/reshapes of the attention module, the hooks transformers
