@@ -106,8 +106,24 @@ def test_calibration_wraps_only_where_packing_is_clearly_faster(monkeypatch):
     for ratios, wrapped in [([0.5, 0.6], True), ([0.85, 0.96], True), ([0.9, 1.0], False), ([1.3, 1.2], False)]:
         model, _ = build("tiny-llama", torch.float32, torch.device("cpu"))
         monkeypatch.setattr(pl, "packed_time_ratio", lambda layers, r=ratios: list(r))
+        monkeypatch.setattr(pl, "_DECISIONS", {})
         assert (pack_linears(model) > 0) == wrapped
         assert any(isinstance(m, PackedLinear) for m in model.modules()) == wrapped
+
+    # timed once per process and shapes; an ambiguous timing is repeated (median of the means)
+    timings = iter([[1.18, 0.72], [0.80, 0.70], [0.9, 0.9], [2.0, 2.0]])
+    calls = []
+    monkeypatch.setattr(pl, "packed_time_ratio", lambda layers: calls.append(1) or next(timings))
+    monkeypatch.setattr(pl, "_DECISIONS", {})
+    for _ in range(3):                                            # three engines' loads, one decision
+        model, _ = build("tiny-llama", torch.float32, torch.device("cpu"))
+        assert pack_linears(model) > 0                            # means 0.95, 0.75: clear -> median 0.85
+    assert len(calls) == 2
+    monkeypatch.setattr(pl, "_DECISIONS", {})
+    model, _ = build("tiny-llama", torch.float32, torch.device("cpu"))
+    assert pack_linears(model) == 0                               # 0.9 then 2.0: median 1.45
+    assert len(calls) == 4
+    monkeypatch.setattr(pl, "_DECISIONS", {})
 
     def missing(layers):
         raise RuntimeError("No such operator mkldnn::_reorder_linear_weight")
@@ -176,6 +192,7 @@ def test_learned_draft_serves_from_packed_slots_and_swaps_into_them(monkeypatch,
     import aurora.models.packed_linear as pl
     from aurora.flywheel.weights import publish
     monkeypatch.setattr(pl, "packed_time_ratio", lambda layers: [0.5, 0.5])   # as on a CPU where it pays
+    monkeypatch.setattr(pl, "_DECISIONS", {})
     greedy = SamplingParams(max_tokens=12, temperature=0)
     prompts = ["hello hello hello ", "def f(x): return x"]
     tokens = {}
@@ -214,6 +231,7 @@ def test_fp32_packed_speculative_greedy_equals_plain_greedy(monkeypatch, draft):
     suffix memory proposes (and verification accepts) long runs."""
     import aurora.models.packed_linear as pl
     monkeypatch.setattr(pl, "packed_time_ratio", lambda layers: [0.5, 0.5])
+    monkeypatch.setattr(pl, "_DECISIONS", {})
     greedy = SamplingParams(max_tokens=32, temperature=0)
     prompts = ["hello hello hello hello ", "def f(x):\n    return x + 1\n\ndef f(x):\n",
                "the cat sat on the mat. the cat sat on", "1 2 3 4 1 2 3 4 1 2"]
