@@ -185,8 +185,9 @@ def main() -> None:
             row = {"streams": c, "mode": mode, **{k: statistics.median(v) for k, v in samples[mode].items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    policy = {f"{name} {mode}": {k: v for k, v in eng.stats().items() if k.startswith("policy_")}
-              for (name, mode), eng in engines.items()}
+    policy = {f"{name} {mode}": {k: v for k, v in eng.stats().items()
+                                 if k.startswith("policy_") or k == "packed_linear_bytes"}
+              for (name, mode), eng in engines.items()}    # packed: 0 where the engine's linears stayed plain
     print(json.dumps({"model": args.model, "threads": torch.get_num_threads(), "max_tokens": args.max_tokens,
                       "vary_lengths": args.vary_lengths,
                       "policy": policy}, indent=1, default=str))

@@ -303,7 +303,8 @@ class AuroraSystem(System):
         else:
             by_depth = stats.get("acceptance_by_depth", {})
         out = {"acceptance_by_depth": {int(d): float(v) for d, v in by_depth.items()},
-               "draft_s": stats.get("draft_s"), "verify_s": stats.get("verify_s")}
+               "draft_s": stats.get("draft_s"), "verify_s": stats.get("verify_s"),
+               "packed_linear_bytes": stats.get("packed_linear_bytes")}     # 0: this engine's linears stayed plain
         if isinstance(stats.get("draft_sources"), dict):
             out["draft_sources"] = stats["draft_sources"]
         policy = {k.removeprefix("policy_"): v for k, v in stats.items() if k.startswith("policy_")}
