@@ -51,30 +51,23 @@ class StepResult:
     features: torch.Tensor       # [T, 3 * hidden] low/mid/high layer outputs (draft input)
 
 
-def _paged_attend(ctx: dict, layer_idx: int, q, k, v, scaling: float, sliding_window=None, softcap=None):
+def _paged_attend(ctx: dict, layer_idx: int, q, k, v, scaling: float, sliding_window=None, softcap=None,
+                  tail: bool = False):
     """Write the new tokens' K/V into the pool and attend over prefix + new tokens.
-    q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]."""
+    q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]. tail: q holds the step's tail rows only
+    (StepBatch.tail_*, rows `logits_rows`): q [R, H, D] -> [R, H, D], K/V of every row written."""
     batch: StepBatch = ctx["batch"]
     k_pool, v_pool = ctx["cache"].layer(layer_idx)
     k_pool[batch.slot_mapping] = k.to(k_pool.dtype)
     v_pool[batch.slot_mapping] = v.to(v_pool.dtype)
+    if tail:
+        meta = (batch.tail_query_start, batch.tail_tree_mask, batch.positions[batch.logits_rows])
+        plans = ctx.setdefault("tail", {})                            # the tail's own plan
+    else:
+        meta, plans = (batch.query_start, batch.tree_mask, batch.positions), ctx
     return paged_tree_attention(
-        q, k_pool, v_pool, batch.block_tables, batch.seq_lens, batch.query_start, batch.tree_mask,
-        batch.positions, ctx["cache"].block_size, scaling, sliding_window, softcap,
-        step_cache=ctx, impl=ctx["impl"])
-
-
-def _paged_attend_tail(ctx: dict, layer_idx: int, q, k, v, scaling: float, sliding_window=None, softcap=None):
-    """`_paged_attend` with queries for the step's tail rows only (StepBatch.tail_*): K/V of every
-    new token are written, q: [R, H, D] (rows `logits_rows`) -> [R, H, D]."""
-    batch: StepBatch = ctx["batch"]
-    k_pool, v_pool = ctx["cache"].layer(layer_idx)
-    k_pool[batch.slot_mapping] = k.to(k_pool.dtype)
-    v_pool[batch.slot_mapping] = v.to(v_pool.dtype)
-    return paged_tree_attention(
-        q, k_pool, v_pool, batch.block_tables, batch.seq_lens, batch.tail_query_start, batch.tail_tree_mask,
-        batch.positions[batch.logits_rows], ctx["cache"].block_size, scaling, sliding_window, softcap,
-        step_cache=ctx.setdefault("tail", {}), impl=ctx["impl"])
+        q, k_pool, v_pool, batch.block_tables, batch.seq_lens, *meta, ctx["cache"].block_size, scaling,
+        sliding_window, softcap, step_cache=plans, impl=ctx["impl"])
 
 
 def _aurora_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -180,7 +173,7 @@ class TargetRunner:
         if self.fast is not None:
             tail = None
             if batch.tail_query_start is not None and self.num_layers - 1 not in self.feature_layers:
-                tail = (batch.logits_rows, functools.partial(_paged_attend_tail, ctx))
+                tail = (batch.logits_rows, functools.partial(_paged_attend, ctx, tail=True))
             hidden, features = self.fast.forward(batch.input_ids, batch.positions,
                                                  functools.partial(_paged_attend, ctx), self.feature_layers, tail)
             if tail is not None:                  # hidden: the logits rows' only, in their order
