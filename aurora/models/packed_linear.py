@@ -46,7 +46,7 @@ clearly faster, or whose torch lacks the oneDNN ops (or cannot pack the dtype on
 The timing is taken once per process for a model's linear shapes and dtype, and repeated (up to
 CALIBRATION_TRIES, median) while it lands within AMBIGUOUS of PAYS_BELOW: one 0.7 s timing on a
 busy 2-core machine once read 1.18 / 0.72 and left one of six identical engines of a process
-unpacked, its 16-row linears at 131 ms against 68-80 ms for the five others, which a benchmark
+unpacked, its 16-row linears at 131 ms against 68-87 ms for the five others, which a benchmark
 then read as that engine's own speed.
 
 Long prompts go the other way: for thousands of rows the reorder is amortised and oneDNN's own
