@@ -5,8 +5,8 @@
   preset drafting for itself) accepts nearly every node; the first tokens' distribution is
   chi-square-tested against the exact target distribution;
 * greedy exactness with that identical draft, where most proposed nodes are accepted;
-* the real model sampled in fp32 and bf16 (slow), drafting for itself, against its own
-  exact distribution at the same dtype.
+* the real model sampled in fp32 and bf16 (slow; bf16 in `make test` only where the CPU serves
+  it by default), drafting for itself, against its own exact distribution at the same dtype.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from test_exactness import ALPHA, PROMPTS, greedy
 
 from aurora import SamplingParams, SpecConfig
 from aurora.engine.sampling import processed_probs
+from aurora.models.loader import resolve_dtype
 
 TWIN = "model:tiny-llama"
 K = 3                                   # tokens per sample: the prefill token, then two draft nodes
@@ -119,9 +120,15 @@ REAL_K = 2                      # the prefill token, then one accepted draft sam
 REAL_PROMPT = "The capital of France is"
 
 
+# `make test` proves the dtype this machine serves by default (fp32 always; bf16 where the CPU
+# computes it natively). Elsewhere bf16 is emulated, ~2.5x slower than fp32 (59 s on a 2-core
+# AVX2 machine), and never served unless asked for; `make test-all` runs it everywhere.
+_BF16_SERVED = resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+
+
 @pytest.mark.slow
-@pytest.mark.exactness
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=pytest.mark.exactness),
+                                   pytest.param("bfloat16", marks=[pytest.mark.exactness] if _BF16_SERVED else [])])
 def test_real_model_sampling_follows_its_own_distribution(fresh_engine, dtype):
     """smollm2-135m drafting for itself at `dtype`: the first REAL_K sampled tokens of REAL_N
     seeded requests against the exact distribution of a transformers copy at the same dtype."""
