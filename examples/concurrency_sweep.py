@@ -21,7 +21,9 @@ stream busy the whole time: a closed wave of `c` requests would instead end with
 speculation has made some requests finish early and the batch runs part-empty). transformers
 has no continuous batching: it runs the same prompts as left-padded batches of `c`. Every
 (round, streams) draws prompts no engine has seen: a draft that remembers traffic
-(`suffix`) would otherwise replay its own earlier outputs of a repeated prompt.
+(`suffix`) would otherwise replay its own earlier outputs of a repeated prompt. Each JSON row
+carries every round's tok/s (`rounds`) and, beside the medians, the median of each round's own
+ratio to `none` (`paired_vs_none`): a round's systems run minutes apart, rounds further apart.
 
     python examples/concurrency_sweep.py [--conc 1,4,16] [--max-tokens 32] [--repeats 1] [--vary-lengths]
         [--drafts none,ngram,eagle+ngram,eagle+ngram:fixed]
@@ -182,7 +184,11 @@ def main() -> None:
                 for name in (names[::-1] if flip else names):
                     samples[mode][name].append(aurora(engines[name, mode], ids, mode, c))
         for mode in modes:
-            row = {"streams": c, "mode": mode, **{k: statistics.median(v) for k, v in samples[mode].items()}}
+            row = {"streams": c, "mode": mode, **{k: statistics.median(v) for k, v in samples[mode].items()},
+                   "rounds": {k: [round(x, 2) for x in v] for k, v in samples[mode].items()}}   # the spread
+            if "none" in names:     # median over rounds of each round's own ratio (drift between rounds cancels)
+                row["paired_vs_none"] = {k: round(statistics.median(a / b for a, b in zip(v, samples[mode]["none"])), 3)
+                                         for k, v in samples[mode].items() if k != "none"}
             rows.append(row)
             print(json.dumps(row), flush=True)
     policy = {f"{name} {mode}": {k: v for k, v in eng.stats().items()
