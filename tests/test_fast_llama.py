@@ -165,6 +165,15 @@ def test_tail_step_runs_the_last_layer_for_the_logits_rows_only(model):
     assert not any(t or none for t, none in tails[True])
     assert all(t == none for t, none in tails[False])
 
+    # a forward that would ignore a tail (transformers' path) is never handed one
+    with Engine(EngineConfig(model=model, draft="none", online=False, dtype="float32", prefill_chunk=48,
+                             fast_path=False)) as eng:
+        seen = []
+        forward = eng.runner.forward
+        eng.runner.forward = lambda batch: seen.append(batch.tail_query_start) or forward(batch)
+        eng.generate_batch([long_prompt], SamplingParams(max_tokens=2, temperature=0))
+        assert not eng.runner.supports_tail and len(seen) >= 2 and all(t is None for t in seen)
+
     # one mixed step, tail vs full: a 48-row chunk, two decoders, one with a draft tree
     from aurora.engine.tree import DraftTree
     with Engine(EngineConfig(model=model, draft="none", online=False, dtype="float32",

@@ -366,10 +366,11 @@ class Engine:
 
     @property
     def _tail(self) -> bool:
-        """Whether a step may run its last layer for the logits rows only (step.py, `tail`): no step
-        hook is attached (a hook, e.g. the flywheel's trace collector, may read every row's hidden
-        state)."""
-        return not self.step_hooks
+        """Whether a step may run its last layer for the logits rows only (step.py, `tail`): the
+        runner's forward uses a tail (`TargetRunner.supports_tail`; elsewhere none is built) and no
+        step hook is attached (a hook, e.g. the flywheel's trace collector, may read every row's
+        hidden state)."""
+        return self.runner.supports_tail and not self.step_hooks
 
     def _forward(self, seqs, trees):
         """Yield (seqs, trees, batch, result, rows) groups covering `seqs`: normally one batched

@@ -151,6 +151,13 @@ class TargetRunner:
             torch.set_num_threads(before)
 
     @property
+    def supports_tail(self) -> bool:
+        """Whether `forward` uses a batch's tail (StepBatch.tail_*: the last layer for the logits
+        rows only): the hand-written step, when the last layer is not a feature layer (the
+        draft's features need its output for every row). Elsewhere a step need not build one."""
+        return self.fast is not None and self.num_layers - 1 not in self.feature_layers
+
+    @property
     def lm_head(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
 
@@ -172,7 +179,7 @@ class TargetRunner:
         ctx = {"batch": batch, "cache": self.cache, "impl": backend(self.device)}
         if self.fast is not None:
             tail = None
-            if batch.tail_query_start is not None and self.num_layers - 1 not in self.feature_layers:
+            if batch.tail_query_start is not None and self.supports_tail:
                 tail = (batch.logits_rows, functools.partial(_paged_attend, ctx, tail=True))
             hidden, features = self.fast.forward(batch.input_ids, batch.positions,
                                                  functools.partial(_paged_attend, ctx), self.feature_layers, tail)
