@@ -111,10 +111,18 @@ def test_real_text_is_sane(real_engine, plain_64, prompt_ids):
 @pytest.mark.parametrize("draft", REAL_DRAFTS)
 def test_spec_greedy_equals_plain(engines, hf_real_model, prompt_ids, plain_64, draft):
     spec = engines.get(REAL, draft, SpecConfig(shape="chain"))
-    outs = spec.generate_batch(prompt_ids, SamplingParams(max_tokens=N_SPEC, temperature=0, ignore_eos=True),
-                               timeout=600)
+    learned = []                                   # learned-only nodes verified (eagle+ngram)
+    hook = lambda view: learned.extend(len(t.learned) for t in view.trees if t is not None)
+    spec.step_hooks.append(hook)
+    try:
+        outs = spec.generate_batch(prompt_ids, SamplingParams(max_tokens=N_SPEC, temperature=0, ignore_eos=True),
+                                   timeout=600)
+    finally:
+        spec.step_hooks.remove(hook)
     for ids, out, want in zip(prompt_ids, outs, plain_64):
         assert_same_greedy(hf_real_model, ids, out.token_ids, want)
+    if "eagle" in draft:
+        assert sum(learned) > 0, "no learned node reached verification: the test proves nothing for eagle"
     if "ngram" in draft:
         s = spec.stats()
         assert s["accepted_length"] > 1.05, "ngram never accepted on real text: the test proves little"
