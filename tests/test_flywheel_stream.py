@@ -75,14 +75,19 @@ def test_stream_online_from_a_checkpoint(tmp_path):
     eng.close()
     rc = stream.main(["--model", "tiny-llama", "--per-domain", "2", "--domains", "code,chat", "--max-tokens", "8",
                       "--utilization", "1", "--window", "2", "--dtype", "float32", "--max-prompt-chars", "80",
-                      "--systems", "ngram,online-ckpt", "--checkpoint", str(tmp_path / "day0"),
-                      "--sequential", "--out", str(tmp_path / "out")])
+                      "--systems", "ngram,online-ckpt,eagle-online-ckpt,online-ckpt-suffix",
+                      "--checkpoint", str(tmp_path / "day0"), "--sequential", "--out", str(tmp_path / "out")])
     assert rc == 0
     res = json.loads((tmp_path / "out" / "stream.json").read_text())
-    rows = res["rows"]["online-ckpt"]
-    assert len(rows) == 4 and all(r["ttft_s"] is not None and r["ttft_s"] > 0 for r in rows)
-    assert "online-ckpt_over_ngram_tok_s" in res["summary"]["domains"][0]
-    assert "requests_until_online_ckpt_beats_ngram_tok_s" in res["summary"]
+    for name in ("online-ckpt", "eagle-online-ckpt", "online-ckpt-suffix"):
+        rows = res["rows"][name]
+        assert len(rows) == 4 and all(r["ttft_s"] is not None and r["ttft_s"] > 0 for r in rows)
+    summary = res["summary"]
+    assert "online-ckpt_over_ngram_tok_s" in summary["domains"][0]
+    assert "online-ckpt-suffix_over_ngram_tok_s" in summary["domains"][0]
+    assert "requests_until_online_ckpt_beats_ngram_tok_s" in summary
+    assert "requests_until_eagle_ckpt_beats_ngram_tau" in summary
+    assert summary["domains"][0]["eagle-online-ckpt"]["tau_start"] is not None
 
 
 class _Clock:

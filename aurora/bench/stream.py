@@ -8,8 +8,9 @@ request and its own gap, so no system's trainer takes the CPU from another's ser
 `--sequential` serves the whole stream on one system after another instead (a slow drift of
 the machine then falls on some systems only). Systems: none, ngram, eagle+ngram online from scratch, eagle+ngram
 online from a saved draft (`online-ckpt --checkpoint DIR`, e.g. the corpus day-0 draft) and the
-same draft frozen (`frozen-ckpt`), eagle online alone, eagle static (online on the first domain,
-then frozen). Reports per-window
+same draft frozen (`frozen-ckpt`), eagle online alone (from scratch or `eagle-online-ckpt`), eagle
+static (online on the first domain, then frozen), and the full composition online from the saved
+draft (`online-ckpt-suffix`: eagle+suffix+ngram). Reports per-window
 tau and tok/s, trainer steps and swaps; the last third of each domain; requests until
 eagle+ngram online beats ngram in tok/s and until eagle alone beats ngram in tau; and a
 plot of tau and tok/s vs request index with swaps marked.
@@ -35,8 +36,12 @@ STREAM_SYSTEMS = {
                           "eagle:{ckpt}+ngram", False),
     "online-ckpt-1gate": ("online-ckpt with one learned gate for all steps", "eagle:{ckpt}+ngram", True),
     "eagle-online": ("eagle online alone", "eagle", True),
+    "eagle-online-ckpt": ("eagle online alone, from --checkpoint", "eagle:{ckpt}", True),
+    "online-ckpt-suffix": ("eagle+suffix+ngram online from --checkpoint", "eagle:{ckpt}+suffix+ngram", True),
     "eagle-static": ("eagle trained on the first domain, then frozen", "eagle", True),
 }
+OVER_NGRAM = ("online", "online-ckpt", "frozen-ckpt", "online-ckpt-1gate", "frozen-ckpt-1gate",
+              "online-ckpt-suffix")      # systems whose tok/s the summary divides by ngram's
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,22 +174,23 @@ def summarize(runs: dict[str, list[dict]], shift_at: list[int], n: int, window: 
                        "ttft_s": _mean(r.get("ttft_s") for r in sel),
                        "tau_start": _mean(r["tau"] for r in rows[a:a + max(1, (b - a) // 3)]),
                        "steps_end": rows[b - 1]["steps"]}
-        for name in ("online", "online-ckpt", "frozen-ckpt", "online-ckpt-1gate", "frozen-ckpt-1gate"):
+        for name in OVER_NGRAM:
             if name in d and "ngram" in d:
                 d[f"{name}_over_ngram_tok_s"] = d[name]["tok_s"] / max(1e-9, d["ngram"]["tok_s"])
         domains.append(d)
     out = {"domains": domains}
     if "ngram" in runs:
         ng = windows(runs["ngram"], window)
-        for name in ("online", "online-ckpt"):
+        for name in ("online", "online-ckpt", "online-ckpt-suffix"):
             if name in runs:
                 on = windows(runs[name], window)
                 out[f"requests_until_{name.replace('-', '_')}_beats_ngram_tok_s"] = next(
                     (w["end"] for w, g in zip(on, ng) if w["tok_s"] > g["tok_s"]), None)
-        if "eagle-online" in runs:
-            eo = windows(runs["eagle-online"], window)
-            out["requests_until_eagle_beats_ngram_tau"] = next(
-                (w["end"] for w, g in zip(eo, ng) if (w["tau"] or 0) > (g["tau"] or 0)), None)
+        for name, key in (("eagle-online", "eagle"), ("eagle-online-ckpt", "eagle_ckpt")):
+            if name in runs:
+                eo = windows(runs[name], window)
+                out[f"requests_until_{key}_beats_ngram_tau"] = next(
+                    (w["end"] for w, g in zip(eo, ng) if (w["tau"] or 0) > (g["tau"] or 0)), None)
     return out
 
 
