@@ -79,7 +79,7 @@ draft: $(DAY0)/config.json
 
 demo: $(STAMP) $(if $(filter day0,$(DEMO_DRAFT)),$(DAY0)/config.json,)
 	@echo "[aurora] starting the demo (the first run converts the model once, 25-60 s), the learning draft \
-	$(if $(USE_DAY0),from the day-0 draft in $(DAY0),from scratch$(if $(filter auto,$(DEMO_DRAFT)), (no day-0 draft yet: 'make draft' builds it once, ~55 min; from scratch the learned draft does not pay within a demo - README),))"
+	$(if $(USE_DAY0),from the day-0 draft in $(DAY0),from scratch$(if $(filter auto,$(DEMO_DRAFT)), (no day-0 draft yet: 'make draft' builds it once, ~55 min; from scratch the learned draft does not pay within a demo - docs/RESULTS.md),))"
 	$(PY) -m aurora demo $(if $(DEMO_REQUESTS),--requests $(DEMO_REQUESTS),) \
 		$(if $(USE_DAY0),--checkpoint $(DAY0),) $(ARGS)
 

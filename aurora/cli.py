@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                    help="verify only the draft nodes that pay at the current load, switching speculation "
                         "off when it does not (SpecConfig.adaptive; with suffix+ngram it kept the fixed tree's "
-                        "gain at 1 stream and avoided its losses at 16; README, Concurrency sweep) "
+                        "gain at 1 stream and avoided its losses at 16; docs/RESULTS.md, Concurrency sweep) "
                         f"(default: {'on' if d.spec.adaptive else 'off'})")
     s = serve.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")

@@ -83,7 +83,7 @@ class TrainerConfig:
     unroll: int = 3                    # training-time-test steps (EAGLE-3)
     unroll_decay: float = 0.8
     w_imitation: float = 1.0           # forward KL(p || q) on committed positions
-    # Rejected proposals: off by default. 1,000-step A/B on real traces (README): imitation only
+    # Rejected proposals: off by default. 1,000-step A/B on real traces (docs/RESULTS.md): imitation only
     # reached held-out tau 1.26, imitation + discard 0.5 + counterfactual 0.5 1.15.
     w_discard: float = 0.0             # log-space hinge on rejected proposals (see losses.py)
     w_counterfactual: float = 0.0      # KL(p || q) at rejected nodes
@@ -150,7 +150,7 @@ class EngineConfig:
     composable with "+" (e.g. "eagle+suffix+ngram"). The default, "suffix+ngram", measured fastest;
     the learned draft (`eagle`, trained online when `online=True`) is opt-in until it pays."""
     model: str = "smollm2-135m"
-    draft: str = "suffix+ngram"         # measured fastest on this CPU (README "Suffix draft"); add eagle to learn
+    draft: str = "suffix+ngram"         # measured fastest on this CPU (docs/RESULTS.md "Suffix draft"); add eagle to learn
     online: bool = True
     dtype: str = "auto"                # auto: bfloat16 on CUDA / CPUs with native bf16, else float32
     device: str = "auto"

@@ -47,7 +47,7 @@ ARMS = {
     "lr_1e-3": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", lr=1e-3),
     "lr_3e-3": dict(init_from_target=True, w_discard=0.5, w_counterfactual=0.5, discard="log", lr=3e-3),
     # the serving defaults (TrainerConfig()) at three learning rates, for fine-tuning a saved
-    # draft (--init): does the default rate undo what it learned? (README: no, it did best)
+    # draft (--init): does the default rate undo what it learned? (docs/RESULTS.md: no, it did best)
     "defaults": dict(distil_prompt=True),
     "defaults_lr_1e-4": dict(distil_prompt=True, lr=1e-4),
     "defaults_lr_3e-5": dict(distil_prompt=True, lr=3e-5),

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serving torch threads (default on CPU: every CPU; the trainer takes turns with serving)")
     p.add_argument("--system", default="online", choices=tuple(ONLINE_SYSTEMS),
                    help="the learning system, an `aurora bench` name (default online = eagle+ngram with "
-                        "the fixed tree, the fastest of these in this demo on a 2-core CPU; README)")
+                        "the fixed tree, the fastest of these in this demo on a 2-core CPU; docs/RESULTS.md)")
     p.add_argument("--load", type=float, default=1.0,
                    help="fraction of wall time spent serving (default 1.0: back to back); below 1 the demo "
                         "waits after each request so that serving takes this share, as arrivals would "
@@ -264,11 +264,11 @@ def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources:
     pays = speedup is not None and speedup_ngram is not None and speedup > 1.0 and speedup_ngram >= 1.0
     if saved and steps < FEW_STEPS:                  # the saved draft served, barely trained
         why = (f"the trainer made {steps} optimizer steps (a saved draft earns its share of busy serving from "
-               "min_busy_share; README, Trainer overhead)")
+               "min_busy_share; docs/RESULTS.md, Trainer overhead)")
         if pays:
             return f"what pays here is the saved draft: {why}"
         return (f"the saved draft did not pay in this run, and it is what served: {why}; its edge over prompt "
-                "lookup on these prompts is a few per cent, within the spread between runs (README, Results)")
+                "lookup on these prompts is a few per cent, within the spread between runs (docs/RESULTS.md)")
     if pays:
         return None
     gain, cost = (sources or {}).get("learned_gain", 0), (sources or {}).get("learned_cost", 0)
@@ -277,7 +277,7 @@ def verdict(speedup, speedup_ngram, tau_early, tau_late, trainer: dict, sources:
     if load >= 1 and gain > cost:
         return (f"learning has not paid yet: the learned branch pays per step (+{gain:.2f} accepted tokens for "
                 f"{cost:.2f}), but back to back the trainer's {steps} steps take their CPU share from serving"
-                f"{share_note} (README, Trainer overhead); `--load 0.6` leaves it idle time, as a server has")
+                f"{share_note} (docs/RESULTS.md, Trainer overhead); `--load 0.6` leaves it idle time, as a server has")
     if steps < 50:
         return (f"learning has not paid yet: the trainer made only {steps} optimizer steps in this demo{share_note} "
                 "(too little traffic and idle time to learn from); a draft from scratch needs hundreds: start from "

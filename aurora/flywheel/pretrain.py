@@ -15,7 +15,7 @@ Reports simulated greedy chain tau (the guard's score, unroll 3, at most 4) on h
 conversations and, with `--traces`, on real serving traces (examples/flywheel_ab.py --collect).
 Defaults (2,000 conversations, 5,000 steps, lr 1e-3 with a cosine decay to a tenth) are the
 best measured on the 2-core CPU: ~15 min distilling + ~38 min training; held-out tau 1.00 -> 1.65.
-More data kept helping (400 conversations / 1,500 steps: 1.45; 1,000 / 3,000: 1.53; README,
+More data kept helping (400 conversations / 1,500 steps: 1.45; 1,000 / 3,000: 1.53; docs/RESULTS.md,
 "A day-0 draft").
 
     aurora pretrain-draft                      # -> ~/.cache/aurora/drafts/<model>-day0/
@@ -125,7 +125,7 @@ def older_recipe_note(path) -> str | None:
         return None
     built = f"from {convs} conversations" if isinstance(convs, int) else "by an older recipe"
     return (f"this day-0 draft was distilled {built}; the current recipe distils {DEFAULT_CONVS} "
-            f"conversations and serves a stronger draft (README, \"A day-0 draft\"): "
+            f"conversations and serves a stronger draft (docs/RESULTS.md, \"A day-0 draft\"): "
             f"`aurora pretrain-draft --force --out {path}` rebuilds it ({eta_text(DEFAULT_CONVS, DEFAULT_STEPS)})")
 
 

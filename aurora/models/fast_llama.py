@@ -31,7 +31,7 @@ What it saves against the reference, per step of SmolLM2-135M (30 layers): 90 of
 GEMM calls, the per-layer transposes/reshapes of the attention module, the hooks transformers
 uses to record every layer's output, and half of RoPE's elementwise ops. At one row a step is
 GEMV weight streaming plus ~2,000 small ops, so the ops removed are a real share of it: 1.25x
-tok/s at batch 1 and 1.12x at batch 8 over the reference here (README, "Target-only
+tok/s at batch 1 and 1.12x at batch 8 over the reference here (docs/RESULTS.md, "Target-only
 throughput", session 17).
 """
 from __future__ import annotations

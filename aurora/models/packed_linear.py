@@ -20,8 +20,8 @@ summed by the same library: on this CPU the outputs were bit-identical to
     F.linear    32.1   27.7   23.6   34.0   27.4   34.6
     packed      26.0   24.5   16.0   28.4   20.2   22.1
 
-and the 49,152-row LM head 5.1 -> 3.0 ms at one row, 5.6 -> 3.6 ms at 8 (README, "Packed linear
-weights"). It also beats the fp32 weight copies this file used to keep for 1-3 rows (27.5 / 31.1
+and the 49,152-row LM head 5.1 -> 3.0 ms at one row, 5.6 -> 3.6 ms at 8 (docs/RESULTS.md, "Target-only
+throughput", session 16). It also beats the fp32 weight copies this file used to keep for 1-3 rows (27.5 / 31.1
 / 33.8 ms -> 25.5 / 26.4 / 25.4) at half their memory: a packed copy costs 2 bytes per weight
 (~270 MB for SmolLM2-135M, LM head included).
 
