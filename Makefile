@@ -1,7 +1,7 @@
 # Aurora — make targets. Every target installs what it needs first, saying what it does.
 #   make demo   create/reuse .venv, install the runtime, run the flywheel demo on the default model
 #               (from the day-0 draft when `make draft` built it, else from scratch; DEMO_DRAFT=day0
-#               builds it first, ~55 min on 2 cores; DEMO_DRAFT=scratch never uses it)
+#               builds it first, 55-90 min on 2 cores; DEMO_DRAFT=scratch never uses it)
 #   make draft  only build the day-0 draft (`aurora pretrain-draft`) into $(DAY0)
 #   make serve  same install, then the OpenAI-compatible server on 127.0.0.1:8000 (ARGS="--port 8001")
 #   make test   runtime + test tools (pytest, openai, scipy, triton for the kernel tests), run the suite
@@ -72,14 +72,14 @@ test-fast: $(TEST_STAMP)
 
 # config.json is written last: its presence means a complete draft (an interrupted build restarts)
 $(DAY0)/config.json: | $(STAMP)
-	@echo "[aurora] building the day-0 draft once into $(DAY0): ShareGPT distilled through the target, then trained (~55 min on 2 CPU cores, once; progress below)"
+	@echo "[aurora] building the day-0 draft once into $(DAY0): ShareGPT distilled through the target, then trained (55-90 min on 2 CPU cores, once; progress below)"
 	$(PY) -m aurora pretrain-draft --out $(DAY0)
 
 draft: $(DAY0)/config.json
 
 demo: $(STAMP) $(if $(filter day0,$(DEMO_DRAFT)),$(DAY0)/config.json,)
 	@echo "[aurora] starting the demo (the first run converts the model once, 25-60 s), the learning draft \
-	$(if $(USE_DAY0),from the day-0 draft in $(DAY0),from scratch$(if $(filter auto,$(DEMO_DRAFT)), (no day-0 draft yet: 'make draft' builds it once, ~55 min; from scratch the learned draft does not pay within a demo - docs/RESULTS.md),))"
+	$(if $(USE_DAY0),from the day-0 draft in $(DAY0),from scratch$(if $(filter auto,$(DEMO_DRAFT)), (no day-0 draft yet: 'make draft' builds it once, 55-90 min; from scratch the learned draft does not pay within a demo - docs/RESULTS.md),))"
 	$(PY) -m aurora demo $(if $(DEMO_REQUESTS),--requests $(DEMO_REQUESTS),) \
 		$(if $(USE_DAY0),--checkpoint $(DAY0),) $(ARGS)
 

@@ -14,7 +14,7 @@ bench/demo prompts (`load_domain(d, 100, seed)` for seeds 0-3) are skipped.
 Reports simulated greedy chain tau (the guard's score, unroll 3, at most 4) on held-out
 conversations and, with `--traces`, on real serving traces (examples/flywheel_ab.py --collect).
 Defaults (2,000 conversations, 5,000 steps, lr 1e-3 with a cosine decay to a tenth) are the
-best measured on the 2-core CPU: ~15 min distilling + ~38 min training; held-out tau 1.00 -> 1.65.
+best measured on the 2-core CPU: ~15-29 min distilling + ~38-58 min training; held-out tau 1.00 -> 1.65.
 More data kept helping (400 conversations / 1,500 steps: 1.45; 1,000 / 3,000: 1.53; docs/RESULTS.md,
 "A day-0 draft").
 
@@ -131,8 +131,10 @@ def older_recipe_note(path) -> str | None:
 
 def eta_text(convs: int, steps: int) -> str:
     """A rough duration for SmolLM2-135M on 2 CPU cores (measured in session 19: 0.34-0.48 s per
-    conversation distilled, 0.42-0.47 s per optimizer step; slower machines take up to ~1.5x)."""
-    return f"about {convs * S_PER_CONV / 60:.0f} + {steps * S_PER_STEP / 60:.0f} min for SmolLM2-135M on 2 CPU cores"
+    conversation distilled, 0.42-0.47 s per optimizer step; session 26, another 2-core EPYC:
+    0.87 s and 0.70 s). The lower end, and how much longer a slower machine takes."""
+    lo = f"{convs * S_PER_CONV / 60:.0f} + {steps * S_PER_STEP / 60:.0f}"
+    return f"about {lo} min for SmolLM2-135M on 2 CPU cores (up to ~1.7x that on a slower machine)"
 
 
 def _say(msg: str) -> None:
