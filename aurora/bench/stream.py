@@ -25,23 +25,37 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+
+class StreamSystem(NamedTuple):
+    label: str
+    draft: str                 # EngineConfig.draft; "{ckpt}" stands for --checkpoint
+    online: bool
+    over_ngram: bool = False   # the summary divides its tok/s by ngram's, per domain
+    beats: str = ""            # "tok_s" | "tau": the summary counts requests until it beats ngram on it
+    key: str = ""              # that count's name: requests_until_<key>_beats_ngram_<beats> (default: the system's)
+
 
 STREAM_SYSTEMS = {
-    "none": ("Aurora, no draft", "none", False),
-    "ngram": ("Aurora, n-gram draft", "ngram", False),
-    "online": ("eagle+ngram online from scratch", "eagle+ngram", True),
-    "online-ckpt": ("eagle+ngram online from --checkpoint (e.g. the corpus day-0 draft)", "eagle:{ckpt}+ngram", True),
-    "frozen-ckpt": ("eagle+ngram from --checkpoint, frozen (never trained on the stream)", "eagle:{ckpt}+ngram", False),
-    "frozen-ckpt-1gate": ("frozen-ckpt with one learned gate for all steps (SpecConfig(learned_gate='single'))",
-                          "eagle:{ckpt}+ngram", False),
-    "online-ckpt-1gate": ("online-ckpt with one learned gate for all steps", "eagle:{ckpt}+ngram", True),
-    "eagle-online": ("eagle online alone", "eagle", True),
-    "eagle-online-ckpt": ("eagle online alone, from --checkpoint", "eagle:{ckpt}", True),
-    "online-ckpt-suffix": ("eagle+suffix+ngram online from --checkpoint", "eagle:{ckpt}+suffix+ngram", True),
-    "eagle-static": ("eagle trained on the first domain, then frozen", "eagle", True),
+    "none": StreamSystem("Aurora, no draft", "none", False),
+    "ngram": StreamSystem("Aurora, n-gram draft", "ngram", False),
+    "online": StreamSystem("eagle+ngram online from scratch", "eagle+ngram", True, True, "tok_s"),
+    "online-ckpt": StreamSystem("eagle+ngram online from --checkpoint (e.g. the corpus day-0 draft)",
+                                "eagle:{ckpt}+ngram", True, True, "tok_s"),
+    "frozen-ckpt": StreamSystem("eagle+ngram from --checkpoint, frozen (never trained on the stream)",
+                                "eagle:{ckpt}+ngram", False, True),
+    "frozen-ckpt-1gate": StreamSystem("frozen-ckpt with one learned gate for all steps "
+                                      "(SpecConfig(learned_gate='single'))", "eagle:{ckpt}+ngram", False, True),
+    "online-ckpt-1gate": StreamSystem("online-ckpt with one learned gate for all steps", "eagle:{ckpt}+ngram",
+                                      True, True),
+    "eagle-online": StreamSystem("eagle online alone", "eagle", True, beats="tau", key="eagle"),
+    "eagle-online-ckpt": StreamSystem("eagle online alone, from --checkpoint", "eagle:{ckpt}", True,
+                                      beats="tau", key="eagle_ckpt"),
+    "online-ckpt-suffix": StreamSystem("eagle+suffix+ngram online from --checkpoint", "eagle:{ckpt}+suffix+ngram",
+                                       True, True, "tok_s"),
+    "eagle-static": StreamSystem("eagle trained on the first domain, then frozen", "eagle", True),
 }
-OVER_NGRAM = ("online", "online-ckpt", "frozen-ckpt", "online-ckpt-1gate", "frozen-ckpt-1gate",
-              "online-ckpt-suffix")      # systems whose tok/s the summary divides by ngram's
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine(name: str, args):
     from aurora import Engine, EngineConfig
     from aurora.config import SpecConfig
-    _, draft, online = STREAM_SYSTEMS[name]
+    system = STREAM_SYSTEMS[name]
     spec = SpecConfig(learned_gate="single" if name.endswith("-1gate") else "coverage")
-    return Engine(EngineConfig(model=args.model, draft=draft.replace("{ckpt}", args.checkpoint or ""),
-                               online=online, dtype=args.dtype, max_batch=1, seed=args.seed, spec=spec))
+    return Engine(EngineConfig(model=args.model, draft=system.draft.replace("{ckpt}", args.checkpoint or ""),
+                               online=system.online, dtype=args.dtype, max_batch=1, seed=args.seed, spec=spec))
 
 
 def _serve_one(eng, i: int, prompt, args) -> dict:
@@ -174,23 +188,20 @@ def summarize(runs: dict[str, list[dict]], shift_at: list[int], n: int, window: 
                        "ttft_s": _mean(r.get("ttft_s") for r in sel),
                        "tau_start": _mean(r["tau"] for r in rows[a:a + max(1, (b - a) // 3)]),
                        "steps_end": rows[b - 1]["steps"]}
-        for name in OVER_NGRAM:
-            if name in d and "ngram" in d:
+        for name in runs:
+            if STREAM_SYSTEMS[name].over_ngram and "ngram" in d:
                 d[f"{name}_over_ngram_tok_s"] = d[name]["tok_s"] / max(1e-9, d["ngram"]["tok_s"])
         domains.append(d)
     out = {"domains": domains}
     if "ngram" in runs:
         ng = windows(runs["ngram"], window)
-        for name in ("online", "online-ckpt", "online-ckpt-suffix"):
-            if name in runs:
-                on = windows(runs[name], window)
-                out[f"requests_until_{name.replace('-', '_')}_beats_ngram_tok_s"] = next(
-                    (w["end"] for w, g in zip(on, ng) if w["tok_s"] > g["tok_s"]), None)
-        for name, key in (("eagle-online", "eagle"), ("eagle-online-ckpt", "eagle_ckpt")):
-            if name in runs:
-                eo = windows(runs[name], window)
-                out[f"requests_until_{key}_beats_ngram_tau"] = next(
-                    (w["end"] for w, g in zip(eo, ng) if (w["tau"] or 0) > (g["tau"] or 0)), None)
+        for name, rows in runs.items():
+            system = STREAM_SYSTEMS[name]
+            if system.beats:
+                key = system.key or name.replace("-", "_")
+                out[f"requests_until_{key}_beats_ngram_{system.beats}"] = next(
+                    (w["end"] for w, g in zip(windows(rows, window), ng)
+                     if (w[system.beats] or 0) > (g[system.beats] or 0)), None)
     return out
 
 
@@ -236,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aurora bench --stream: error: unknown systems {unknown}; choose from {list(STREAM_SYSTEMS)}",
               file=sys.stderr)
         return 2
-    needing = [s for s in systems if "{ckpt}" in STREAM_SYSTEMS[s][1]]
+    needing = [s for s in systems if "{ckpt}" in STREAM_SYSTEMS[s].draft]
     if needing and not args.checkpoint:
         print(f"aurora bench --stream: error: {', '.join(needing)}: --checkpoint DIR is required "
               "(`aurora pretrain-draft --out DIR` builds a day-0 draft)", file=sys.stderr)
