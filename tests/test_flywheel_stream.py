@@ -60,6 +60,33 @@ def test_interleaved_stream_trains_only_the_serving_system(monkeypatch):
         assert paused == want, (i, serving, paused)
 
 
+def test_ratio_interval_is_paired_over_requests():
+    """Requests differ 10x in speed but the system is 1.2x ngram on every one: the paired interval
+    is [1.2, 1.2] (resampling each system's requests independently would make it wide)."""
+    base = [{"tokens": 48, "seconds": 1.0 + 9.0 * (i % 2)} for i in range(30)]
+    fast = [{"tokens": 48, "seconds": r["seconds"] / 1.2} for r in base]
+    lo, hi = stream.ratio_interval(fast, base, range(10, 30))
+    assert lo == pytest.approx(1.2) and hi == pytest.approx(1.2)
+    noisy = [{"tokens": 48, "seconds": r["seconds"] / (1.2 if i % 3 else 0.9)} for i, r in enumerate(base)]
+    lo, hi = stream.ratio_interval(noisy, base, range(30))
+    point = sum(r["tokens"] for r in noisy) / sum(r["seconds"] for r in noisy) / (
+        sum(r["tokens"] for r in base) / sum(r["seconds"] for r in base))
+    assert lo < point < hi and hi - lo > 0.05
+
+
+def test_summary_reports_an_interval_and_a_line_per_ratio():
+    rows = {name: [{"i": i, "domain": "code" if i < 6 else "chat", "tokens": 8, "seconds": 1.0 / speed,
+                    "tau": 1.5, "steps": i, "swaps": 0} for i in range(12)]
+            for name, speed in (("ngram", 1.0), ("online-ckpt", 1.1))}
+    summary = stream.summarize(rows, [6], 12, 3)
+    code = summary["domains"][0]
+    assert code["online-ckpt_over_ngram_tok_s"] == pytest.approx(1.1)
+    assert code["online-ckpt_over_ngram_tok_s_ci95"] == pytest.approx([1.1, 1.1])
+    assert summary["requests_until_online_ckpt_beats_ngram_tok_s"] == 3
+    lines = stream.ratio_lines(summary)
+    assert len(lines) == 2 and lines[0].startswith("code, last third: online-ckpt / ngram 1.100x (95 % interval 1.100-1.100)")
+
+
 def test_stream_rejects_bad_arguments():
     assert stream.main(["--utilization", "0"]) == 2
     assert stream.main(["--systems", "nope", "--per-domain", "1"]) == 2

@@ -11,7 +11,9 @@ online from a saved draft (`online-ckpt --checkpoint DIR`, e.g. the corpus day-0
 same draft frozen (`frozen-ckpt`), eagle online alone (from scratch or `eagle-online-ckpt`), eagle
 static (online on the first domain, then frozen), and the full composition online from the saved
 draft (`online-ckpt-suffix`: eagle+suffix+ngram). Reports per-window
-tau and tok/s, trainer steps and swaps; the last third of each domain; requests until
+tau and tok/s, trainer steps and swaps; the last third of each domain (with a 95 % paired
+bootstrap interval of each ratio over ngram's tok/s: the same requests resampled for both systems,
+ratio of total tokens over total seconds, so one run says how far its ratio could be luck); requests until
 eagle+ngram online beats ngram in tok/s and until eagle alone beats ngram in tau; and a
 plot of tau and tok/s vs request index with swaps marked.
 
@@ -22,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
+
+BOOTSTRAP_REPS = 2000      # resamples behind each ratio's 95 % interval
 
 
 class StreamSystem(NamedTuple):
@@ -188,9 +193,10 @@ def summarize(runs: dict[str, list[dict]], shift_at: list[int], n: int, window: 
                        "ttft_s": _mean(r.get("ttft_s") for r in sel),
                        "tau_start": _mean(r["tau"] for r in rows[a:a + max(1, (b - a) // 3)]),
                        "steps_end": rows[b - 1]["steps"]}
-        for name in runs:
+        for name, rows in runs.items():
             if STREAM_SYSTEMS[name].over_ngram and "ngram" in d:
                 d[f"{name}_over_ngram_tok_s"] = d[name]["tok_s"] / max(1e-9, d["ngram"]["tok_s"])
+                d[f"{name}_over_ngram_tok_s_ci95"] = ratio_interval(rows, runs["ngram"], last)
         domains.append(d)
     out = {"domains": domains}
     if "ngram" in runs:
@@ -203,6 +209,42 @@ def summarize(runs: dict[str, list[dict]], shift_at: list[int], n: int, window: 
                     (w["end"] for w, g in zip(windows(rows, window), ng)
                      if (w[system.beats] or 0) > (g[system.beats] or 0)), None)
     return out
+
+
+def ratio_interval(rows: list[dict], base: list[dict], idx, reps: int = BOOTSTRAP_REPS,
+                   seed: int = 0) -> list[float]:
+    """95 % paired bootstrap interval of tok/s(rows) / tok/s(base) over the requests `idx`:
+    each resample draws request indices with replacement and takes both systems' rows at them
+    (interleaved serving gave both the same prompts at nearly the same time), tok/s = total
+    tokens / total seconds, as the point estimate."""
+    idx = list(idx)
+    if not idx:
+        return [float("nan"), float("nan")]
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(reps):
+        pick = [idx[rng.randrange(len(idx))] for _ in idx]
+        a = sum(rows[i]["tokens"] for i in pick) / max(1e-9, sum(rows[i]["seconds"] for i in pick))
+        b = sum(base[i]["tokens"] for i in pick) / max(1e-9, sum(base[i]["seconds"] for i in pick))
+        ratios.append(a / max(1e-9, b))
+    ratios.sort()
+    return [ratios[int(0.025 * (reps - 1))], ratios[int(0.975 * (reps - 1))]]
+
+
+def ratio_lines(summary: dict) -> list[str]:
+    """One line per domain and system over ngram: the last third's tok/s ratio, its 95 % interval,
+    tau of both, and the system's trainer steps at the domain's end."""
+    lines = []
+    for d in summary["domains"]:
+        for key, ratio in d.items():
+            if not key.endswith("_over_ngram_tok_s"):
+                continue
+            name = key.removesuffix("_over_ngram_tok_s")
+            lo, hi = d.get(key + "_ci95", [float("nan")] * 2)
+            tau, tau_ng = d[name]["tau"], d["ngram"]["tau"]
+            lines.append(f"{d['domain']}, last third: {name} / ngram {ratio:.3f}x (95 % interval {lo:.3f}-{hi:.3f}), "
+                         f"tau {tau or 0:.2f} vs {tau_ng or 0:.2f}, {d[name]['steps_end']} trainer steps")
+    return lines
 
 
 def _mean(xs):
@@ -270,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "stream.json").write_text(json.dumps(results, indent=1))
     plot(runs, args.window, shift_at, out / "stream.png")
     print(json.dumps(results["summary"], indent=1))
+    for line in ratio_lines(results["summary"]):
+        print(line)
     print(f"wrote {out / 'stream.json'}, {out / 'stream.png'}")
     return 0
 
