@@ -230,3 +230,24 @@ def test_greedy_exact_while_new_trainer_swaps_often():
         assert eng.stats()["trainer"]["error"] is None
     finally:
         eng.close()
+
+
+def test_no_publish_without_an_optimizer_step():
+    """publish_every_s elapsed after units of work that ended no optimizer step: the weights are the
+    published ones, so nothing is published (session 27's demo swapped identical weights once);
+    the unit that ends the first step publishes."""
+    eng = _engine(publish_every_steps=1, publish_every_s=0.0, guard=False, batch_tokens=512, micro_tokens=32,
+                  max_passes=1e9, span=32)
+    fw = eng.flywheel
+    fw.pause()
+    try:
+        _feed(eng, rounds=2)
+        version, units = fw.version, 0
+        while fw.trainer.steps == 0 and units < 500:
+            assert fw._work()
+            units += 1
+            if fw.trainer.steps == 0:
+                assert fw.version == version                       # a unit without an optimizer step
+        assert fw.trainer.steps == 1 and units >= 3 and fw.version == version + 1
+    finally:
+        eng.close()

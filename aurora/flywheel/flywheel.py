@@ -213,8 +213,12 @@ class Flywheel:
             t.head.load_state_dict(self.published.state_dict())
             t.reset_optimizer()
             return True
-        due = (t.steps - self._steps_at_publish >= self.config.publish_every_steps
-               or time.monotonic() - self._last_publish >= self.config.publish_every_s)
+        # due after publish_every_steps optimizer steps, or publish_every_s with at least one: a unit
+        # of work that ended no optimizer step leaves the weights as published, and publishing them
+        # again would swap identical weights (each swap drops every sequence's cached draft context)
+        due = t.steps > self._steps_at_publish and (
+            t.steps - self._steps_at_publish >= self.config.publish_every_steps
+            or time.monotonic() - self._last_publish >= self.config.publish_every_s)
         if due:
             self._maybe_publish()
         return True
