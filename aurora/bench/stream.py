@@ -175,7 +175,7 @@ def windows(rows: list[dict], size: int) -> list[dict]:
         taus = [r["tau"] for r in w if r["tau"] is not None]
         out.append({"start": s, "end": s + len(w), "domain": w[0]["domain"],
                      "tau": sum(taus) / len(taus) if taus else None,
-                     "tok_s": sum(r["tokens"] for r in w) / max(1e-9, sum(r["seconds"] for r in w)),
+                     "tok_s": _tok_s(w),
                      "steps": w[-1]["steps"], "swaps": w[-1]["swaps"]})
     return out
 
@@ -188,7 +188,7 @@ def summarize(runs: dict[str, list[dict]], shift_at: list[int], n: int, window: 
         d = {"domain": next(iter(runs.values()))[a]["domain"], "requests": [a, b]}
         for name, rows in runs.items():
             sel = [rows[i] for i in last]
-            d[name] = {"tok_s": sum(r["tokens"] for r in sel) / max(1e-9, sum(r["seconds"] for r in sel)),
+            d[name] = {"tok_s": _tok_s(sel),
                        "tau": _mean(r["tau"] for r in sel),
                        "ttft_s": _mean(r.get("ttft_s") for r in sel),
                        "tau_start": _mean(r["tau"] for r in rows[a:a + max(1, (b - a) // 3)]),
@@ -224,9 +224,7 @@ def ratio_interval(rows: list[dict], base: list[dict], idx, reps: int = BOOTSTRA
     ratios = []
     for _ in range(reps):
         pick = [idx[rng.randrange(len(idx))] for _ in idx]
-        a = sum(rows[i]["tokens"] for i in pick) / max(1e-9, sum(rows[i]["seconds"] for i in pick))
-        b = sum(base[i]["tokens"] for i in pick) / max(1e-9, sum(base[i]["seconds"] for i in pick))
-        ratios.append(a / max(1e-9, b))
+        ratios.append(_tok_s([rows[i] for i in pick]) / max(1e-9, _tok_s([base[i] for i in pick])))
     ratios.sort()
     return [ratios[int(0.025 * (reps - 1))], ratios[int(0.975 * (reps - 1))]]
 
@@ -245,6 +243,11 @@ def ratio_lines(summary: dict) -> list[str]:
             lines.append(f"{d['domain']}, last third: {name} / ngram {ratio:.3f}x (95 % interval {lo:.3f}-{hi:.3f}), "
                          f"tau {tau or 0:.2f} vs {tau_ng or 0:.2f}, {d[name]['steps_end']} trainer steps")
     return lines
+
+
+def _tok_s(rows: list[dict]) -> float:
+    """Total tokens / total seconds of served requests."""
+    return sum(r["tokens"] for r in rows) / max(1e-9, sum(r["seconds"] for r in rows))
 
 
 def _mean(xs):
