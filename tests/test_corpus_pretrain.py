@@ -64,7 +64,8 @@ def test_trained_head_loads_as_a_draft(pretrain, tmp_path):
 
 def test_pretrain_draft_command_saves_a_draft_and_keeps_an_existing_one(tmp_path, capsys):
     """`aurora pretrain-draft` end to end on the tiny model: real ShareGPT conversations, held-out
-    τ scored, a loadable checkpoint saved; a second run into the same directory is refused."""
+    τ scored, a loadable checkpoint saved; a second run into the same directory is refused; a
+    replies stage trains on from it."""
     from aurora.cli import main
     from aurora.flywheel.checkpoint import has_checkpoint, load_head
     out = tmp_path / "day0"
@@ -78,6 +79,20 @@ def test_pretrain_draft_command_saves_a_draft_and_keeps_an_existing_one(tmp_path
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and "already holds a draft" in capsys.readouterr().err
+
+    # `--init DIR --replies N`: the head starts from DIR's weights (at a vanishing learning rate it
+    # ends where it began, where a fresh head would not), the target's own replies are distilled
+    # and scored held out, and the saved meta records both stages' steps.
+    replies = tmp_path / "replies"
+    assert main(["pretrain-draft", "--model", "tiny-llama", "--convs", "22", "--max-len", "200", "--steps", "1",
+                 "--evals", "1", "--lr", "1e-12", "--replies", "24", "--reply-tokens", "16", "--init", str(out),
+                 "--out", str(replies)]) == 0
+    assert '"tau_held_replies"' in capsys.readouterr().out
+    b, meta = load_head(replies)
+    assert all(torch.allclose(x.float(), y.float(), atol=1e-2) for x, y in zip(head.state_dict().values(),
+                                                                            b.state_dict().values()))
+    assert meta["trainer_steps"] == 5 and meta["pretrain"]["replies"] == 24
+    assert meta["pretrain"]["init"]["pretrain"]["steps"] == 4 and "target replies" in meta["source"]
 
 
 def test_default_day0_dir_sits_next_to_the_persisted_draft(monkeypatch, tmp_path):
@@ -118,3 +133,27 @@ def test_demo_names_a_day0_draft_from_an_older_recipe(tmp_path):
     assert older_recipe_note(saved({"source": src, "pretrain": {"convs": DEFAULT_CONVS}})) is None
     assert older_recipe_note(saved({"version": 3})) is None
     assert older_recipe_note(tmp_path / "missing") is None
+
+
+def test_reply_prompts_skip_bench_prompts_and_cover_every_domain(pretrain):
+    """`--replies` draws its prompts from the bench domains but never a bench/demo prompt."""
+    from aurora.workloads.corpora import SHAREGPT_DOMAINS, load_domain
+    bench = {p.text[:200] for p in load_domain("chat", 100, seed=0)}
+    prompts = pretrain.reply_prompts(40, bench)
+    assert len(prompts) == 40 and not {p.text[:200] for p in prompts} & bench
+    assert {p.domain for p in prompts} >= set(SHAREGPT_DOMAINS) - {"code"}
+
+
+def test_target_replies_are_the_prompt_then_the_greedy_continuation(pretrain):
+    """A replies record is the prompt (raw text cut to `max_len - tokens` tokens) followed by
+    exactly what plain greedy serving generates for it."""
+    eng = Engine(EngineConfig(model="tiny-llama", draft="none", online=False, dtype="float32"))
+    try:
+        prompts = pretrain.reply_prompts(4, set())
+        ids = pretrain.target_replies(eng, prompts, 8, 200, 4)
+        raw = list(eng.tokenizer.encode(prompts[0].text, add_special_tokens=False))[:192]
+        assert len(ids) == 4 and ids[0][:len(raw)] == raw
+        plain = eng.generate_batch([raw], SamplingParams(max_tokens=8, temperature=0))[0]
+        assert ids[0][len(raw):] == list(plain.token_ids)
+    finally:
+        eng.close()

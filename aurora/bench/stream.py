@@ -40,6 +40,7 @@ class StreamSystem(NamedTuple):
     over_ngram: bool = False   # the summary divides its tok/s by ngram's, per domain
     beats: str = ""            # "tok_s" | "tau": the summary counts requests until it beats ngram on it
     key: str = ""              # that count's name: requests_until_<key>_beats_ngram_<beats> (default: the system's)
+    gate: str = "coverage"     # SpecConfig.learned_gate
 
 
 STREAM_SYSTEMS = {
@@ -51,9 +52,10 @@ STREAM_SYSTEMS = {
     "frozen-ckpt": StreamSystem("eagle+ngram from --checkpoint, frozen (never trained on the stream)",
                                 "eagle:{ckpt}+ngram", False, True),
     "frozen-ckpt-1gate": StreamSystem("frozen-ckpt with one learned gate for all steps "
-                                      "(SpecConfig(learned_gate='single'))", "eagle:{ckpt}+ngram", False, True),
+                                      "(SpecConfig(learned_gate='single'))", "eagle:{ckpt}+ngram", False, True,
+                                      gate="single"),
     "online-ckpt-1gate": StreamSystem("online-ckpt with one learned gate for all steps", "eagle:{ckpt}+ngram",
-                                      True, True),
+                                      True, True, gate="single"),
     "eagle-online": StreamSystem("eagle online alone", "eagle", True, beats="tau", key="eagle"),
     "eagle-online-ckpt": StreamSystem("eagle online alone, from --checkpoint", "eagle:{ckpt}", True,
                                       beats="tau", key="eagle_ckpt"),
@@ -88,7 +90,7 @@ def _engine(name: str, args):
     from aurora import Engine, EngineConfig
     from aurora.config import SpecConfig
     system = STREAM_SYSTEMS[name]
-    spec = SpecConfig(learned_gate="single" if name.endswith("-1gate") else "coverage")
+    spec = SpecConfig(learned_gate=system.gate)
     return Engine(EngineConfig(model=args.model, draft=system.draft.replace("{ckpt}", args.checkpoint or ""),
                                online=system.online, dtype=args.dtype, max_batch=1, seed=args.seed, spec=spec))
 

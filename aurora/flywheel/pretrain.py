@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{HELD_CONVS} held out; default {DEFAULT_CONVS})")
     ap.add_argument("--max-len", type=int, default=512, help="tokens per conversation (default 512)")
     ap.add_argument("--turns", type=int, default=4, help="messages per conversation (default 4)")
+    ap.add_argument("--replies", type=int, default=0, help="also distil the target's own greedy replies to this "
+                    f"many held-apart prompts of the bench domains (the last {HELD_CONVS} held out; default 0)")
+    ap.add_argument("--reply-tokens", type=int, default=96, help="tokens per generated reply (default 96)")
+    ap.add_argument("--init", help="train on from the draft saved in this directory (its vocabulary and "
+                    "weights) instead of a fresh head")
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
@@ -120,7 +125,11 @@ def older_recipe_note(path) -> str | None:
         return None
     if not isinstance(meta, dict) or "ShareGPT" not in str(meta.get("source", "")):
         return None                                   # not a corpus-distilled day-0 draft
-    convs = (meta.get("pretrain") or {}).get("convs")  # absent: saved before the recipe was recorded
+    pre = meta.get("pretrain") or {}
+    convs = pre.get("convs")                          # absent: saved before the recipe was recorded
+    base = ((pre.get("init") or {}).get("pretrain") or {}).get("convs")   # trained on from a base draft
+    if isinstance(convs, int) and isinstance(base, int):
+        convs = max(convs, base)
     if isinstance(convs, int) and convs >= DEFAULT_CONVS:
         return None
     built = f"from {convs} conversations" if isinstance(convs, int) else "by an older recipe"
@@ -141,25 +150,68 @@ def _say(msg: str) -> None:
     print(f"aurora pretrain-draft: {msg}", flush=True)
 
 
-def distil_corpus(eng, convs: int, max_len: int, turns: int) -> list:
-    """`convs` distilled conversations (>= 32 tokens each), with a progress line every ~20 s."""
-    runner, tok = eng.runner, eng.tokenizer
+def distil_all(eng, texts, n: int, what: str) -> list:
+    """Distil the first `n` token lists of `texts` (an iterable of id lists), with a progress
+    line every ~20 s; ValueError when `texts` runs out first."""
     t0 = last = time.perf_counter()
     recs = []
-    for text in conversations(tok, bench_prompts(), turns):
-        if len(recs) >= convs:
+    for ids in texts:
+        if len(recs) >= n:
             break
-        ids = tok.encode(text, add_special_tokens=False)[:max_len]
-        if len(ids) >= 32:
-            recs.append(eng.run_on_worker(distil, runner, ids))
+        recs.append(eng.run_on_worker(distil, eng.runner, ids))
         now = time.perf_counter()
-        if now - last >= PROGRESS_S and recs:
+        if now - last >= PROGRESS_S:
             last, done = now, len(recs)
-            _say(f"distilled {done}/{convs} conversations ({now - t0:.0f} s, "
-                 f"~{(now - t0) / done * (convs - done):.0f} s left)")
-    if len(recs) < convs:
-        raise ValueError(f"the corpus held only {len(recs)} usable conversations, fewer than --convs {convs}")
+            _say(f"distilled {done}/{n} {what} ({now - t0:.0f} s, ~{(now - t0) / done * (n - done):.0f} s left)")
+    if len(recs) < n:
+        raise ValueError(f"the corpus held only {len(recs)} usable {what}, fewer than the {n} asked for")
     return recs
+
+
+def distil_corpus(eng, convs: int, max_len: int, turns: int) -> list:
+    """`convs` distilled conversations (>= 32 tokens each)."""
+    tok = eng.tokenizer
+    texts = (tok.encode(t, add_special_tokens=False)[:max_len] for t in conversations(tok, bench_prompts(), turns))
+    return distil_all(eng, (ids for ids in texts if len(ids) >= 32), convs, "conversations")
+
+
+def reply_prompts(n: int, skip: set[str], seed: str = "pretrain") -> list:
+    """`n` prompts spread evenly over the four ShareGPT-backed domains (code = HumanEval +
+    stdlib + ShareGPT-code), none whose first 200 characters is a bench/demo prompt's (`skip`);
+    domains that run short are made up from the others."""
+    from aurora.workloads.corpora import SHAREGPT_DOMAINS, load_domain, sharegpt_subsets
+    pools = []
+    for d in SHAREGPT_DOMAINS:
+        k = n if d == "code" else min(n, len(sharegpt_subsets()[d]))
+        pools.append([p for p in load_domain(d, k, seed=seed) if p.text[:200] not in skip])
+    out = []
+    while len(out) < n and any(pools):
+        out += [pool.pop() for pool in pools if pool][:n - len(out)]
+    return out
+
+
+def target_replies(eng, prompts: list, tokens: int, max_len: int, n: int) -> list[list[int]]:
+    """The target's own greedy replies: prompt ids + up to `tokens` generated ids, for the first
+    `n` usable prompts.
+    Every other prompt is served as raw text (as `aurora bench --stream` sends it), the rest
+    through the chat template when it has messages (as a chat client and `make demo` send it).
+    Raw prompts are cut to their first `max_len - tokens` tokens; longer chat prompts are left out."""
+    from aurora import SamplingParams
+    from aurora.bench.run import encode
+    tok, room = eng.tokenizer, max_len - tokens
+    ids = [list(tok.encode(p.text, add_special_tokens=False))[:room] if i % 2 == 0 else encode(tok, p)
+           for i, p in enumerate(prompts)]
+    ids = [x for x in ids if 8 <= len(x) <= room][:n]
+    out, t0, last, batch = [], time.perf_counter(), time.perf_counter(), 64
+    params = SamplingParams(max_tokens=tokens, temperature=0.0)
+    for i in range(0, len(ids), batch):
+        chunk = ids[i:i + batch]
+        out += [x + list(o.token_ids) for x, o in zip(chunk, eng.generate_batch(chunk, params))]
+        if time.perf_counter() - last >= PROGRESS_S:
+            last, el = time.perf_counter(), time.perf_counter() - t0
+            _say(f"generated {len(out)}/{len(ids)} target replies ({el:.0f} s, "
+                 f"~{el / len(out) * (len(ids) - len(out)):.0f} s left)")
+    return out
 
 
 def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
@@ -170,22 +222,26 @@ def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
     return lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
 
 
-def train_head(eng, train: list, sets: dict, steps: int, lr: float, evals: int, schedule: str):
-    """Train a fresh head (corpus vocabulary, target-initialised LM head) on `train` with the
-    learning rate `lr_at` gives each step; score it on each of `sets` (name -> records) `evals`
-    times. -> (trainer, curve)."""
+def train_head(eng, train: list, sets: dict, steps: int, lr: float, evals: int, schedule: str,
+               init=None):
+    """Train a head on `train` with the learning rate `lr_at` gives each step: the head `init`
+    (its vocabulary and weights, trained on), or a fresh one (corpus vocabulary, target-initialised
+    LM head). Score it on each of `sets` (name -> records) `evals` times. -> (trainer, curve)."""
     from aurora import TrainerConfig
     from aurora.flywheel.trainer import Trainer
     from aurora.flywheel.vocab import VocabCounter, init_from_target
     from aurora.models.eagle import build_head
     runner = eng.runner
     cfg = TrainerConfig(lr=lr, max_passes=1e9, replay_records=len(train), holdout_every=0)
-    counts = VocabCounter(runner.vocab_size)
-    for r in train:
-        counts.update(r.token_ids)
-    head = build_head(runner, cfg.draft_vocab, cfg.seed)
-    head.d2t.copy_(counts.top(head.draft_vocab, head.d2t))     # the corpus's most frequent tokens
-    init_from_target(head, runner)
+    if init is not None:
+        head = init
+    else:
+        counts = VocabCounter(runner.vocab_size)
+        for r in train:
+            counts.update(r.token_ids)
+        head = build_head(runner, cfg.draft_vocab, cfg.seed)
+        head.d2t.copy_(counts.top(head.draft_vocab, head.d2t))     # the corpus's most frequent tokens
+        init_from_target(head, runner)
     tr = Trainer(head, runner, cfg)
     tr.add_records(train)
     windows = {k: tr.eval_windows(v) for k, v in sets.items() if v}
@@ -213,10 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.convs <= HELD_CONVS:
         ap.error(f"--convs must exceed the {HELD_CONVS} held-out conversations")
+    if args.replies and (args.replies <= HELD_CONVS or not 8 <= args.reply_tokens <= args.max_len - 16):
+        ap.error(f"--replies must be 0 or exceed the {HELD_CONVS} held-out replies, and --reply-tokens lie "
+                 "in [8, --max-len - 16]")
     if args.steps < 1 or args.lr <= 0 or args.max_len < 32:
         ap.error("--steps must be >= 1, --lr > 0, --max-len >= 32")
     from aurora import Engine, EngineConfig
-    from aurora.flywheel.checkpoint import has_checkpoint, save_head
+    from aurora.flywheel.checkpoint import has_checkpoint, load_head, save_head
     from aurora.flywheel.traces import TraceRecord
     out = None if args.no_save else Path(args.out or default_day0_dir(args.model)).expanduser()
     if out is not None and has_checkpoint(out) and not args.force:
@@ -224,23 +283,41 @@ def main(argv: list[str] | None = None) -> int:
     real = [TraceRecord(**d) for d in torch.load(args.traces, weights_only=False)] if args.traces else []
 
     t0 = time.perf_counter()
-    _say(f"{args.model}: distilling {args.convs} ShareGPT conversations through the target, then "
-         f"{args.steps} training steps ({eta_text(args.convs, args.steps)})")
-    eng = Engine(EngineConfig(model=args.model, draft="none", online=False))
+    replies = f" and the target's replies to {args.replies} prompts" if args.replies else ""
+    _say(f"{args.model}: distilling {args.convs} ShareGPT conversations{replies} through the target, then "
+         f"{args.steps} training steps ({eta_text(args.convs + args.replies, args.steps)})")
+    eng = Engine(EngineConfig(model=args.model, draft="ngram" if args.replies else "none", online=False,
+                              max_batch=16))
     try:
+        init, base = None, {}
+        if args.init:
+            init, base = load_head(args.init, eng.runner)
+            if tuple(base.get("feature_layers") or ()) not in ((), tuple(eng.runner.feature_layers)):
+                raise ValueError(f"--init {args.init}: its feature layers {base['feature_layers']} are not "
+                                 f"this target's {list(eng.runner.feature_layers)}")
         recs = distil_corpus(eng, args.convs, args.max_len, args.turns)
-        report = {"convs": len(recs), "positions": sum(len(r.features) for r in recs),
-                  "distil_s": round(time.perf_counter() - t0, 1)}
-        _say(json.dumps(report))
         held, train = recs[-HELD_CONVS:], recs[:-HELD_CONVS]
-        tr, curve = eng.run_on_worker(train_head, eng, train, {"held": held, "real": real},
-                                      args.steps, args.lr, args.evals, args.schedule)
+        sets = {"held": held, "real": real}
+        if args.replies:
+            prompts = reply_prompts(args.replies * 3 // 2, bench_prompts())   # room for long chat prompts
+            ids = target_replies(eng, prompts, args.reply_tokens, args.max_len, args.replies)
+            reps = distil_all(eng, iter(ids), args.replies, "target replies")
+            train, sets["held_replies"] = train + reps[:-HELD_CONVS], reps[-HELD_CONVS:]
+            recs += reps
+        report = {"convs": args.convs, "replies": args.replies, "positions": sum(len(r.features) for r in recs),
+                  "distil_s": round(time.perf_counter() - t0, 1)}
+        if args.init:
+            report["init"] = {"path": str(args.init), "pretrain": base.get("pretrain")}
+        _say(json.dumps(report))
+        tr, curve = eng.run_on_worker(train_head, eng, train, sets, args.steps, args.lr, args.evals,
+                                      args.schedule, init)
         report |= {"steps": tr.steps, "lr": args.lr, "schedule": args.schedule,
                    "rows_trained": tr.tokens_trained, "curve": curve, "wall_s": round(time.perf_counter() - t0, 1)}
         if out is not None:
             head = tr.head.to(eng.runner.dtype).eval()
+            source = "aurora pretrain-draft (ShareGPT" + (" + target replies)" if args.replies else ")")
             save_head(head, out, {"feature_layers": list(eng.runner.feature_layers), "version": 0,
-                                  "trainer_steps": tr.steps, "source": "aurora pretrain-draft (ShareGPT)",
+                                  "trainer_steps": tr.steps + int(base.get("trainer_steps") or 0), "source": source,
                                   "pretrain": {k: v for k, v in report.items() if k != "curve"}})
             report["out"] = str(out)
     finally:
