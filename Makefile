@@ -1,7 +1,7 @@
 # Aurora — make targets. Every target installs what it needs first, saying what it does.
 #   make demo   create/reuse .venv, install the runtime, run the flywheel demo on the default model
 #               (from the day-0 draft when `make draft` built it, else from scratch; DEMO_DRAFT=day0
-#               builds it first, 55-90 min on 2 cores; DEMO_DRAFT=scratch never uses it)
+#               builds it first, 85-140 min on 2 cores; DEMO_DRAFT=scratch never uses it)
 #   make draft  only build the day-0 draft (`aurora pretrain-draft`) into $(DAY0)
 #   make serve  same install, then the OpenAI-compatible server on 127.0.0.1:8000 (ARGS="--port 8001")
 #   make test   runtime + test tools (pytest, openai, scipy, triton for the kernel tests), run the suite
@@ -14,11 +14,13 @@ PIP    := $(PY) -m pip
 # On a laptop, install the CPU build into .venv first (see README, "Install").
 TORCH_SPEC ?= torch==2.13.0
 ARGS   ?=
-# The day-0 draft: ShareGPT distilled through the target, built once (`make draft`) into
+# The day-0 draft: ShareGPT, then the target's own replies, distilled through the target, built once (`make draft`) into
 # aurora.models.loader.cache_dir()/drafts/<model>-day0. DEMO_DRAFT=auto (default): `make demo`
 # starts from it when it is there, else from scratch; day0: build it first; scratch: never use it.
 AURORA_CACHE := $(or $(AURORA_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/aurora)
 DAY0       ?= $(AURORA_CACHE)/drafts/smollm2-135m-day0
+DAY0_BASE  ?= $(DAY0)-base
+DAY0_REPLIES := --convs 420 --replies 800 --steps 1500 --lr 3e-4
 DEMO_DRAFT ?= auto
 USE_DAY0   := $(or $(filter day0,$(DEMO_DRAFT)),$(and $(filter auto,$(DEMO_DRAFT)),$(wildcard $(DAY0)/config.json)))
 STAMP      := $(VENV)/.aurora-installed
@@ -70,16 +72,22 @@ test-all: $(TEST_STAMP)
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests
 
-# config.json is written last: its presence means a complete draft (an interrupted build restarts)
-$(DAY0)/config.json: | $(STAMP)
-	@echo "[aurora] building the day-0 draft once into $(DAY0): ShareGPT distilled through the target, then trained (55-90 min on 2 CPU cores, once; progress below)"
-	$(PY) -m aurora pretrain-draft --out $(DAY0)
+# config.json is written last: its presence means a complete draft (an interrupted build restarts).
+# Stage 1: ShareGPT distilled through the target. Stage 2 trains on from it with the target's own
+# replies to 800 held-apart prompts of the bench domains (docs/RESULTS.md, "A day-0 draft").
+$(DAY0_BASE)/config.json: | $(STAMP)
+	@echo "[aurora] building the day-0 draft once, stage 1 of 2, into $(DAY0_BASE): ShareGPT distilled through the target, then trained (55-90 min on 2 CPU cores, once; progress below)"
+	$(PY) -m aurora pretrain-draft --out $(DAY0_BASE)
+
+$(DAY0)/config.json: $(DAY0_BASE)/config.json
+	@echo "[aurora] day-0 draft stage 2 of 2, into $(DAY0): the target's own replies to 800 held-apart prompts, trained on from stage 1 (30-50 min on 2 CPU cores, once)"
+	$(PY) -m aurora pretrain-draft $(DAY0_REPLIES) --init $(DAY0_BASE) --out $(DAY0) $(if $(wildcard $(DAY0)/draft.safetensors),--force,)
 
 draft: $(DAY0)/config.json
 
 demo: $(STAMP) $(if $(filter day0,$(DEMO_DRAFT)),$(DAY0)/config.json,)
 	@echo "[aurora] starting the demo (the first run converts the model once, 25-60 s), the learning draft \
-	$(if $(USE_DAY0),from the day-0 draft in $(DAY0),from scratch$(if $(filter auto,$(DEMO_DRAFT)), (no day-0 draft yet: 'make draft' builds it once, 55-90 min; from scratch the learned draft does not pay within a demo - docs/RESULTS.md),))"
+	$(if $(USE_DAY0),from the day-0 draft in $(DAY0),from scratch$(if $(filter auto,$(DEMO_DRAFT)), (no day-0 draft yet: 'make draft' builds it once, 85-140 min; from scratch the learned draft does not pay within a demo - docs/RESULTS.md),))"
 	$(PY) -m aurora demo $(if $(DEMO_REQUESTS),--requests $(DEMO_REQUESTS),) \
 		$(if $(USE_DAY0),--checkpoint $(DAY0),) $(ARGS)
 

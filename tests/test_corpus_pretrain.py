@@ -116,10 +116,11 @@ def test_cosine_schedule_runs_from_lr_to_a_tenth():
 
 def test_demo_names_a_day0_draft_from_an_older_recipe(tmp_path):
     """A corpus draft with fewer conversations than the default, or saved before the recipe was
-    recorded, gets a rebuild hint; a current one, and a draft that is not a corpus draft, do not."""
+    recorded, gets a rebuild hint, one without the target-replies stage a hint to add it (the
+    command `make draft` runs); a current one, and a draft that is not a corpus draft, do not."""
     import json
 
-    from aurora.flywheel.pretrain import DEFAULT_CONVS, older_recipe_note
+    from aurora.flywheel.pretrain import DEFAULT_CONVS, REPLIES_STAGE, older_recipe_note
 
     def saved(meta):
         d = tmp_path / str(len(list(tmp_path.iterdir())))
@@ -130,7 +131,10 @@ def test_demo_names_a_day0_draft_from_an_older_recipe(tmp_path):
     old = older_recipe_note(saved({"source": src, "pretrain": {"convs": 400}}))
     assert old and "from 400 conversations" in old and f"distils {DEFAULT_CONVS} conversations" in old and "--force" in old
     assert "older recipe" in older_recipe_note(saved({"source": "corpus_pretrain (ShareGPT)"}))
-    assert older_recipe_note(saved({"source": src, "pretrain": {"convs": DEFAULT_CONVS}})) is None
+    stage1 = older_recipe_note(saved({"source": src, "pretrain": {"convs": DEFAULT_CONVS}}))
+    assert "target's own replies" in stage1 and REPLIES_STAGE in stage1 and "--init" in stage1
+    current = {"convs": 420, "replies": 800, "init": {"pretrain": {"convs": DEFAULT_CONVS}}}
+    assert older_recipe_note(saved({"source": src + " + target replies", "pretrain": current})) is None
     assert older_recipe_note(saved({"version": 3})) is None
     assert older_recipe_note(tmp_path / "missing") is None
 
@@ -157,3 +161,14 @@ def test_target_replies_are_the_prompt_then_the_greedy_continuation(pretrain):
         assert ids[0][len(raw):] == list(plain.token_ids)
     finally:
         eng.close()
+
+
+def test_make_draft_runs_the_replies_stage_the_hint_names():
+    """`make draft`'s stage 2 is the command `older_recipe_note` tells an older draft's owner to run."""
+    import re
+    from pathlib import Path
+
+    from aurora.flywheel.pretrain import REPLIES_STAGE
+    make = (Path(__file__).parents[1] / "Makefile").read_text()
+    assert re.search(r"^DAY0_REPLIES\s*:=\s*(.*)$", make, re.MULTILINE).group(1).strip() == REPLIES_STAGE
+    assert "$(DAY0_REPLIES) --init $(DAY0_BASE)" in make

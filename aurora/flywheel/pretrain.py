@@ -11,6 +11,14 @@ The text is ChatGPT's, not the target's, so the contexts differ from live traffi
 labels are the target's own distribution. Conversations whose first user turn is one of the
 bench/demo prompts (`load_domain(d, 100, seed)` for seeds 0-3) are skipped.
 
+`--replies N` adds the target's *own* text: N held-apart prompts of the bench domains (code,
+finance, math, chat; none a bench/demo prompt), every other one sent as raw text (as
+`aurora bench --stream` serves it) and the rest through the chat template (as a chat client and
+`make demo` do), each answered greedily by the target for `--reply-tokens` tokens and distilled
+whole. Live traffic is the target continuing such prompts, not ChatGPT's replies. `--init DIR`
+trains on from a saved draft (its vocabulary and weights), so a replies stage runs on top of the
+ShareGPT draft: `make draft` builds both (docs/RESULTS.md, "A day-0 draft").
+
 Reports simulated greedy chain tau (the guard's score, unroll 3, at most 4) on held-out
 conversations and, with `--traces`, on real serving traces (examples/flywheel_ab.py --collect).
 Defaults (2,000 conversations, 5,000 steps, lr 1e-3 with a cosine decay to a tenth) are the
@@ -38,6 +46,7 @@ PROGRESS_S = 20.0                # seconds between progress lines
 DEFAULT_CONVS, DEFAULT_STEPS = 2000, 5000
 S_PER_CONV, S_PER_STEP = 0.45, 0.45   # eta_text: seconds per distilled conversation / optimizer step
 LR_FLOOR = 0.1                   # cosine schedule: the last step's rate, as a fraction of --lr
+REPLIES_STAGE = "--convs 420 --replies 800 --steps 1500 --lr 3e-4"   # `make draft`'s stage 2 (DAY0_REPLIES)
 
 
 def default_day0_dir(model: str) -> Path:
@@ -118,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def older_recipe_note(path) -> str | None:
     """One line when the day-0 draft saved at `path` was built from fewer conversations than
-    today's default (a weaker draft, e.g. one from before session 19), else None."""
+    today's default (a weaker draft, e.g. one from before session 19) or without the target-replies
+    stage (before session 28), else None."""
     try:
         meta = json.loads((Path(path).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
@@ -131,7 +141,11 @@ def older_recipe_note(path) -> str | None:
     if isinstance(convs, int) and isinstance(base, int):
         convs = max(convs, base)
     if isinstance(convs, int) and convs >= DEFAULT_CONVS:
-        return None
+        if pre.get("replies"):
+            return None
+        return (f"this day-0 draft has not trained on the target's own replies (stage 2 of `make draft`, "
+                f"docs/RESULTS.md, \"A day-0 draft\"): `aurora pretrain-draft --force --init {path} --out {path} "
+                f"{REPLIES_STAGE}` adds it (30-50 min on 2 CPU cores)")
     built = f"from {convs} conversations" if isinstance(convs, int) else "by an older recipe"
     return (f"this day-0 draft was distilled {built}; the current recipe distils {DEFAULT_CONVS} "
             f"conversations and serves a stronger draft (docs/RESULTS.md, \"A day-0 draft\"): "
