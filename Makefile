@@ -72,16 +72,17 @@ test-all: $(TEST_STAMP)
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests
 
-# config.json is written last: its presence means a complete draft (an interrupted build restarts).
-# Stage 1: ShareGPT distilled through the target. Stage 2 trains on from it with the target's own
-# replies to 800 held-apart prompts of the bench domains (docs/RESULTS.md, "A day-0 draft").
-$(DAY0_BASE)/config.json: | $(STAMP)
-	@echo "[aurora] building the day-0 draft once, stage 1 of 2, into $(DAY0_BASE): ShareGPT distilled through the target, then trained (55-90 min on 2 CPU cores, once; progress below)"
-	$(PY) -m aurora pretrain-draft --out $(DAY0_BASE)
-
-$(DAY0)/config.json: $(DAY0_BASE)/config.json
+# config.json is written last: its presence means a complete draft (an interrupted build restarts;
+# a present day-0 draft is never rebuilt, whether or not its stage-1 base is still there).
+# Stage 1: ShareGPT distilled through the target, into $(DAY0_BASE) unless it is there. Stage 2
+# trains on from it with the target's own replies to 800 held-apart prompts of the bench domains
+# (docs/RESULTS.md, "A day-0 draft").
+$(DAY0)/config.json: | $(STAMP)
+	@if [ ! -f "$(DAY0_BASE)/config.json" ]; then \
+		echo "[aurora] building the day-0 draft once, stage 1 of 2, into $(DAY0_BASE): ShareGPT distilled through the target, then trained (55-90 min on 2 CPU cores, once; progress below)"; \
+		$(PY) -m aurora pretrain-draft --out $(DAY0_BASE) --force || exit 1; fi
 	@echo "[aurora] day-0 draft stage 2 of 2, into $(DAY0): the target's own replies to 800 held-apart prompts, trained on from stage 1 (30-50 min on 2 CPU cores, once)"
-	$(PY) -m aurora pretrain-draft $(DAY0_REPLIES) --init $(DAY0_BASE) --out $(DAY0) $(if $(wildcard $(DAY0)/draft.safetensors),--force,)
+	$(PY) -m aurora pretrain-draft $(DAY0_REPLIES) --init $(DAY0_BASE) --out $(DAY0) --force
 
 draft: $(DAY0)/config.json
 

@@ -45,8 +45,9 @@ def test_demo_and_serve_do_not_install_test_tools(tmp_path):
 
 @needs_make
 def test_demo_day0_builds_the_draft_once(tmp_path):
-    """`make demo DEMO_DRAFT=day0` builds the day-0 draft when it is missing and starts the demo
-    from it; with it present only the demo runs. By default (auto) the demo uses it when it is
+    """`make demo DEMO_DRAFT=day0` builds the day-0 draft (stage 1, then stage 2 on it) when it is
+    missing and starts the demo from it; with it present only the demo runs, whether or not its
+    stage-1 base is still there. By default (auto) the demo uses it when it is
     there and never builds it; DEMO_DRAFT=scratch never uses it."""
     day0 = tmp_path / "day0"
 
@@ -54,7 +55,8 @@ def test_demo_day0_builds_the_draft_once(tmp_path):
         return subprocess.run(["make", "-n", "-C", str(ROOT), "demo", f"VENV={tmp_path / 'v'}", f"DAY0={day0}",
                                *extra], capture_output=True, text=True, timeout=60, check=True).stdout
     first = plan("DEMO_DRAFT=day0")
-    assert f"pretrain-draft --out {day0}" in first and f"--checkpoint {day0}" in first
+    assert f"pretrain-draft --out {day0}-base" in first and f"--checkpoint {day0}" in first
+    assert f"--init {day0}-base --out {day0} " in first                # stage 2 on top of stage 1
     absent = plan()
     assert "pretrain-draft" not in absent and "--checkpoint" not in absent and "make draft" in absent
     day0.mkdir()
