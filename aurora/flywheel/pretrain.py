@@ -182,10 +182,10 @@ def distil_all(eng, texts, n: int, what: str) -> list:
     return recs
 
 
-def distil_corpus(eng, convs: int, max_len: int, turns: int) -> list:
-    """`convs` distilled conversations (>= 32 tokens each)."""
+def distil_corpus(eng, convs: int, max_len: int, turns: int, skip: set[str]) -> list:
+    """`convs` distilled conversations (>= 32 tokens each), none opening with a prompt in `skip`."""
     tok = eng.tokenizer
-    texts = (tok.encode(t, add_special_tokens=False)[:max_len] for t in conversations(tok, bench_prompts(), turns))
+    texts = (tok.encode(t, add_special_tokens=False)[:max_len] for t in conversations(tok, skip, turns))
     return distil_all(eng, (ids for ids in texts if len(ids) >= 32), convs, "conversations")
 
 
@@ -300,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     replies = f" and the target's replies to {args.replies} prompts" if args.replies else ""
     _say(f"{args.model}: distilling {args.convs} ShareGPT conversations{replies} through the target, then "
          f"{args.steps} training steps ({eta_text(args.convs + args.replies, args.steps)})")
-    eng = Engine(EngineConfig(model=args.model, draft="ngram" if args.replies else "none", online=False,
-                              max_batch=16))
+    eng = Engine(EngineConfig(model=args.model, draft="ngram" if args.replies else "none", online=False))
     try:
         init, base = None, {}
         if args.init:
@@ -309,11 +308,12 @@ def main(argv: list[str] | None = None) -> int:
             if tuple(base.get("feature_layers") or ()) not in ((), tuple(eng.runner.feature_layers)):
                 raise ValueError(f"--init {args.init}: its feature layers {base['feature_layers']} are not "
                                  f"this target's {list(eng.runner.feature_layers)}")
-        recs = distil_corpus(eng, args.convs, args.max_len, args.turns)
+        skip = bench_prompts()                       # read once: both corpora keep out of it
+        recs = distil_corpus(eng, args.convs, args.max_len, args.turns, skip)
         held, train = recs[-HELD_CONVS:], recs[:-HELD_CONVS]
         sets = {"held": held, "real": real}
         if args.replies:
-            prompts = reply_prompts(args.replies * 3 // 2, bench_prompts())   # room for long chat prompts
+            prompts = reply_prompts(args.replies * 3 // 2, skip)   # room for long chat prompts
             ids = target_replies(eng, prompts, args.reply_tokens, args.max_len, args.replies)
             reps = distil_all(eng, iter(ids), args.replies, "target replies")
             train, sets["held_replies"] = train + reps[:-HELD_CONVS], reps[-HELD_CONVS:]
