@@ -148,6 +148,17 @@ def test_reply_prompts_skip_bench_prompts_and_cover_every_domain(pretrain):
     assert {p.domain for p in prompts} >= set(SHAREGPT_DOMAINS) - {"code"}
 
 
+def test_reply_domains_pick_where_the_reply_prompts_come_from(pretrain, capsys):
+    """`--reply-domains code` draws every reply prompt from code, two domains alternate, and a
+    domain the corpora do not have is refused before any work."""
+    assert {p.domain for p in pretrain.reply_prompts(12, set(), domains=("code",))} == {"code"}
+    both = pretrain.reply_prompts(12, set(), domains=("code", "finance"))
+    assert [p.domain for p in both] == ["code", "finance"] * 6
+    with pytest.raises(SystemExit):
+        pretrain.main(["--reply-domains", "cod", "--no-save"])
+    assert "--reply-domains must name some of code, finance, math, chat, got 'cod'" in capsys.readouterr().err
+
+
 def test_target_replies_are_the_prompt_then_the_greedy_continuation(pretrain):
     """A replies record is the prompt (raw text cut to `max_len - tokens` tokens) followed by
     exactly what plain greedy serving generates for it."""

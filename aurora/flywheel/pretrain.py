@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from aurora.workloads.corpora import SHAREGPT_DOMAINS as REPLY_DOMAINS
+
 HELD_CONVS = 20
 ROLES = {"human": "user", "gpt": "assistant"}
 PROGRESS_S = 20.0                # seconds between progress lines
@@ -113,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replies", type=int, default=0, help="also distil the target's own greedy replies to this "
                     f"many held-apart prompts of the bench domains (the last {HELD_CONVS} held out; default 0)")
     ap.add_argument("--reply-tokens", type=int, default=96, help="tokens per generated reply (default 96)")
+    ap.add_argument("--reply-domains", default=",".join(REPLY_DOMAINS),
+                    help="comma-separated domains the reply prompts come from, spread evenly (default "
+                         f"{','.join(REPLY_DOMAINS)}; e.g. `code` adapts a draft to code-heavy traffic)")
     ap.add_argument("--init", help="train on from the draft saved in this directory (its vocabulary and "
                     "weights) instead of a fresh head")
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
@@ -189,13 +194,13 @@ def distil_corpus(eng, convs: int, max_len: int, turns: int, skip: set[str]) -> 
     return distil_all(eng, (ids for ids in texts if len(ids) >= 32), convs, "conversations")
 
 
-def reply_prompts(n: int, skip: set[str], seed: str = "pretrain") -> list:
-    """`n` prompts spread evenly over the four ShareGPT-backed domains (code = HumanEval +
-    stdlib + ShareGPT-code), none whose first 200 characters is a bench/demo prompt's (`skip`);
-    domains that run short are made up from the others."""
+def reply_prompts(n: int, skip: set[str], seed: str = "pretrain", domains=None) -> list:
+    """`n` prompts spread evenly over `domains` (default: the four ShareGPT-backed ones; code =
+    HumanEval + stdlib + ShareGPT-code), none whose first 200 characters is a bench/demo prompt's
+    (`skip`); domains that run short are made up from the others."""
     from aurora.workloads.corpora import SHAREGPT_DOMAINS, load_domain, sharegpt_subsets
     pools = []
-    for d in SHAREGPT_DOMAINS:
+    for d in domains or SHAREGPT_DOMAINS:
         k = n if d == "code" else min(n, len(sharegpt_subsets()[d]))
         pools.append([p for p in load_domain(d, k, seed=seed) if p.text[:200] not in skip])
     out = []
@@ -288,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                  "in [8, --max-len - 16]")
     if args.steps < 1 or args.lr <= 0 or args.max_len < 32:
         ap.error("--steps must be >= 1, --lr > 0, --max-len >= 32")
+    domains = tuple(d.strip() for d in args.reply_domains.split(",") if d.strip())
+    if not domains or set(domains) - set(REPLY_DOMAINS):
+        ap.error(f"--reply-domains must name some of {', '.join(REPLY_DOMAINS)}, got {args.reply_domains!r}")
     from aurora import Engine, EngineConfig
     from aurora.flywheel.checkpoint import has_checkpoint, load_head, save_head
     from aurora.flywheel.traces import TraceRecord
@@ -313,12 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         held, train = recs[-HELD_CONVS:], recs[:-HELD_CONVS]
         sets = {"held": held, "real": real}
         if args.replies:
-            prompts = reply_prompts(args.replies * 3 // 2, skip)   # room for long chat prompts
+            prompts = reply_prompts(args.replies * 3 // 2, skip, domains=domains)   # room for long chat prompts
             ids = target_replies(eng, prompts, args.reply_tokens, args.max_len, args.replies)
             reps = distil_all(eng, iter(ids), args.replies, "target replies")
             train, sets["held_replies"] = train + reps[:-HELD_CONVS], reps[-HELD_CONVS:]
             recs += reps
-        report = {"convs": args.convs, "replies": args.replies, "positions": sum(len(r.features) for r in recs),
+        report = {"convs": args.convs, "replies": args.replies,
+                  **({"reply_domains": list(domains)} if args.replies and domains != REPLY_DOMAINS else {}),
+                  "positions": sum(len(r.features) for r in recs),
                   "distil_s": round(time.perf_counter() - t0, 1)}
         if args.init:
             report["init"] = {"path": str(args.init), "pretrain": base.get("pretrain")}
