@@ -28,6 +28,10 @@ TEST_STAMP := $(VENV)/.aurora-test-installed
 # pip lists every package it fetches; progress bars only on a terminal (off in CI logs)
 PIP_INSTALL := $(PIP) install $(if $(CI),--progress-bar off,)
 STEP   := sh scripts/long_step.sh
+# `python -m ...` run here would put the repository root on sys.path, where its kernels/ directory
+# (installed as aurora.kernels) shadows the PyPI package `kernels` that transformers >= 5.25
+# imports; with this, Python >= 3.11 leaves the current directory off sys.path in every recipe.
+export PYTHONSAFEPATH := 1
 
 .PHONY: install install-test test test-all test-fast demo draft bench serve lint clean
 

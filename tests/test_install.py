@@ -5,9 +5,11 @@ Every pip install of the Makefile runs through scripts/long_step.sh (what, how l
 usually takes, a heartbeat), none is `-q`; Triton is only in the [gpu] and [test] extras.
 """
 import configparser
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,19 @@ def test_long_step_heartbeat_and_exit_code():
     assert lines[0] == "[aurora] waiting (usually ~3 s) ..."
     assert sum("still waiting" in ln for ln in lines) >= 2, proc.stdout
     assert "FAILED waiting (exit 3)" in proc.stderr
+
+
+@needs_make
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH is Python >= 3.11")
+def test_make_recipes_do_not_see_the_repository_kernels_dir_as_a_package():
+    """transformers >= 5.25 imports the PyPI package `kernels`. A recipe's `python -m ...` runs
+    in the repository root, whose kernels/ directory (installed as `aurora.kernels`) would be
+    found first and break the import; the Makefile exports PYTHONSAFEPATH so it is not."""
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
+    out = subprocess.run(["make", "-s", "-C", str(ROOT), "--eval",
+                          f'aurora-probe: ; @"{sys.executable}" -c "{probe}"', "aurora-probe"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert not out.startswith(str(ROOT / "kernels")), out
+    bare = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"})
+    assert bare.stdout.strip() == str(ROOT / "kernels" / "__init__.py")     # what the export prevents
