@@ -103,5 +103,5 @@ def test_make_recipes_do_not_see_the_repository_kernels_dir_as_a_package():
                          capture_output=True, text=True, timeout=60, check=True).stdout.strip()
     assert not out.startswith(str(ROOT / "kernels")), out
     bare = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"})
+                          timeout=60, check=True, env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"})
     assert bare.stdout.strip() == str(ROOT / "kernels" / "__init__.py")     # what the export prevents
