@@ -15,7 +15,8 @@ bench/demo prompts (`load_domain(d, 100, seed)` for seeds 0-3) are skipped.
 finance, math, chat; none a bench/demo prompt), every other one sent as raw text (as
 `aurora bench --stream` serves it) and the rest through the chat template (as a chat client and
 `make demo` do), each answered greedily by the target for `--reply-tokens` tokens and distilled
-whole. Live traffic is the target continuing such prompts, not ChatGPT's replies. `--init DIR`
+whole (`--reply-domains` narrows the domains, e.g. to the one a deployment mostly serves). Live
+traffic is the target continuing such prompts, not ChatGPT's replies. `--init DIR`
 trains on from a saved draft (its vocabulary and weights), so a replies stage runs on top of the
 ShareGPT draft: `make draft` builds both (docs/RESULTS.md, "A day-0 draft").
 
@@ -198,9 +199,9 @@ def reply_prompts(n: int, skip: set[str], seed: str = "pretrain", domains=None) 
     """`n` prompts spread evenly over `domains` (default: the four ShareGPT-backed ones; code =
     HumanEval + stdlib + ShareGPT-code), none whose first 200 characters is a bench/demo prompt's
     (`skip`); domains that run short are made up from the others."""
-    from aurora.workloads.corpora import SHAREGPT_DOMAINS, load_domain, sharegpt_subsets
+    from aurora.workloads.corpora import load_domain, sharegpt_subsets
     pools = []
-    for d in domains or SHAREGPT_DOMAINS:
+    for d in domains or REPLY_DOMAINS:
         k = n if d == "code" else min(n, len(sharegpt_subsets()[d]))
         pools.append([p for p in load_domain(d, k, seed=seed) if p.text[:200] not in skip])
     out = []
