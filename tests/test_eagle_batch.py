@@ -102,3 +102,20 @@ def _path(tree, node: int) -> list[int]:
         out.append(node)
         node = tree.parents[node]
     return out
+
+
+def test_default_learned_draft_proposes_top2_siblings(fresh_engine):
+    """The default SpecConfig gives the learned draft trees, not chains: the root gets the
+    draft's two best tokens as sibling children (a chain would give one)."""
+    eng = fresh_engine("tiny-llama", "eagle")
+    proposer, seen = eng.proposer, []
+    batched = proposer.propose
+
+    def recording(seqs, ctx):
+        trees = batched(seqs, ctx)
+        seen.extend(sum(p == -1 for p in t.parents) for t in trees if len(t))
+        return trees
+
+    proposer.propose = recording
+    eng.generate_batch(["the cat sat on the mat and the cat"], SamplingParams(max_tokens=6, temperature=0))
+    assert seen and max(seen) == 2, seen
